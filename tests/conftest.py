@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny timm ViTs with the real DinoV2/MAE module layouts, and paths to real material."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EXPLORA_SHARED", REPO.parent / "shared"))
+DINOV2_VITS14 = SHARED / "weights" / "dinov2_vits14_pretrain.pth"
+LANDSAT_SCENE = SHARED / "data" / "landsat7_etm_olinda_6band.tif"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_dinov2():
+    """A 4-block, 64-wide DinoV2-layout ViT (LayerScale, patch 8, 32-px input), random weights."""
+    from explora.models.backbone import build_backbone
+
+    return build_backbone("test_dinov2")
+
+
+@pytest.fixture
+def tiny_mae():
+    """A 4-block, 64-wide MAE-layout ViT (no LayerScale, patch 8, 32-px input), random weights."""
+    from explora.models.backbone import build_backbone
+
+    return build_backbone("test_mae")
+
+
+def require(path: Path) -> Path:
+    """Skip the calling test cleanly when a piece of real material is absent."""
+    if not path.exists():
+        pytest.skip(f"{path} not present on this machine")
+    return path
