@@ -1,0 +1,5 @@
+import sys
+
+from explora.cli import main
+
+sys.exit(main())

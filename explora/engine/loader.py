@@ -1,0 +1,147 @@
+"""A data order that is a pure function of (seed, step, rank), so resuming needs no loader state.
+
+The batch for global step ``s`` is slice ``s % steps_per_epoch`` of a permutation drawn from ``(seed, epoch)``,
+split across ranks. Each batch also carries a seed derived from ``(seed, s, rank)``; the collate function turns it
+into a ``torch.Generator`` for the objective's augmentation and masking, inside the worker. A run resumed at step
+``s`` therefore loads and augments exactly what the uninterrupted run would have, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from explora.errors import DataError
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), stable across Python runs unlike ``hash``."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x ^= (v + 0x9E3779B97F4A7C15 + ((x << 6) & 0xFFFFFFFFFFFFFFFF) + (x >> 2)) & 0xFFFFFFFFFFFFFFFF
+        x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields, for steps ``start_step .. total_steps-1``, this rank's batch as ``[(index, batch_seed), ...]``."""
+
+    def __init__(
+        self,
+        dataset_len: int,
+        batch_size: int,
+        total_steps: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        global_batch = batch_size * world_size
+        if dataset_len < global_batch:
+            raise DataError(
+                f"the dataset has {dataset_len} samples but one step needs {global_batch} "
+                f"(batch_size {batch_size} x {world_size} processes); lower data.batch_size or add data."
+            )
+        self.n, self.bs, self.total, self.seed = dataset_len, batch_size, total_steps, seed
+        self.rank, self.world, self.start, self.shuffle = rank, world_size, start_step, shuffle
+        self.steps_per_epoch = dataset_len // global_batch
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, perm = -1, None
+        for step in range(self.start, self.total):
+            e, b = divmod(step, self.steps_per_epoch)
+            if e != epoch:
+                epoch, perm = e, self._perm(e)
+            lo = (b * self.world + self.rank) * self.bs
+            batch_seed = _mix(self.seed, step, self.rank, 1)
+            yield [(int(i), batch_seed) for i in perm[lo : lo + self.bs]]
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+
+class _Indexed(Dataset):
+    """Passes the batch seed through the worker next to each sample."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Any, int]:
+        index, seed = item
+        return self.dataset[index], seed
+
+
+class SeededCollate:
+    """Stack samples, then run the objective's batch transform with the batch's own generator."""
+
+    def __init__(self, transform: Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]) -> None:
+        self.transform = transform
+
+    def __call__(self, items: list[tuple[Any, int]]) -> dict[str, torch.Tensor]:
+        seed = items[0][1]
+        samples = [s for s, _ in items]
+        images, labels = zip(*[(s[0], s[1]) if isinstance(s, (tuple, list)) else (s, -1) for s in samples])
+        shapes = {tuple(im.shape) for im in images}
+        if len(shapes) != 1:
+            raise DataError(
+                f"samples in one batch have different shapes {sorted(shapes)}; set data.image_size so every image "
+                "is resized to one size before batching."
+            )
+        batch_images = torch.stack([torch.as_tensor(im) for im in images])
+        g = torch.Generator().manual_seed(seed)
+        batch = self.transform(batch_images, g)
+        batch.setdefault("labels", torch.as_tensor([int(x) for x in labels], dtype=torch.long))
+        # Optional third element of a sample: a dict of per-sample tensors (e.g. timestamps of temporal frames).
+        extras = [s[2] for s in samples if isinstance(s, (tuple, list)) and len(s) > 2 and isinstance(s[2], dict)]
+        if len(extras) == len(samples):
+            for key in extras[0]:
+                batch.setdefault(key, torch.stack([torch.as_tensor(e[key]) for e in extras]))
+        return batch
+
+
+def make_loader(
+    dataset: Dataset,
+    transform: Callable,
+    *,
+    batch_size: int,
+    total_steps: int,
+    seed: int,
+    start_step: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    pin_memory: bool,
+) -> tuple[DataLoader, StepBatchSampler]:
+    sampler = StepBatchSampler(
+        len(dataset),
+        batch_size,
+        total_steps,
+        seed=seed,
+        rank=rank,  # type: ignore[arg-type]
+        world_size=world_size,
+        start_step=start_step,
+    )
+    loader = DataLoader(
+        _Indexed(dataset),
+        batch_sampler=sampler,
+        collate_fn=SeededCollate(transform),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+    return loader, sampler

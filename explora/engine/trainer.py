@@ -1,0 +1,302 @@
+"""The one training loop: pre-training (DinoV2, MAE) and supervised fine-tuning are objectives it trains.
+
+Short and readable in the manner of MAE's ``engine_pretrain.py``: schedules -> forward under autocast -> guard
+against non-finite values -> backward -> clip -> step -> EMA -> log -> checkpoint. What makes it safe to kill at any
+moment: the data order and augmentation are functions of (seed, step) (``loader.py``), checkpoints are atomic with
+manifests (``checkpoint.py``), and everything the step changes (trainable tensors, teacher copies, buffers,
+optimiser, torch RNG) is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from explora.engine import distributed as D
+from explora.engine.checkpoint import CheckpointManager
+from explora.engine.loader import make_loader
+from explora.engine.logs import MetricLogger
+from explora.engine.optim import build_optimizer, build_param_groups
+from explora.engine.schedules import scaled_lr, warmup_cosine
+from explora.errors import CheckpointError, ConfigError, DivergenceError
+from explora.objectives.base import Objective
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with DinoV2-style groups. Defaults: DinoV2 ``ssl_default_config.yaml`` (``optim.*``)."""
+
+    base_lr: float = 4e-3  # optim.base_lr, per `reference_batch` images
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"  # optim.scaling_rule sqrt_wrt_1024 (MAE: linear /256)
+    reference_batch: int = 1024
+    min_lr: float = 1e-6  # optim.min_lr
+    warmup_steps: int = 0  # optim.warmup_epochs (10) x epoch length; in steps here
+    weight_decay: float = 0.04  # optim.weight_decay
+    weight_decay_end: float = 0.4  # optim.weight_decay_end (cosine)
+    betas: tuple[float, float] = (0.9, 0.999)  # optim.adamw_beta1/2 (MAE: 0.9, 0.95)
+    layer_decay: float = 0.9  # optim.layerwise_decay
+    patch_embed_lr_mult: float = 0.2  # optim.patch_embed_lr_mult
+    clip_grad: float = 3.0  # optim.clip_grad (0 disables)
+    freeze_last_layer_steps: int = 0  # optim.freeze_last_layer_epochs (1) x epoch length
+    fused: bool = True  # one fused AdamW kernel over all tensors
+
+    def validate(self) -> None:
+        if self.base_lr <= 0:
+            raise ConfigError(f"optim.base_lr: got {self.base_lr}, expected a positive number.")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay: got {self.layer_decay}, expected a number in (0, 1].")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # per process
+    steps_per_epoch: int | None = None  # None: dataset size // global batch
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "bf16"
+    num_workers: int = 2
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_last: int = 2
+    strategy: Literal["auto", "none", "ddp", "fsdp2"] = "auto"
+    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
+    deterministic: bool = False
+    eval_every: int = 0  # steps; 0 = only at the end (when an eval function is given)
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_last", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: got {getattr(self, name)}, expected an integer >= 1.")
+        if self.num_workers < 0:
+            raise ConfigError(f"train.num_workers: got {self.num_workers}, expected >= 0.")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps_done: int
+    skipped_steps: int
+    last_terms: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _num_layers(objective: nn.Module) -> int:
+    depths = [
+        len(m.blocks)
+        for m in objective.modules()
+        if isinstance(getattr(m, "blocks", None), nn.Sequential | nn.ModuleList)
+    ]
+    return max(depths) if depths else 0
+
+
+def _frozen_ids(module: nn.Module) -> set[int]:
+    return {id(p) for p in module.parameters() if not p.requires_grad}
+
+
+def mark_frozen(module: nn.Module) -> None:
+    """Tag the parameters frozen now as pre-trained weights: they are rebuilt from the source on resume.
+
+    Call it after ``apply_explora`` and before the objective builds its teacher (which shares these tensors).
+    """
+    for p in module.parameters():
+        if not p.requires_grad:
+            p._explora_frozen = True  # type: ignore[attr-defined]
+
+
+def _frozen_ptrs(objective: nn.Module) -> set[int]:
+    return {p.data_ptr() for p in objective.parameters() if getattr(p, "_explora_frozen", False)}
+
+
+def training_state(objective: nn.Module) -> dict[str, torch.Tensor]:
+    """The objective's state dict without the frozen pre-trained tensors (identified by storage)."""
+    frozen = _frozen_ptrs(objective)
+    return {k: v for k, v in objective.state_dict().items() if v.data_ptr() not in frozen or v.numel() == 0}
+
+
+def train(
+    objective: Objective,
+    dataset: Dataset,
+    optim: OptimConfig,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    eval_fn: Callable[[Objective, int], dict[str, Any]] | None = None,
+    on_checkpoint: Callable[[Objective, int], None] | None = None,
+) -> TrainResult:
+    """Train ``objective`` on ``dataset`` for ``cfg.steps`` optimiser steps, writing logs and checkpoints to ``out_dir``."""
+    out_dir = Path(out_dir)
+    device = D.init_distributed()
+    rank, world = D.rank(), D.world_size()
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.seed + rank)
+    objective.to(device)
+
+    groups = build_param_groups(
+        objective.named_parameters(),
+        num_layers=_num_layers(objective),
+        layer_decay=optim.layer_decay,
+        patch_embed_lr_mult=optim.patch_embed_lr_mult,
+    )
+    if not groups:
+        raise ConfigError("nothing to train: every parameter is frozen. Check the explora/adapt settings.")
+    optimizer = build_optimizer(groups, optim.betas, fused=optim.fused and device.type in ("cpu", "cuda"))
+    global_batch = cfg.batch_size * world
+    peak_lr = scaled_lr(optim.base_lr, global_batch, optim.reference_batch, optim.lr_scaling)
+
+    ckpts = CheckpointManager(out_dir / "checkpoints", keep_last=cfg.keep_last)
+    start_step, skipped = 0, 0
+    if resume:
+        state = ckpts.load_latest()
+        if state is None:
+            if D.is_main():
+                print(f"[explora] no intact checkpoint in {ckpts.directory}; starting from step 0.")
+        else:
+            _restore(objective, optimizer, state)
+            start_step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+            if D.is_main():
+                print(f"[explora] resumed from {ckpts.path_for(start_step)} (step {start_step}).")
+    if start_step >= cfg.steps:
+        return TrainResult(out_dir, start_step, skipped)
+
+    loader, sampler = make_loader(
+        dataset,
+        objective.batch_transform(),
+        batch_size=cfg.batch_size,
+        total_steps=cfg.steps,
+        seed=cfg.seed,
+        start_step=start_step,
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    model = D.wrap_model(objective, "ddp" if cfg.strategy == "auto" else cfg.strategy, device)
+    logger = MetricLogger(out_dir, start_step, cfg.steps, enabled=D.is_main(), tensorboard=cfg.tensorboard)
+    params = [p for g in groups for p in g["params"]]
+    last_layer = [p for g in groups if g["is_last_layer"] for p in g["params"]]
+    nonfinite_run, last_terms, eval_metrics = 0, {}, {}
+    t_last, n_images = time.perf_counter(), 0
+    try:
+        for step, batch in zip(range(start_step, cfg.steps), loader):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            lr = warmup_cosine(step, cfg.steps, peak_lr, optim.min_lr, optim.warmup_steps)
+            wd = warmup_cosine(step, cfg.steps, optim.weight_decay, optim.weight_decay_end)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_multiplier"]
+                g["weight_decay"] = wd * g["wd_multiplier"]
+            with _autocast(cfg.precision, device):
+                out = model(batch, step)
+            loss = out.loss
+            if not torch.isfinite(loss.detach()).all():
+                nonfinite_run, skipped = _skip(optimizer, nonfinite_run, skipped, step, out.terms, cfg)
+                continue
+            loss.backward()
+            if step < optim.freeze_last_layer_steps:
+                for p in last_layer:
+                    p.grad = None
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.clip_grad if optim.clip_grad > 0 else float("inf"))
+            if not torch.isfinite(grad_norm):
+                nonfinite_run, skipped = _skip(
+                    optimizer, nonfinite_run, skipped, step, out.terms, cfg, what="gradients"
+                )
+                continue
+            nonfinite_run = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            objective.on_optimizer_step(step)
+            n_images += next(iter(batch.values())).shape[0] if "labels" not in batch else batch["labels"].shape[0]
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                elapsed = time.perf_counter() - t_last
+                last_terms = {k: float(v) for k, v in out.terms.items()}
+                logger.log(
+                    step,
+                    {
+                        "loss": float(loss.detach()),
+                        **last_terms,
+                        "lr": lr,
+                        "wd": wd,
+                        "grad_norm": float(grad_norm),
+                        "images_per_s": n_images * world / max(elapsed, 1e-9),
+                    },
+                )
+                t_last, n_images = time.perf_counter(), 0
+            logger.advance()
+            if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                eval_metrics = eval_fn(objective, done)
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                if D.is_main():
+                    ckpts.save(_state(objective, optimizer, done, skipped), done)
+                    if on_checkpoint is not None:
+                        on_checkpoint(objective, done)
+                D.barrier()
+        if eval_fn is not None:
+            eval_metrics = eval_fn(objective, cfg.steps)
+    finally:
+        logger.close()
+    return TrainResult(out_dir, cfg.steps, skipped, last_terms, eval_metrics)
+
+
+def _skip(
+    optimizer, run: int, skipped: int, step: int, terms: dict, cfg: TrainConfig, what: str = "loss"
+) -> tuple[int, int]:
+    """Drop this step's update; stop the run after ``max_nonfinite_steps`` in a row."""
+    optimizer.zero_grad(set_to_none=True)
+    run, skipped = run + 1, skipped + 1
+    desc = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    print(f"[explora] step {step}: non-finite {what} ({desc}); update skipped ({run} in a row).")
+    if run >= cfg.max_nonfinite_steps:
+        raise DivergenceError(
+            f"training diverged: {run} steps in a row up to step {step} had non-finite {what} (terms: {desc}). "
+            "The last good checkpoint is kept; lower optim.base_lr or raise optim.warmup_steps, then --resume."
+        )
+    return run, skipped
+
+
+def _state(objective: nn.Module, optimizer: torch.optim.Optimizer, step: int, skipped: int) -> dict[str, Any]:
+    return {
+        "step": step,
+        "skipped_steps": skipped,
+        "objective": training_state(objective),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _restore(objective: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    missing, unexpected = objective.load_state_dict(state["objective"], strict=False)
+    frozen_names = _frozen_names(objective)
+    really_missing = [k for k in missing if k not in frozen_names]
+    if really_missing or unexpected:
+        raise CheckpointError(
+            "the checkpoint does not match this run's model: "
+            f"missing {really_missing[:5]}, unexpected {list(unexpected)[:5]}. Resume with the same config it was "
+            "written with (saved as config.yaml in the run directory)."
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def _frozen_names(objective: nn.Module) -> set[str]:
+    frozen = _frozen_ptrs(objective)
+    return {k for k, v in objective.state_dict().items() if v.data_ptr() in frozen}
