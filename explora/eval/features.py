@@ -46,7 +46,9 @@ class EvalTransform:
         self.crop_pct = float(crop_pct)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(image_size={self.image_size}, mean={self.mean}, std={self.std}, crop_pct={self.crop_pct})"
+        return (
+            f"EvalTransform(image_size={self.image_size}, mean={self.mean}, std={self.std}, crop_pct={self.crop_pct})"
+        )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()  # (B, C, H, W) in [0, 1]
@@ -56,7 +58,13 @@ class EvalTransform:
         short = round(self.image_size / self.crop_pct)
         if min(h, w) != short:
             scale = short / min(h, w)
-            x = F.interpolate(x, size=(max(short, round(h * scale)), max(short, round(w * scale))), mode="bicubic", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x,
+                size=(max(short, round(h * scale)), max(short, round(w * scale))),
+                mode="bicubic",
+                antialias=True,
+                align_corners=False,
+            )
         h, w = x.shape[-2:]
         top, left = (h - self.image_size) // 2, (w - self.image_size) // 2
         x = x[..., top : top + self.image_size, left : left + self.image_size]  # (B, C, S, S)
@@ -94,7 +102,7 @@ class FeatureSet:
         return self.cls.shape[1]
 
     def linear_input(self, n_blocks: int, avgpool: bool) -> torch.Tensor:
-        """Upstream ``create_linear_input``: concat CLS of the last ``n_blocks`` blocks (+ patch mean if ``avgpool``)."""
+        """Upstream ``create_linear_input``: CLS of the last ``n_blocks`` blocks (+ patch mean if ``avgpool``)."""
         if n_blocks > self.n_blocks:
             raise ConfigError(f"linear head wants the last {n_blocks} blocks but features hold only {self.n_blocks}")
         parts = [self.cls[:, -n_blocks:].flatten(1)]  # (N, n*D)
@@ -127,12 +135,16 @@ def module_fingerprint(module: nn.Module) -> str:
 
 
 def _is_vit(model) -> bool:
-    return isinstance(model, nn.Module) and hasattr(model, "forward_intermediates") and hasattr(model, "num_prefix_tokens")
+    return (
+        isinstance(model, nn.Module) and hasattr(model, "forward_intermediates") and hasattr(model, "num_prefix_tokens")
+    )
 
 
 def vit_features(model: nn.Module, images: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CLS of the last ``n_blocks`` blocks (B, n, D) and last-block patch mean (B, D), all through the final norm."""
-    out = model.forward_intermediates(images, indices=n_blocks, norm=True, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True)
+    out = model.forward_intermediates(
+        images, indices=n_blocks, norm=True, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
+    )
     cls = torch.stack([prefix[:, 0] for _, prefix in out], dim=1)  # (B, n, D); prefix (B, 1 + regs, D)
     patch_mean = out[-1][0].mean(dim=1)  # (B, N_patches, D) -> (B, D)
     return cls, patch_mean
@@ -152,7 +164,9 @@ def _dataset_key(dataset, dataset_key: str | None) -> str:
         return dataset_key
     spec = getattr(dataset, "spec", None)
     if spec is None:
-        raise ConfigError(f"feature caching needs `dataset_key` for {type(dataset).__name__} (it has no `spec` attribute)")
+        raise ConfigError(
+            f"feature caching needs `dataset_key` for {type(dataset).__name__} (it has no `spec` attribute)"
+        )
     return f"{spec}|split={getattr(dataset, 'split', '')}|n={len(dataset)}"
 
 
@@ -180,7 +194,15 @@ def extract_features(
     """
     path = None
     if cache_dir is not None:
-        key_src = "|".join([_feature_source_key(model, model_key), _dataset_key(dataset, dataset_key), repr(transform), f"n={n_blocks}", str(autocast_dtype)])
+        key_src = "|".join(
+            [
+                _feature_source_key(model, model_key),
+                _dataset_key(dataset, dataset_key),
+                repr(transform),
+                f"n={n_blocks}",
+                str(autocast_dtype),
+            ]
+        )
         key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
         path = Path(cache_dir) / f"{key}.safetensors"
         if path.is_file():
@@ -192,7 +214,9 @@ def extract_features(
     if isinstance(model, nn.Module):
         model.eval()
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False
+    )
     cls_parts, patch_parts, label_parts = [], [], []
     try:
         for images, labels in tqdm(loader, desc="features", disable=not progress, leave=False):

@@ -63,6 +63,11 @@ def knn_classify(
     per_k = {k: classification_metrics(s, query_labels, num_classes) for k, s in scores.items()}
     best_k = max(per_k, key=lambda k: per_k[k]["top1"])
     out = dict(per_k[best_k])
-    out.update(protocol="knn", best_k=best_k, temperature=temperature, num_train=int(train_feats.shape[0]),
-               per_k={str(k): {"top1": m["top1"], "top5": m["top5"]} for k, m in per_k.items()})
+    out.update(
+        protocol="knn",
+        best_k=best_k,
+        temperature=temperature,
+        num_train=int(train_feats.shape[0]),
+        per_k={str(k): {"top1": m["top1"], "top5": m["top5"]} for k, m in per_k.items()},
+    )
     return out

@@ -101,19 +101,28 @@ def _device(m: nn.Module) -> torch.device:
     return next(m.parameters()).device
 
 
-def _inputs(features: FeatureSet, keys: set[tuple[int, bool]], device: torch.device) -> dict[tuple[int, bool], torch.Tensor]:
+def _inputs(
+    features: FeatureSet, keys: set[tuple[int, bool]], device: torch.device
+) -> dict[tuple[int, bool], torch.Tensor]:
     return {k: features.linear_input(*k).to(device) for k in keys}
 
 
-def train_linear_probe(train: FeatureSet, val: FeatureSet, num_classes: int, cfg: LinearProbeConfig | None = None, progress: bool = True) -> LinearProbeResult:
+def train_linear_probe(
+    train: FeatureSet, val: FeatureSet, num_classes: int, cfg: LinearProbeConfig | None = None, progress: bool = True
+) -> LinearProbeResult:
     """Train every head of the grid at once on ``train`` features; pick the best by top-1 on ``val``."""
     cfg = cfg or LinearProbeConfig()
     n_blocks = tuple(n for n in cfg.n_blocks if n <= train.n_blocks)
     avgpools = tuple(a for a in cfg.avgpool if not a or train.patch_mean is not None)
     if not n_blocks or not avgpools or not cfg.lrs:
-        raise ConfigError(f"linear probe grid is empty: n_blocks={cfg.n_blocks} (features hold {train.n_blocks}), avgpool={cfg.avgpool}, lrs={cfg.lrs}")
+        raise ConfigError(
+            f"linear probe grid is empty: n_blocks={cfg.n_blocks} (features hold {train.n_blocks}), "
+            f"avgpool={cfg.avgpool}, lrs={cfg.lrs}"
+        )
     if int(train.labels.max()) >= num_classes or int(train.labels.min()) < 0:
-        raise ConfigError(f"train labels span [{int(train.labels.min())}, {int(train.labels.max())}] but num_classes={num_classes}")
+        raise ConfigError(
+            f"train labels span [{int(train.labels.min())}, {int(train.labels.max())}] but num_classes={num_classes}"
+        )
     device = torch.device(cfg.device)
     specs = {head_name(n, a, lr): HeadSpec(n, a, lr) for n in n_blocks for a in avgpools for lr in cfg.lrs}
     keys = {(s.n_blocks, s.avgpool) for s in specs.values()}
@@ -154,7 +163,16 @@ def train_linear_probe(train: FeatureSet, val: FeatureSet, num_classes: int, cfg
     best = max(head_top1, key=lambda n: head_top1[n])  # first in grid order on ties
     metrics = classification_metrics(val_logits[best], val.labels, num_classes)
     s = specs[best]
-    metrics.update(protocol="linear_probe", best_head=best, best_n_blocks=s.n_blocks, best_avgpool=s.avgpool, best_lr=s.lr, best_lr_scaled=s.lr * scale, head_top1=head_top1, iterations=max_iter)
+    metrics.update(
+        protocol="linear_probe",
+        best_head=best,
+        best_n_blocks=s.n_blocks,
+        best_avgpool=s.avgpool,
+        best_lr=s.lr,
+        best_lr_scaled=s.lr * scale,
+        head_top1=head_top1,
+        iterations=max_iter,
+    )
     return LinearProbeResult(heads, head_top1, best, metrics, config=asdict(cfg))
 
 

@@ -30,7 +30,9 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> dict[str, Any]:
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None
+) -> dict[str, Any]:
     """Top-1/top-5 (percent), per-class accuracy (percent, ``None`` for classes absent from ``labels``) and the
     confusion matrix, as plain Python values ready for JSON."""
     logits = logits.detach().float().cpu()
@@ -69,14 +71,18 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.is_file():
-        raise ExploraError(f"{path}: no metrics file; expected the {METRICS_FILE} an `explora linprobe/knn/finetune` run writes")
+        raise ExploraError(
+            f"{path}: no metrics file; expected the {METRICS_FILE} an `explora linprobe/knn/finetune` run writes"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ExploraError(f"{path}: not valid JSON ({e})") from e
 
 
-def plot_confusion_matrix(cm: list[list[int]] | torch.Tensor, path: str | Path, class_names: list[str] | None = None) -> Path:
+def plot_confusion_matrix(
+    cm: list[list[int]] | torch.Tensor, path: str | Path, class_names: list[str] | None = None
+) -> Path:
     """Row-normalised confusion matrix as a PNG (matplotlib, Agg backend: works headless)."""
     import matplotlib
 
@@ -99,7 +105,15 @@ def plot_confusion_matrix(cm: list[list[int]] | torch.Tensor, path: str | Path, 
     if k <= 15:
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(m[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
