@@ -1,0 +1,279 @@
+"""SatMAE-style grouped patch embedding for multispectral input, on top of a timm ViT's blocks.
+
+Re-implemented from the description in Cong et al., "SatMAE: Pre-training Transformers for Temporal and
+Multi-Spectral Satellite Imagery" (NeurIPS 2022), section 3.3 (group-channel tokens), not from its CC-BY-NC code.
+Bands are split into groups (default: the Sentinel-2 grouping of SatMAE over the 10 bands kept after dropping
+B1, B9, B10); each group has its own patch projection, so one image gives G*L tokens that share the ViT blocks.
+ExPLoRA (Khanna et al., ICML 2025) initialises the ViT from RGB weights, so the group projections and the
+position/group encodings are new parameters that must train (paper-notes section 1.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from explora.errors import ConfigError
+
+# SatMAE's default groups over the 10 Sentinel-2 bands left after dropping B1, B9, B10 (indices 0, 9, 10 of 13).
+SENTINEL2_DROPPED_BANDS: tuple[int, ...] = (0, 9, 10)
+SENTINEL2_GROUPS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 6), (3, 4, 5, 7), (8, 9))
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Transformer sin-cos encoding of arbitrary (float) positions: (...,) -> (..., dim), [sin | cos] halves.
+
+    Frequencies 1/10000^(i/(dim/2)) as in Vaswani et al. 2017 and MAE's fixed position embeddings.
+    """
+    if dim % 2:
+        raise ConfigError(f"sin-cos encoding width must be even, got {dim}")
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2)
+    omega = 1.0 / 10000**omega  # (dim/2,)
+    out = positions.to(torch.float64)[..., None] * omega  # (..., dim/2)
+    return torch.cat([out.sin(), out.cos()], dim=-1).float()  # (..., dim)
+
+
+def sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2-D sin-cos position encoding (H*W, dim): first half encodes the column, second half the row.
+
+    The column-then-row order follows MAE's fixed embeddings (He et al. 2022), so freshly built decoder
+    positions agree with those stored in MAE checkpoints.
+    """
+    if dim % 4:
+        raise ConfigError(f"2-D sin-cos encoding width must be a multiple of 4, got {dim}")
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (H, W) each
+    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=-1)
+
+
+def run_blocks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm_pre`` -> blocks -> ``norm`` of a timm-like model; non-reentrant checkpointing when it is enabled.
+
+    Non-reentrant because with LoRA the inputs of frozen early blocks may not require grad (peft#1142).
+    """
+    x = getattr(model, "norm_pre", nn.Identity())(x)
+    ckpt = getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled()
+    for blk in model.blocks:
+        x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
+    return model.norm(x)
+
+
+def prefix_tokens(vit: nn.Module, batch: int) -> torch.Tensor:
+    """The cls (and register) tokens of a timm ViT with their position embedding added: (B, P, D)."""
+    parts = []
+    if getattr(vit, "cls_token", None) is not None:
+        parts.append(vit.cls_token)
+    if getattr(vit, "reg_token", None) is not None:
+        parts.append(vit.reg_token)
+    if not parts:
+        return vit.pos_embed.new_zeros(batch, 0, vit.embed_dim)
+    prefix = torch.cat(parts, dim=1)  # (1, P, D)
+    if vit.pos_embed is not None and not vit.no_embed_class:
+        prefix = prefix + vit.pos_embed[:, : prefix.shape[1]]
+    return prefix.expand(batch, -1, -1)
+
+
+class _SlicedViT(nn.Module):
+    """Shared body of the group-channel and temporal wrappers: R slices of L tokens through one ViT.
+
+    The wrapped ViT's ``cls_token``, ``reg_token``, ``blocks`` and ``norm`` are the same module objects as in the
+    backbone (no copies), so LoRA injected into the backbone is trained here and parameter names keep timm's
+    ``blocks.<i>.`` form that the engine's layer-wise decay reads.
+    """
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.embed_dim = vit.embed_dim
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.cls_token = vit.cls_token
+        self.reg_token = getattr(vit, "reg_token", None)
+        self.no_embed_class = vit.no_embed_class
+        self.norm_pre = vit.norm_pre
+        self.blocks = vit.blocks
+        self.norm = vit.norm
+        self.grad_checkpointing = False
+        # The prefix position embedding of the RGB model (cls position); frozen copy, kept in the state dict.
+        n = 0 if vit.no_embed_class or vit.pos_embed is None else vit.num_prefix_tokens
+        self.register_buffer("prefix_pos", vit.pos_embed[:, :n].detach().clone() if n else torch.zeros(1, 0, 1))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def prefix(self, batch: int) -> torch.Tensor:
+        """(B, P, D) cls/register tokens with their positions."""
+        parts = [t for t in (self.cls_token, self.reg_token) if t is not None]
+        if not parts:
+            return self.prefix_pos.new_zeros(batch, 0, self.embed_dim)
+        prefix = torch.cat(parts, dim=1)
+        if self.prefix_pos.shape[1]:
+            prefix = prefix + self.prefix_pos
+        return prefix.expand(batch, -1, -1)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) already position-encoded tokens -> (B, P + N, D) normed output."""
+        return run_blocks(self, torch.cat([self.prefix(tokens.shape[0]), tokens], dim=1))
+
+    def pool(self, out: torch.Tensor) -> torch.Tensor:
+        """Mean over ALL non-prefix tokens (every group/frame and position): (B, P+N, D) -> (B, D)."""
+        return out[:, self.num_prefix_tokens :].mean(dim=1)
+
+
+class GroupChannelPatchEmbed(nn.Module):
+    """One patch projection per band group: (B, C, H, W) -> (B, G, L, D) plus the (1, G, L, D) encoding.
+
+    Encoding (``pos_mode``): ``'concat'`` (SatMAE) = [2-D sin-cos spatial (D - group_dim) || 1-D sin-cos group id
+    (group_dim)]; ``'add'`` = the RGB model's own pos-embed (D) + a D-wide sin-cos group encoding, which reuses the
+    pre-trained positions. Both are trainable parameters initialised as stated (ExPLoRA unfreezes them).
+    """
+
+    def __init__(
+        self,
+        rgb_proj: nn.Conv2d,
+        grid: tuple[int, int],
+        groups: Sequence[Sequence[int]] = SENTINEL2_GROUPS,
+        drop_bands: Sequence[int] = (),
+        in_bands: int | None = None,
+        pos_mode: str = "concat",
+        group_dim: int = 256,
+        rgb_pos: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.groups = tuple(tuple(int(b) for b in g) for g in groups)
+        self.drop_bands = tuple(int(b) for b in drop_bands)
+        self.in_bands = in_bands
+        self.grid = tuple(grid)
+        self.patch_size = rgb_proj.kernel_size
+        dim = rgb_proj.out_channels
+        if pos_mode not in ("concat", "add"):
+            raise ConfigError(f"group_channel pos_mode must be 'concat' or 'add', got {pos_mode!r}")
+        if pos_mode == "concat" and not 0 < group_dim < dim:
+            raise ConfigError(f"group_dim must be in (0, embed_dim={dim}) for pos_mode='concat', got {group_dim}")
+        self.pos_mode = pos_mode
+        self.proj = nn.ModuleList(self._init_group_proj(rgb_proj, len(g)) for g in self.groups)
+        g_ids = torch.arange(len(self.groups))
+        if pos_mode == "concat":
+            spatial = sincos_2d(dim - group_dim, self.grid)[None]  # (1, L, D - group_dim)
+            group = sincos_1d(group_dim, g_ids)[None]  # (1, G, group_dim)
+        else:
+            if rgb_pos is not None and rgb_pos.shape[1] == self.grid[0] * self.grid[1]:
+                spatial = rgb_pos.detach().clone()  # (1, L, D)
+            else:
+                spatial = sincos_2d(dim, self.grid)[None]
+            group = sincos_1d(dim, g_ids)[None]  # (1, G, D)
+        self.pos_embed = nn.Parameter(spatial)
+        self.group_embed = nn.Parameter(group)
+
+    @staticmethod
+    def _init_group_proj(rgb: nn.Conv2d, n: int) -> nn.Conv2d:
+        """Mean RGB filter repeated over the group's n bands and scaled by 3/n (as timm's ``adapt_input_conv``).
+
+        Why: for bands with RGB-like statistics the group's response then equals the RGB embedding's response
+        to a grey image, so activations entering the pre-trained blocks keep their scale for any group size.
+        """
+        conv = nn.Conv2d(n, rgb.out_channels, rgb.kernel_size, rgb.stride, bias=rgb.bias is not None)
+        with torch.no_grad():
+            c_in = rgb.weight.shape[1]
+            w = rgb.weight.mean(dim=1, keepdim=True)  # (D, 1, p, p)
+            conv.weight.copy_(w.repeat(1, n, 1, 1) * (c_in / n))  # (D, n, p, p)
+            if rgb.bias is not None:
+                conv.bias.copy_(rgb.bias)
+        return conv
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    def select_bands(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop the configured bands: (B, C_in, H, W) -> (B, C_in - len(drop), H, W)."""
+        if self.in_bands is not None and x.shape[1] != self.in_bands:
+            raise ConfigError(f"group-channel input has {x.shape[1]} bands, expected in_bands={self.in_bands}")
+        if self.drop_bands:
+            keep = [b for b in range(x.shape[1]) if b not in self.drop_bands]
+            x = x[:, keep]
+        need = max(max(g) for g in self.groups) + 1
+        if x.shape[1] < need:
+            raise ConfigError(f"band groups {self.groups} need >= {need} bands after dropping, got {x.shape[1]}")
+        return x
+
+    def encoding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(1, G, L, D) position+group encoding at the given grid (spatial part resampled when it differs)."""
+        spatial = self.pos_embed
+        if tuple(grid) != self.grid:
+            spatial = resample_abs_pos_embed(spatial, new_size=grid, old_size=self.grid, num_prefix_tokens=0)
+        G, L = self.num_groups, spatial.shape[1]
+        s = spatial[:, None].expand(-1, G, -1, -1)  # (1, G, L, Ds)
+        g = self.group_embed[:, :, None].expand(-1, -1, L, -1)  # (1, G, L, Dg)
+        return torch.cat([s, g], dim=-1) if self.pos_mode == "concat" else s + g
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> tokens (B, G, L, D) with encodings added, and the patch grid (h, w)."""
+        x = self.select_bands(x)
+        toks = [proj(x[:, list(g)]) for proj, g in zip(self.proj, self.groups)]  # G x (B, D, h, w)
+        grid = tuple(toks[0].shape[-2:])
+        t = torch.stack([t.flatten(2).transpose(1, 2) for t in toks], dim=1)  # (B, G, L, D)
+        return t + self.encoding(grid), grid
+
+
+class GroupChannelViT(_SlicedViT):
+    """A multispectral ViT: grouped patch embedding + the blocks/norm/cls of a timm ViT (sequence G*L + prefix)."""
+
+    def __init__(
+        self,
+        vit: nn.Module,
+        groups: Sequence[Sequence[int]] = SENTINEL2_GROUPS,
+        drop_bands: Sequence[int] = (),
+        in_bands: int | None = None,
+        pos_mode: str = "concat",
+        group_dim: int = 256,
+    ) -> None:
+        super().__init__(vit)
+        rgb_pos = None
+        if vit.pos_embed is not None:
+            n = 0 if vit.no_embed_class else vit.num_prefix_tokens
+            rgb_pos = vit.pos_embed[:, n:]
+        self.patch_embed = GroupChannelPatchEmbed(
+            vit.patch_embed.proj, tuple(vit.patch_embed.grid_size), groups, drop_bands, in_bands, pos_mode,
+            group_dim, rgb_pos,
+        )
+
+    @property
+    def num_groups(self) -> int:
+        return self.patch_embed.num_groups
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> position-encoded tokens (B, G*L, D), group-major, and the grid."""
+        t, grid = self.patch_embed(x)  # (B, G, L, D)
+        return t.flatten(1, 2), grid
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normed tokens (B, P + G*L, D)."""
+        return self.encode(self.embed(x)[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled feature over all G*L tokens: (B, D)."""
+        return self.pool(self.forward_features(x))
+
+
+def patch_grid_size(x: torch.Tensor, patch: int | tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) patch grid of an image batch; raises when the size is not a multiple of the patch."""
+    p = patch if isinstance(patch, int) else patch[0]
+    H, W = x.shape[-2:]
+    if H % p or W % p:
+        raise ConfigError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+    return H // p, W // p
+
+
+__all__ = [
+    "SENTINEL2_DROPPED_BANDS",
+    "SENTINEL2_GROUPS",
+    "GroupChannelPatchEmbed",
+    "GroupChannelViT",
+    "sincos_1d",
+    "sincos_2d",
+    "run_blocks",
+    "prefix_tokens",
+    "patch_grid_size",
+]

@@ -1,0 +1,56 @@
+"""MAE objective settings, each default naming its source (MAE = He et al. CVPR 2022; SatMAE = Cong et al. 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from explora.errors import ConfigError
+from explora.models.group_channel import SENTINEL2_GROUPS
+
+
+@dataclass
+class MAEConfig:
+    """Everything the MAE objective needs; every field is overridable from the run config."""
+
+    kind: str = "rgb"  # "rgb" | "group_channel" | "temporal"
+    mask_ratio: float = 0.75  # MAE main_pretrain.py default; SatMAE Sentinel default too
+    norm_pix_loss: bool = True  # MAE's main results (PRETRAIN.md); False for "pixel" checkpoints
+    norm_pix_eps: float = 1e-6  # MAE forward_loss
+    decoder_dim: int = 512  # MAE dec512d8b
+    decoder_depth: int = 8  # MAE dec512d8b
+    decoder_heads: int = 16  # MAE dec512d8b
+    decoder_mlp_ratio: float = 4.0  # MAE dec512d8b
+    train_decoder: bool = True  # ExPLoRA keeps the MAE decoder; whether it trains is not stated (paper-notes 1.3)
+    # Augmentation in batch_transform: MAE uses RandomResizedCrop(scale=(0.2, 1.0), bicubic) + horizontal flip.
+    img_size: int | None = None  # None: the backbone's native size
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop default
+    hflip: bool = True
+    mean: tuple[float, ...] | None = None  # per-band normalisation applied after the crop; None: leave values
+    std: tuple[float, ...] | None = None
+    # Group-channel (SatMAE models_mae_group_channels): groups over bands left after drop_bands.
+    groups: tuple[tuple[int, ...], ...] = SENTINEL2_GROUPS
+    drop_bands: tuple[int, ...] = ()  # (0, 9, 10) for raw 13-band Sentinel-2 (SatMAE --dropped_bands)
+    group_pos_mode: str = "concat"  # SatMAE: [spatial (D-256) || group (256)]; "add" reuses the RGB pos-embed
+    group_dim: int = 256  # SatMAE encoder channel_embed width
+    decoder_group_dim: int = 128  # SatMAE decoder channel embed width
+    spatial_mask: bool = False  # SatMAE: False = independent per group; True = same positions in every group
+    # Temporal (SatMAE models_mae_temporal): T frames, (year, month, hour) each encoded with time_dim sin-cos.
+    num_frames: int = 3  # SatMAE fMoW-temporal
+    time_dim: int = 128  # SatMAE encoder
+    decoder_time_dim: int = 64  # SatMAE decoder
+    same_mask: bool = False  # SatMAE: mask the same positions in every frame
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("rgb", "group_channel", "temporal"):
+            raise ConfigError(f"mae.kind must be 'rgb', 'group_channel' or 'temporal', got {self.kind!r}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"mae.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"mae.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("mae.mean and mae.std must be given together")
+        self.groups = tuple(tuple(int(b) for b in g) for g in self.groups)
+        self.drop_bands = tuple(int(b) for b in self.drop_bands)

@@ -1,0 +1,229 @@
+"""ExPLoRA's MAE objective: continue masked reconstruction on target-domain images (paper-notes 1.5).
+
+One class covers the three input kinds of the paper: plain RGB (MAE, He et al. 2022), multispectral with
+SatMAE group-channel tokens, and SatMAE temporal frames (Cong et al. 2022). The encoder runs on visible tokens
+only; the decoder comes from the checkpoint's ``explora_extras["mae_decoder"]`` when it has one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from explora.errors import ConfigError, DataError
+from explora.models.group_channel import GroupChannelViT, run_blocks, sincos_1d
+from explora.models.temporal import TemporalViT, timestamp_encoding
+from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
+from explora.objectives.mae.augment import random_resized_crop_flip, to_float
+from explora.objectives.mae.config import MAEConfig
+from explora.objectives.mae.decoder import MAEDecoder, load_decoder_state
+from explora.objectives.mae.loss import group_masked_mse, masked_mse, normalize_patches, patchify
+from explora.objectives.mae.masking import Mask, draw_noise, gather_tokens, random_masking, shared_masking
+
+
+@dataclass
+class MAEBatchTransform:
+    """Picklable worker-side transform: crop + flip, normalise, draw the masking noise.
+
+    Call as ``t(images, generator)`` or, for temporal input, ``t(images, generator, timestamps=ts)`` with images
+    (B, T*C, H, W) (frames stacked along channels in time order; one crop shared by all frames) and ts (B, T, 3)
+    = (year, month, hour). Returns ``{"images", "noise"}`` (+ ``"timestamps"``); noise is (B, slices*L), or (B, L)
+    when one mask is shared by all groups/frames.
+    """
+
+    img_size: int
+    patch_size: int
+    slices: int = 1
+    shared: bool = False
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    needs_timestamps: bool = False
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator, timestamps: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        x = random_resized_crop_flip(
+            to_float(images), self.img_size, generator, self.crop_scale, self.crop_ratio, self.hflip
+        )  # (B, C, S, S)
+        if self.mean is not None:
+            reps = x.shape[1] // len(self.mean)
+            if reps * len(self.mean) != x.shape[1]:
+                raise DataError(f"{len(self.mean)} mean/std values do not divide {x.shape[1]} input channels")
+            mean = torch.tensor(self.mean).repeat(reps)[None, :, None, None]
+            std = torch.tensor(self.std).repeat(reps)[None, :, None, None]
+            x = (x - mean) / std
+        L = (self.img_size // self.patch_size) ** 2
+        noise = draw_noise(x.shape[0], L if self.shared else self.slices * L, generator)
+        out = {"images": x, "noise": noise}
+        if self.needs_timestamps:
+            if timestamps is None:
+                raise DataError("the temporal MAE batch transform needs timestamps (B, T, 3) = (year, month, hour)")
+            out["timestamps"] = torch.as_tensor(timestamps)
+        return out
+
+
+def encode_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """timm ViT on visible patches only: (B, C, H, W), ids_keep (B, K) -> (B, P + K, D).
+
+    Uses timm's own ``patch_embed`` and ``_pos_embed`` (pos-embed resampled to the grid, cls/register tokens with
+    their positions), then keeps the visible patch tokens, as MAE's ``forward_encoder`` does.
+    """
+    x = vit._pos_embed(vit.patch_embed(images))  # (B, P + L, D)
+    P = vit.num_prefix_tokens
+    x = torch.cat([x[:, :P], gather_tokens(x[:, P:], ids_keep)], dim=1)  # (B, P + K, D)
+    return run_blocks(vit, x)
+
+
+class MAEObjective(Objective):
+    """Masked reconstruction with an MAE decoder; ``config.kind`` picks 'rgb', 'group_channel' or 'temporal'."""
+
+    name = "mae"
+
+    def __init__(self, backbone: nn.Module, config: MAEConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or MAEConfig()
+        self.config = cfg
+        self.backbone = backbone  # kept for export of the plain RGB encoder (same module objects)
+        patch = backbone.patch_embed.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, tuple) else patch)
+        grid = tuple(backbone.patch_embed.grid_size)
+        self.img_size = cfg.img_size or grid[0] * self.patch_size
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"mae.img_size {self.img_size} is not a multiple of the patch size {self.patch_size}")
+        g = self.img_size // self.patch_size
+        self.grid = (g, g)
+        d = cfg.decoder_dim
+        dec_kw = dict(dim=d, depth=cfg.decoder_depth, heads=cfg.decoder_heads, mlp_ratio=cfg.decoder_mlp_ratio)
+        if cfg.kind == "rgb":
+            self.encoder: nn.Module = backbone
+            self.channels = backbone.patch_embed.proj.in_channels
+            self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size, self.channels, **dec_kw)
+        elif cfg.kind == "group_channel":
+            self.encoder = GroupChannelViT(backbone, cfg.groups, cfg.drop_bands, None, cfg.group_pos_mode,
+                                           cfg.group_dim)
+            self.channels = max(max(gr) for gr in cfg.groups) + 1
+            self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size,
+                                      [len(gr) for gr in cfg.groups], slice_dim=cfg.decoder_group_dim, **dec_kw)
+            self.register_buffer(
+                "decoder_group_embed", sincos_1d(cfg.decoder_group_dim, torch.arange(len(cfg.groups)))[None]
+            )
+        else:
+            self.encoder = TemporalViT(backbone, cfg.num_frames, cfg.time_dim)
+            self.channels = backbone.patch_embed.proj.in_channels
+            self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size, self.channels,
+                                      slice_dim=3 * cfg.decoder_time_dim, **dec_kw)
+        state = getattr(backbone, "explora_extras", {}).get("mae_decoder")
+        if state:
+            load_decoder_state(self.decoder, state, strict=cfg.kind == "rgb")
+        else:
+            warnings.warn(
+                "MAE checkpoint has no decoder (encoder-only weights, e.g. mae_pretrain_vit_*.pth): the decoder "
+                "is freshly initialised; use an encoder+decoder checkpoint (mae_visualize_vit_*.pth or "
+                "*_full.pth) to start from the pre-trained decoder",
+                stacklevel=2,
+            )
+        self.decoder.requires_grad_(cfg.train_decoder)
+
+    @property
+    def slices(self) -> int:
+        return {"rgb": 1, "group_channel": len(self.config.groups), "temporal": self.config.num_frames}[
+            self.config.kind
+        ]
+
+    def batch_transform(self) -> BatchTransform:
+        cfg = self.config
+        shared = (cfg.kind == "group_channel" and cfg.spatial_mask) or (cfg.kind == "temporal" and cfg.same_mask)
+        return MAEBatchTransform(
+            img_size=self.img_size, patch_size=self.patch_size, slices=self.slices, shared=shared,
+            crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip,
+            mean=cfg.mean, std=cfg.std, needs_timestamps=cfg.kind == "temporal",
+        )
+
+    def make_mask(self, noise: torch.Tensor) -> Mask:
+        """Noise (B, R*L) -> independent mask; (B, L) with R > 1 slices -> same positions in every slice."""
+        L = self.grid[0] * self.grid[1]
+        if self.slices > 1 and noise.shape[1] == L:
+            return shared_masking(noise, self.slices, self.config.mask_ratio)
+        if noise.shape[1] != self.slices * L:
+            raise DataError(f"MAE noise has {noise.shape[1]} tokens, expected {self.slices * L} or {L}")
+        return random_masking(noise, self.config.mask_ratio)
+
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel targets (B, N, p*p*C); norm_pix statistics over each (multi-band) patch."""
+        p, cfg = self.patch_size, self.config
+        if cfg.kind == "group_channel":
+            t = patchify(self.encoder.patch_embed.select_bands(images), p)  # (B, L, p*p*C)
+        elif cfg.kind == "temporal":
+            B = images.shape[0]
+            t = patchify(self.encoder.split_frames(images), p)  # (B*T, L, p*p*C)
+            t = t.reshape(B, -1, t.shape[-1])  # (B, T*L, p*p*C)
+        else:
+            t = patchify(images, p)
+        return normalize_patches(t, cfg.norm_pix_eps) if cfg.norm_pix_loss else t
+
+    def predict(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | list[torch.Tensor], Mask]:
+        """Encoder on visible tokens, decoder on all: returns predictions and the mask."""
+        images = batch["images"]
+        mask = self.make_mask(batch["noise"].to(images.device))
+        kind = self.config.kind
+        if kind == "rgb":
+            latent = encode_visible(self.encoder, images, mask.ids_keep)
+            grid, slice_enc = self._grid_of(images), None
+        elif kind == "group_channel":
+            tokens, grid = self.encoder.embed(images)
+            latent = self.encoder.encode(gather_tokens(tokens, mask.ids_keep))
+            slice_enc = self.decoder_group_embed
+        else:
+            ts = batch["timestamps"].to(images.device)
+            tokens, grid = self.encoder.embed(images, ts)
+            latent = self.encoder.encode(gather_tokens(tokens, mask.ids_keep))
+            slice_enc = timestamp_encoding(ts, self.config.decoder_time_dim).to(latent.dtype)
+        pred = self.decoder(latent, mask.ids_restore, grid, self.encoder.num_prefix_tokens, slice_enc)
+        return pred, mask
+
+    def _grid_of(self, images: torch.Tensor) -> tuple[int, int]:
+        return images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+
+    def loss_from(self, pred: torch.Tensor | list[torch.Tensor], target: torch.Tensor, mask: Mask) -> torch.Tensor:
+        if self.config.kind == "group_channel":
+            return group_masked_mse(pred, target, mask.mask, self.config.groups, self.channels)
+        return masked_mse(pred, target, mask.mask)
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> ObjectiveOutput:  # type: ignore[override]
+        pred, mask = self.predict(batch)
+        target = self.targets(batch["images"])
+        loss = self.loss_from(pred, target, mask)
+        return ObjectiveOutput(loss, {"mae_loss": loss.detach(), "mask_ratio": mask.mask.mean().detach()})
+
+    def export_backbone(self) -> nn.Module:
+        """The encoder: the timm ViT for RGB, the GroupChannelViT / TemporalViT wrapper otherwise."""
+        return self.encoder
+
+
+class AllTokenPool(nn.Module):
+    """Downstream feature extractor: mean of the encoder's normed output over ALL non-prefix tokens.
+
+    For group-channel and temporal encoders this averages over every group/frame and position (SatMAE's
+    fine-tuning pooling); for a plain ViT it is global average pooling over patches (MAE's fine-tune default).
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.num_prefix_tokens = encoder.num_prefix_tokens
+        self.num_features = encoder.embed_dim
+
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) [, timestamps (B, T, 3)] -> (B, D)."""
+        return self.encoder.forward_features(x, *extra)[:, self.num_prefix_tokens :].mean(dim=1)
+
+
+def build_feature_extractor(encoder: nn.Module) -> AllTokenPool:
+    """Wrap an exported MAE encoder (timm ViT, GroupChannelViT or TemporalViT) for pooled downstream features."""
+    return AllTokenPool(encoder)
