@@ -1,0 +1,141 @@
+"""Adapters for datasets from other libraries: WILDS (optional ``wilds`` package) and any torchgeo-style dataset.
+
+Both are lazy: the packages are imported only when such a spec is built, and a missing package is a ConfigError
+telling how to install it (they are optional extras, too heavy to require).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from explora.data.base import ExploraDataset
+from explora.errors import ConfigError, DataError
+
+
+def to_chw_tensor(image: Any, where: str) -> torch.Tensor:
+    """PIL image, numpy array (H, W[, C]) or tensor (C, H, W) -> (C, H, W) tensor (uint8 kept, else float32)."""
+    if isinstance(image, torch.Tensor):
+        t = image
+    elif isinstance(image, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(image))
+        if t.ndim == 3:
+            t = t.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    elif hasattr(image, "convert"):  # PIL
+        arr = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+        t = torch.from_numpy(arr.copy())
+        t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    else:
+        raise DataError(f"{where}: sample image of type {type(image).__name__}; expected a tensor, array or PIL image")
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3:
+        raise DataError(f"{where}: sample image has shape {tuple(t.shape)}; expected (C, H, W)")
+    return t if t.dtype == torch.uint8 else t.float()
+
+
+def to_label(label: Any) -> int:
+    if label is None:
+        return -1
+    if isinstance(label, torch.Tensor):
+        return int(label.reshape(-1)[0]) if label.numel() else -1
+    return int(label)
+
+
+class WrappedDataset(ExploraDataset):
+    """Any map-style dataset whose items are an image, ``(image, label, ...)`` or a dict with ``image``
+    (and optionally ``label``) — torchgeo's non-geo datasets return the latter."""
+
+    def __init__(self, inner: Dataset, *, classes: list[str] | None = None, source: str = "",
+                 image_size: int | None = None, on_error: str = "raise") -> None:
+        super().__init__(image_size=image_size, on_error=on_error)
+        self.inner = inner
+        self.source = source or type(inner).__name__
+        self.classes = list(classes if classes is not None else getattr(inner, "classes", []) or [])
+        n = getattr(inner, "n_classes", None)
+        if not self.classes and isinstance(n, int):
+            self.classes = [str(i) for i in range(n)]
+        self._require_nonempty("samples")
+        self.in_chans = int(self.load(0)[0].shape[0])
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        where = f"{self.source}[{index}]"
+        try:
+            item = self.inner[index]
+        except DataError:
+            raise
+        except Exception as e:  # foreign loaders raise anything; name the sample
+            raise DataError(f"{where}: the wrapped dataset failed ({type(e).__name__}: {e})") from e
+        if isinstance(item, dict):
+            if "image" not in item:
+                raise DataError(f"{where}: sample dict has keys {sorted(item)}; expected 'image'")
+            return to_chw_tensor(item["image"], where), to_label(item.get("label"))
+        if isinstance(item, (tuple, list)):
+            return to_chw_tensor(item[0], where), to_label(item[1]) if len(item) > 1 else -1
+        return to_chw_tensor(item, where), -1
+
+
+def _import(name: str, extra: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ConfigError(f"the {name!r} package is needed for this dataset spec but is not installed; "
+                          f"install it with `pip install {extra}`") from e
+
+
+class _WildsItems(Dataset):
+    """A WILDS subset as ``(x, y)`` (y = -1 for unlabeled splits); module level so workers can unpickle it."""
+
+    def __init__(self, subset: Any, unlabeled: bool) -> None:
+        self.subset, self.unlabeled = subset, unlabeled
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    def __getitem__(self, i: int) -> tuple:
+        item = self.subset[i]
+        return (item[0], -1) if self.unlabeled else (item[0], item[1])
+
+
+def wilds_dataset(name: str, split: str, root: str, *, image_size: int | None = None,
+                  on_error: str = "raise", download: bool = False) -> WrappedDataset:
+    """``wilds:<name>:<split>:<root>`` (as ExPLoRA's linprobe): ``wilds.get_dataset(...).get_subset(split)``.
+
+    Splits containing ``unlabeled`` (e.g. ``train_unlabeled``, ``extra_unlabeled``) open the unlabeled variant;
+    their items are ``(x, metadata)`` and get label -1; labeled items are ``(x, y, metadata)``.
+    """
+    wilds = _import("wilds", "wilds")
+    unlabeled = "unlabeled" in split
+    try:
+        ds = wilds.get_dataset(dataset=name, root_dir=root, unlabeled=unlabeled, download=download)
+        subset = ds.get_subset(split)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"wilds:{name}:{split}:{root}: could not open ({e})") from e
+    n = getattr(ds, "n_classes", None)
+    classes = [str(i) for i in range(n)] if isinstance(n, int) and not unlabeled else []
+
+    return WrappedDataset(_WildsItems(subset, unlabeled), classes=classes, source=f"wilds:{name}:{split}:{root}",
+                          image_size=image_size, on_error=on_error)
+
+
+def torchgeo_dataset(name: str, root: str, *, split: str = "train", image_size: int | None = None,
+                     on_error: str = "raise", **kwargs: Any) -> WrappedDataset:
+    """``torchgeo:<ClassName>:<root>`` — ``torchgeo.datasets.<ClassName>(root=..., split=..., **kw)`` wrapped."""
+    tg = _import("torchgeo.datasets", "torchgeo")
+    cls = getattr(tg, name, None)
+    if cls is None:
+        raise ConfigError(f"torchgeo.datasets has no {name!r}")
+    try:
+        inner = cls(root=root, split=split, **kwargs)
+    except TypeError:
+        inner = cls(root=root, **kwargs)  # datasets without splits
+    except Exception as e:
+        raise DataError(f"torchgeo:{name}:{root}: could not open ({type(e).__name__}: {e})") from e
+    return WrappedDataset(inner, source=f"torchgeo:{name}:{root}", image_size=image_size, on_error=on_error)
