@@ -143,5 +143,8 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
+        # Its own generator: creating the iterator must not draw from the global RNG that dropout/drop-path use,
+        # or a resumed run would diverge from the uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler

@@ -145,6 +145,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     skipped = getattr(dataset, "skipped", 0)
     if D.is_main():
         from explora.export import export_backbone
+
         from explora.models.registry import get_backbone_spec
 
         spec = get_backbone_spec(cfg.model.name)
