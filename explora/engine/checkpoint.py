@@ -12,6 +12,7 @@ frozen pre-trained weights are rebuilt from the source checkpoint on resume (for
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -54,10 +55,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(e, OSError):
             raise CheckpointError(
                 f"could not write {path}: {e.strerror or e}. Nothing already saved was changed; free disk space "

@@ -1,4 +1,4 @@
-"""``explora pretrain``: build backbone -> ExPLoRA parameterisation -> objective -> data, train, export the merged model.
+"""``explora pretrain``: backbone -> ExPLoRA parameterisation -> objective -> data; train; export the merged model.
 
 The config mirrors the paper's recipe (``configs/*.yaml``); every section is a dataclass, so a misspelled key is an
 error with a suggestion, and the effective config is saved as ``config.yaml`` in the run directory (``--resume``

@@ -139,7 +139,7 @@ def train(
     eval_fn: Callable[[Objective, int], dict[str, Any]] | None = None,
     on_checkpoint: Callable[[Objective, int], None] | None = None,
 ) -> TrainResult:
-    """Train ``objective`` on ``dataset`` for ``cfg.steps`` optimiser steps, writing logs and checkpoints to ``out_dir``."""
+    """Train ``objective`` on ``dataset`` for ``cfg.steps`` steps; logs and checkpoints go to ``out_dir``."""
     out_dir = Path(out_dir)
     device = D.init_distributed()
     rank, world = D.rank(), D.world_size()

@@ -1,0 +1,43 @@
+"""The contract between a self-supervised (or supervised) objective and the training engine.
+
+The engine (``explora.engine``) owns the loop, precision, distribution, checkpoints and logs; an objective owns what
+is computed. Keeping the boundary this small is what lets DinoV2, MAE and supervised fine-tuning share one loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+BatchTransform = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
+
+
+@dataclass
+class ObjectiveOutput:
+    """The loss to back-propagate and the detached terms to log (name -> scalar tensor)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective(nn.Module):
+    """Base class: subclasses implement ``batch_transform``, ``forward`` and ``export_backbone``."""
+
+    name: str = "objective"
+
+    def batch_transform(self) -> BatchTransform:
+        """A picklable callable run in data-loader workers: ``(images (B,C,H,W), generator) -> batch dict``."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:  # type: ignore[override]
+        raise NotImplementedError
+
+    def on_optimizer_step(self, step: int) -> None:
+        """Called after every optimiser step (EMA teacher update, schedules that live in the objective)."""
+
+    def export_backbone(self) -> nn.Module:
+        """The backbone to export at the end of training (LoRA not yet merged)."""
+        raise NotImplementedError
