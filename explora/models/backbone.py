@@ -65,7 +65,9 @@ def build_backbone(
         if weights_str == "default":
             if not spec.url:
                 known = ", ".join(n for n, s in BACKBONES.items() if s.url)
-                raise CheckpointError(f"weights='default': backbone {name!r} has no upstream URL (those with one: {known})")
+                raise CheckpointError(
+                    f"weights='default': backbone {name!r} has no upstream URL (those with one: {known})"
+                )
             weights_str = spec.url
         raw, where = load_checkpoint_file(weights_str), weights_str
         if not is_url(weights_str):
@@ -99,7 +101,9 @@ def _create(spec: BackboneSpec, img_size: Any, in_chans: int, timm_kwargs: dict[
     try:
         return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
-        raise CheckpointError(f"backbone {spec.name!r}: {err}; use a name from explora.models.registry or timm") from err
+        raise CheckpointError(
+            f"backbone {spec.name!r}: {err}; use a name from explora.models.registry or timm"
+        ) from err
 
 
 def _timm_pretrained_state(weights: str) -> dict[str, Any]:
@@ -112,7 +116,9 @@ def _timm_pretrained_state(weights: str) -> dict[str, Any]:
     try:
         pretrained = timm.create_model(model_name, pretrained=True, num_classes=0)
     except Exception as err:  # noqa: BLE001 - network, hub and unknown-name errors all mean "cannot get weights"
-        raise CheckpointError(f"{weights}: could not load timm pretrained weights ({type(err).__name__}: {err})") from err
+        raise CheckpointError(
+            f"{weights}: could not load timm pretrained weights ({type(err).__name__}: {err})"
+        ) from err
     return pretrained.state_dict()
 
 

@@ -112,7 +112,7 @@ def is_url(path_or_url: str | os.PathLike[str]) -> bool:
 
 
 def hub_cache_path(url: str) -> Path:
-    """Where torch.hub caches ``url`` (``$TORCH_HOME/hub/checkpoints/<basename>``); a file placed there is used offline."""
+    """Where torch.hub caches ``url``: ``$TORCH_HOME/hub/checkpoints/<basename>``; a file placed there works offline."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
@@ -336,7 +336,7 @@ def _merge_qkv(state: dict[str, Tensor], source: str, notes: list[str]) -> dict[
             continue
         if set(qkv) != {"q", "k", "v"}:
             raise CheckpointError(
-                f"{source}: {prefix}{{q,k,v}}_proj.{kind} incomplete (found {sorted(qkv)}) and no {fused} to use instead"
+                f"{source}: {prefix}{{q,k,v}}_proj.{kind} incomplete (found {sorted(qkv)}) and no {fused} instead"
             )
         out[fused] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)  # (3D, D) or (3D,)
         rebuilt += 1
