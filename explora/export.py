@@ -1,0 +1,265 @@
+"""Export an adapted backbone with LoRA merged, in the layouts people load: timm, and the released ExPLoRA files.
+
+The paper's output is ``W_T* = W_S + Delta_T`` with LoRA folded in, so the architecture is unchanged (ExPLoRA README:
+"All checkpoints have LoRA adapters already merged into the weights"). We write:
+
+- ``safetensors``: ``model.safetensors``, a plain timm state dict, plus ``model.json`` (timm name, ``model_args``,
+  image size, channels, provenance, sha256 of each file). It loads with
+  ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), **model_args)``. No extra keys are
+  written: timm's DinoV2 ``checkpoint_filter_fn`` treats a ``mask_token`` key as an original DinoV2 file and would
+  convert it (ecosystem-notes §1.6).
+- ``encoder``: ``encoder_only.pth`` = ``{'model': state}`` in the upstream layout, like the released
+  ``explora_dinov2_vit_*_fmow_rgb_encoder_only.pth`` (DinoV2 keys incl. ``mask_token``, ``register_tokens`` and
+  ``mlp.w12/w3`` for SwiGLU; MAE/timm keys otherwise).
+- ``teacher``: ``teacher.pth`` = ``{'teacher': {'backbone.<key>': ..., '<head>.<key>': ...}}`` like the released full
+  DinoV2 ExPLoRA checkpoints, which keep merged ``qkv`` *and* split ``q_proj/k_proj/v_proj`` (paper-notes §6.4).
+
+Every file is written atomically (temp file in the same directory, fsync, ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from explora.errors import CheckpointError, ConfigError
+from explora.lora import merged_state_dict
+
+FORMATS = ("safetensors", "encoder", "teacher")
+FILE_NAMES = {"safetensors": "model.safetensors", "encoder": "encoder_only.pth", "teacher": "teacher.pth"}
+SIDECAR = "model.json"
+_QKV = re.compile(r"^(blocks\.\d+\.attn\.)qkv\.(weight|bias)$")
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(f)`` into a temp file next to ``path``, fsync, ``os.replace``: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise CheckpointError(f"could not write {path}: {err.strerror or err}") from err
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _plain(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous fp tensors that own their storage (safetensors refuses shared or strided storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def _family(model: nn.Module, timm_name: str, metadata: Mapping[str, Any] | None) -> str:
+    if metadata and metadata.get("family"):
+        return str(metadata["family"])
+    if "dinov2" in timm_name:
+        return "dinov2"
+    return "mae" if ".mae" in timm_name else "timm"
+
+
+def infer_model_args(model: nn.Module, timm_name: str) -> dict[str, Any]:
+    """The ``timm.create_model`` kwargs that rebuild ``model``'s architecture from ``timm_name``.
+
+    Always ``num_classes``, ``img_size``, ``in_chans``, ``dynamic_img_size``; plus width/depth/heads/patch when they
+    differ from the registered factory (e.g. the tiny ``test_*`` backbones). Verified by building on the meta device.
+    """
+    pe = model.patch_embed
+    args: dict[str, Any] = {
+        "num_classes": 0,
+        "img_size": list(pe.img_size),
+        "in_chans": int(pe.proj.in_channels),
+        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
+    }
+    try:
+        with torch.device("meta"):
+            ref = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    except RuntimeError as err:
+        raise ConfigError(f"timm_name {timm_name!r} is not a timm model ({err})") from err
+    candidates = {
+        "embed_dim": (int(model.embed_dim), int(ref.embed_dim)),
+        "depth": (len(model.blocks), len(ref.blocks)),
+        "num_heads": (int(model.blocks[0].attn.num_heads), int(ref.blocks[0].attn.num_heads)),
+        "patch_size": (list(pe.patch_size), list(ref.patch_embed.patch_size)),
+    }
+    args.update({k: ours for k, (ours, theirs) in candidates.items() if ours != theirs})
+    with torch.device("meta"):
+        rebuilt = timm.create_model(timm_name, pretrained=False, **args)
+    want = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in merged_state_dict(model).items()}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))[:5]
+        raise ConfigError(
+            f"cannot describe this model as timm {timm_name!r} with {args}: state-dict shapes differ ({diff}); "
+            "pass metadata={'model_args': {...}} with the right timm kwargs"
+        )
+    return args
+
+
+def to_upstream_layout(sd: Mapping[str, Tensor], family: str, mask_token: Tensor | None = None) -> dict[str, Tensor]:
+    """timm keys -> the upstream encoder layout (inverse of timm's ``_convert_dinov2`` for DinoV2; identity otherwise).
+
+    DinoV2 with registers: ``reg_token`` -> ``register_tokens`` and a zero cls slot prepended to ``pos_embed`` (the cls
+    position embedding is already folded into ``cls_token``, so converting back adds zero: exact). SwiGLU
+    ``mlp.fc1/fc2`` -> ``mlp.w12/w3``. ``mask_token`` (1, D) is added (zeros if unknown, as in the S/B/L originals).
+    """
+    out = dict(sd)
+    if family != "dinov2":
+        return out
+    if "reg_token" in out:
+        out["register_tokens"] = out.pop("reg_token")  # (1, R, D)
+        pos = out["pos_embed"]  # (1, N, D) patches only
+        out["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)  # (1, 1 + N, D)
+    swiglu = {
+        m.group(1)
+        for k in out
+        if (m := re.match(r"^(blocks\.\d+\.mlp\.)fc1\.weight$", k))
+        and out[k].shape[0] == 2 * out[f"{m.group(1)}fc2.weight"].shape[1]
+    }
+    renamed = {}
+    for k, v in out.items():
+        prefix = next((p for p in swiglu if k.startswith(p)), None)
+        if prefix is not None:
+            k = prefix + k[len(prefix) :].replace("fc1.", "w12.", 1).replace("fc2.", "w3.", 1)
+        renamed[k] = v
+    dim = renamed["cls_token"].shape[-1]
+    renamed["mask_token"] = (
+        mask_token.detach().reshape(1, dim).to(renamed["cls_token"]) if mask_token is not None
+        else renamed["cls_token"].new_zeros(1, dim)
+    )
+    return renamed
+
+
+def split_qkv(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Add ``q_proj/k_proj/v_proj`` (rows 0:D, D:2D, 2D:3D of the fused ``qkv``) next to each ``qkv`` tensor."""
+    out = dict(sd)
+    for k, v in sd.items():
+        m = _QKV.match(k)
+        if m:
+            for part, chunk in zip(("q", "k", "v"), v.chunk(3, dim=0)):  # (3D, D) -> 3 x (D, D)
+                out[f"{m.group(1)}{part}_proj.{m.group(2)}"] = chunk.clone()
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("explora")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "unknown"
+
+
+def export_backbone(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    timm_name: str,
+    formats: Iterable[str] = FORMATS,
+    metadata: Mapping[str, Any] | None = None,
+    heads: Mapping[str, nn.Module] | None = None,
+) -> dict[str, Path]:
+    """Merge LoRA (into a copy; ``model`` is untouched) and write the requested formats; returns name -> path.
+
+    ``metadata`` (JSON-serialisable; ``model_args``/``family`` override the inferred ones) goes into the sidecar's
+    provenance. ``heads`` (e.g. ``{'dino_head': ..., 'ibot_head': ...}``) are added to the ``teacher`` file.
+    """
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"export formats {list(formats)}: expected a non-empty subset of {list(FORMATS)}")
+    out = Path(out_dir)
+    meta = dict(metadata or {})
+    family = _family(model, timm_name, meta)
+    sd = _plain(merged_state_dict(model))
+    model_args = dict(meta.pop("model_args", None) or infer_model_args(model, timm_name))
+    extras = getattr(model, "explora_extras", None) or {}
+    paths: dict[str, Path] = {}
+
+    if "safetensors" in formats:
+        from safetensors.torch import save as st_save
+
+        blob = st_save(sd, metadata={"format": "pt", "timm_name": timm_name})
+        paths["safetensors"] = out / FILE_NAMES["safetensors"]
+        atomic_write(paths["safetensors"], lambda f: f.write(blob))
+    upstream = to_upstream_layout(sd, family, extras.get("mask_token"))
+    if "encoder" in formats:
+        paths["encoder"] = out / FILE_NAMES["encoder"]
+        atomic_write(paths["encoder"], lambda f: torch.save({"model": upstream}, f))
+    if "teacher" in formats:
+        teacher = {f"backbone.{k}": v for k, v in split_qkv(upstream).items()}
+        for name, head in (heads or {}).items():
+            teacher.update({f"{name}.{k}": v for k, v in _plain(head.state_dict()).items()})
+        paths["teacher"] = out / FILE_NAMES["teacher"]
+        atomic_write(paths["teacher"], lambda f: torch.save({"teacher": teacher}, f))
+
+    spec = getattr(model, "explora_spec", None)
+    sidecar = {
+        "architecture": timm_name,
+        "family": family,
+        "model_args": model_args,
+        "img_size": list(model.patch_embed.img_size),
+        "patch_size": list(model.patch_embed.patch_size),
+        "in_chans": int(model.patch_embed.proj.in_channels),
+        "num_features": int(model.num_features),
+        "files": {k: {"path": p.name, "sha256": _sha256(p)} for k, p in paths.items()},
+        "provenance": {
+            "source": extras.get("source"),
+            "explora_spec": spec.to_dict() if spec is not None else None,
+            "lora_merged": True,
+            "explora_version": _version(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "metadata": meta,
+        },
+        "load_with": (
+            f"timm.create_model({timm_name!r}, pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file='{FILE_NAMES['safetensors']}'), **model_args)"
+        ),
+    }
+    text = json.dumps(sidecar, indent=2, default=str)
+    paths["sidecar"] = out / SIDECAR
+    atomic_write(paths["sidecar"], lambda f: f.write(text.encode()))
+    return paths
+
+
+def load_exported(path: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild the timm model from an exported ``model.safetensors`` (or its directory) and its sidecar."""
+    p = Path(path)
+    weights = p / FILE_NAMES["safetensors"] if p.is_dir() else p
+    side = weights.with_name(SIDECAR)
+    if not weights.is_file() or not side.is_file():
+        raise CheckpointError(f"{p}: expected {FILE_NAMES['safetensors']} and {SIDECAR} written by export_backbone")
+    info = json.loads(side.read_text())
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in info["model_args"].items()}
+    return timm.create_model(
+        info["architecture"], pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **args
+    )
