@@ -150,6 +150,7 @@ def test_decoder_pos_embed_resampled_on_load():
     assert dst.decoder_pos_embed.shape == (1, 37, 32)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_fixed_batch():
     torch.manual_seed(0)
     obj = _objective(norm_pix_loss=False, decoder_depth=1)
@@ -173,3 +174,22 @@ def test_feature_extractor_pools_all_tokens():
     fx = build_feature_extractor(vit)
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(fx(x), vit.forward_features(x)[:, 1:].mean(1))
+
+
+@pytest.mark.parametrize("with_decoder", [True, False])
+def test_mae_checkpoint_through_build_backbone(tmp_path, with_decoder):
+    """Fake upstream {'model': ...} files, with (mae_visualize / *_full) and without (mae_pretrain) decoder."""
+    state = _mae_checkpoint_state(with_decoder)
+    path = tmp_path / "mae_fake.pth"
+    torch.save({"model": state}, path)
+    backbone = build_backbone("test_mae", weights=str(path))
+    if with_decoder:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            obj = MAEObjective(backbone, MAEConfig(**SMALL))
+        assert torch.equal(obj.decoder.decoder_pred.weight, state["decoder_pred.weight"])
+        assert torch.equal(obj.decoder.decoder_blocks[1].attn.qkv.weight, state["decoder_blocks.1.attn.qkv.weight"])
+    else:
+        with pytest.warns(UserWarning, match="freshly initialised"):
+            obj = MAEObjective(backbone, MAEConfig(**SMALL))
+    assert torch.equal(obj.export_backbone().blocks[2].mlp.fc1.weight, state["blocks.2.mlp.fc1.weight"])
