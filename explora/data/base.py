@@ -8,7 +8,7 @@ data is uint8, so samples stack) and the ``on_error`` policy:
 * ``'skip'``: the next index (``index + 1``, wrapping) is tried instead, deterministically, and the bad sample is
   counted in :attr:`ExploraDataset.skipped` and logged once per index.
 
-The skip counter is a ``multiprocessing.Value`` created in the main process and inherited by (fork) or pickled
+The skip counter is shared memory (one slot per worker) created in the main process and inherited by (fork) or pickled
 into (spawn) data-loader workers, so ``dataset.skipped`` read in the main process is the total over all workers;
 the engine needs no extra plumbing. Bad rows found while indexing (malformed CSV rows, labels outside the class
 list) are counted the same way and listed in :attr:`ExploraDataset.problems`.
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from explora.errors import ConfigError, DataError
 
@@ -39,28 +39,39 @@ STATS_SAMPLES = 512  # samples read to estimate mean/std when a dataset has no p
 
 
 class SkipCounter:
-    """A process-shared integer: workers increment it, the main process reads the total."""
+    """A process-shared count: one int64 slot per data-loader worker (slot 0 = main process), summed on read.
+
+    Slots avoid a lock (whose context, fork vs spawn, would have to match the loader's); each process only
+    writes its own slot, so increments never race.
+    """
+
+    SLOTS = 257
 
     def __init__(self, value: int = 0) -> None:
-        self._value = mp.Value("q", value)
+        self._slots = mp.RawArray("q", self.SLOTS)
+        self._slots[0] = value
 
     def increment(self) -> None:
-        with self._value.get_lock():
-            self._value.value += 1
+        info = get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        self._slots[slot] += 1
 
     @property
     def value(self) -> int:
-        return int(self._value.value)
+        return int(sum(self._slots))
 
     def __getstate__(self) -> dict[str, Any]:
         # Shared memory only travels while a worker process is being spawned; a plain pickle (deepcopy, saving a
         # config) gets a snapshot of the count and a fresh counter.
         if get_spawning_popen() is not None:
-            return {"shared": self._value}
+            return {"shared": self._slots}
         return {"count": self.value}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._value = state["shared"] if "shared" in state else mp.Value("q", state["count"])
+        if "shared" in state:
+            self._slots = state["shared"]
+        else:
+            self.__init__(state["count"])
 
 
 def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -184,3 +195,9 @@ class ExploraDataset(Dataset):
 
         stats = compute_stats(self, max_samples=STATS_SAMPLES)
         self.set_stats(stats["mean"], stats["std"])
+
+
+def located(where: str, path: object, error: DataError) -> DataError:
+    """Prefix a decoder error (which names the file) with the CSV row it came from, naming the file once."""
+    row = where.removesuffix(f" ({path})")
+    return error if row == str(path) else DataError(f"{row}: {error}")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from explora.data.base import ExploraDataset
+from explora.data.base import ExploraDataset, located
 from explora.data.io import read_image, read_tiff_array
 from explora.data.lists import CsvDataset, column, parse_label, read_csv
 from explora.errors import ConfigError, DataError
@@ -161,7 +161,7 @@ class FMoWSentinel(_MetadataCsv):
         try:
             arr = read_tiff_array(row["path"])  # (C, H, W)
         except DataError as e:
-            raise DataError(f"{row['where']}: {e}") from e
+            raise located(row["where"], row["path"], e) from e
         if arr.shape[0] != 13:
             raise DataError(f"{row['where']}: GeoTIFF has {arr.shape[0]} bands; expected 13 Sentinel-2 bands")
         x = sentinel_normalize(arr, *self._norm)[self.keep]  # (13, H, W) -> (len(keep), H, W)
@@ -216,7 +216,7 @@ class FMoWTemporal(_MetadataCsv):
             try:
                 img = read_image(row["path"])
             except DataError as e:
-                raise DataError(f"{row['where']}: {e}") from e
+                raise located(row["where"], row["path"], e) from e
             if img.shape[0] != 3:
                 raise DataError(f"{row['where']}: frame has {img.shape[0]} bands; expected 3 (RGB)")
             if images and img.shape != images[0].shape:

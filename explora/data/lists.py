@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from explora.data.base import ExploraDataset
+from explora.data.base import ExploraDataset, located
 from explora.data.io import DEFAULT_INT_SCALE, image_shape, read_image
 from explora.errors import DataError
 
@@ -108,7 +108,7 @@ class ImageListDataset(ExploraDataset):
         try:
             image = read_image(path, self.int_scale)
         except DataError as e:
-            raise DataError(f"{where}: {e}" if where != str(path) else str(e)) from e
+            raise located(where, path, e) from e
         return image, label
 
 
