@@ -1,0 +1,58 @@
+"""Hyper-parameters of the DinoV2 objective.
+
+Defaults are DinoV2's ``dinov2/configs/ssl_default_config.yaml`` (which ExPLoRA's repo copies as
+``linprobe/configs/ssl_default_config.yaml``) with ExPLoRA's fMoW overrides (local crops 98 px for patch 14); the
+comment on each field names the upstream key. ExPLoRA's own pre-training values are not public.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from explora.errors import ConfigError
+
+
+@dataclass
+class DinoV2Config:
+    """All knobs of :class:`~explora.objectives.dinov2.objective.DinoV2Objective`."""
+
+    n_prototypes: int = 65536  # dino.head_n_prototypes
+    hidden_dim: int = 2048  # dino.head_hidden_dim
+    bottleneck_dim: int = 256  # dino.head_bottleneck_dim
+    head_nlayers: int = 3  # dino.head_nlayers
+    separate_head: bool = False  # ibot.separate_head
+    ibot_n_prototypes: int | None = None  # ibot.head_n_prototypes (None: same as dino)
+    centering: str = "centering"  # train.centering: "centering" | "sinkhorn_knopp"
+    center_momentum: float = 0.9  # DINOLoss/iBOTPatchLoss center_momentum
+    sinkhorn_iterations: int = 3  # sinkhorn_knopp_teacher n_iterations
+    dino_loss_weight: float = 1.0  # dino.loss_weight
+    ibot_loss_weight: float = 1.0  # ibot.loss_weight
+    koleo_loss_weight: float = 0.1  # dino.koleo_loss_weight
+    student_temp: float = 0.1  # DINOLoss/iBOTPatchLoss student_temp
+    teacher_temp: float = 0.07  # teacher.teacher_temp
+    warmup_teacher_temp: float = 0.04  # teacher.warmup_teacher_temp
+    warmup_teacher_temp_steps: int = 37500  # teacher.warmup_teacher_temp_epochs (30) x OFFICIAL_EPOCH_LENGTH (1250)
+    momentum_teacher: float = 0.992  # teacher.momentum_teacher
+    final_momentum_teacher: float = 1.0  # teacher.final_momentum_teacher
+    mask_probability: float = 0.5  # ibot.mask_sample_probability
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)  # ibot.mask_ratio_min_max
+    n_local: int = 8  # crops.local_crops_number
+    global_size: int = 224  # crops.global_crops_size
+    local_size: int = 98  # crops.local_crops_size (96 upstream default; 98 in ExPLoRA's patch-14 configs)
+    global_scale: tuple[float, float] = (0.32, 1.0)  # crops.global_crops_scale
+    local_scale: tuple[float, float] = (0.05, 0.32)  # crops.local_crops_scale
+    photometric: str = "rgb"  # not upstream: "multispectral" for non-RGB bands
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # augmentations.py: ImageNet normalisation
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # augmentations.py GaussianBlur p (see docs: upstream quirk)
+
+    def __post_init__(self) -> None:
+        if self.centering not in ("centering", "sinkhorn_knopp"):
+            raise ConfigError(f"dinov2.centering must be 'centering' or 'sinkhorn_knopp', got {self.centering!r}")
+        lo, hi = self.mask_ratio_min_max
+        if not 0 <= lo <= hi <= 1:
+            raise ConfigError(f"dinov2.mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {(lo, hi)}")
+        if not 0 <= self.mask_probability <= 1:
+            raise ConfigError(f"dinov2.mask_probability must be in [0, 1], got {self.mask_probability}")
+        if self.n_prototypes < 1 or self.bottleneck_dim < 1 or self.hidden_dim < 1:
+            raise ConfigError("dinov2.n_prototypes, hidden_dim and bottleneck_dim must be positive")

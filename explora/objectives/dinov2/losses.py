@@ -1,0 +1,77 @@
+"""DinoV2's three losses as small modules, following ``dinov2/loss/`` and ``dinov2/train/ssl_meta_arch.py``.
+
+- [0]: DINO, Caron et al. 2021, https://arxiv.org/abs/2104.14294
+- [1]: iBOT, Zhou et al. 2022, https://arxiv.org/abs/2111.07832
+- [2]: DinoV2, Oquab et al. 2024, https://arxiv.org/abs/2304.07193 (KoLeo: Sablayrolles et al. 2019)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between teacher probabilities and student log-softmax over (student crop, teacher view) pairs [0].
+
+    ``forward(student_logits, teacher_probs)`` takes ``student_logits`` (S*B, K) — S crops, crop-major — and
+    ``teacher_probs`` (T*B, K) — T teacher views, view-major — and returns the sum over every pair (s, t) of the
+    batch-mean cross-entropy ``-sum_k p_t log softmax(z_s / student_temp)``. Callers exclude same-view pairs by
+    passing the swapped teacher views for the global crops as one (2B, K) "pair" with ``n_student = n_teacher = 1``
+    (times 2 for the two pairs), and divide by the number of pairs (upstream normalises both the local and the
+    global term by ``n_global * n_local + n_global * (n_global - 1)``).
+    """
+
+    def __init__(self, student_temp: float = 0.1) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+
+    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, n_student: int,
+                n_teacher: int) -> torch.Tensor:
+        lsm = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)  # (S*B, K)
+        lsm = lsm.view(n_student, -1, lsm.shape[-1])  # (S, B, K)
+        tp = teacher_probs.float().view(n_teacher, -1, teacher_probs.shape[-1])  # (T, B, K)
+        ce = -torch.einsum("tbk,sbk->tsb", tp, lsm)  # (T, S, B) per-pair, per-sample cross-entropy
+        return ce.mean(-1).sum()
+
+
+class iBOTPatchLoss(nn.Module):  # noqa: N801 - the paper's spelling
+    """Masked-patch cross-entropy (iBOT [1]) with DinoV2's per-image weighting.
+
+    ``forward(student_logits, teacher_probs, masks)``: logits and probabilities (M, K) for the M masked tokens
+    (row-major order of ``masks[masks]``), ``masks`` (N_img, N) bool. Each token is weighted by 1 / (masked tokens
+    of its image), and the weighted sum is divided by N_img, so unmasked images count with zero loss.
+    """
+
+    def __init__(self, student_temp: float = 0.1) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+
+    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        lsm = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)  # (M, K)
+        ce = -(teacher_probs.float() * lsm).sum(-1)  # (M,)
+        per_image = masks.sum(-1).clamp(min=1).float()  # (N_img,)
+        weight = (1.0 / per_image)[:, None].expand_as(masks)[masks]  # (M,)
+        return (ce * weight).sum() / masks.shape[0]
+
+
+class KoLeoLoss(nn.Module):
+    """Kozachenko-Leonenko entropy estimator on L2-normalised features [2]: ``-mean_i log(d(x_i, NN(x_i)) + eps)``.
+
+    ``forward(x)`` with ``x`` (B, D); runs in fp32 with autocast disabled. DinoV2 applies it to the student's
+    backbone CLS token of each global view separately and sums the views.
+    """
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.normalize(x.float(), p=2, dim=-1, eps=self.eps)  # (B, D)
+            dots = x @ x.t()  # (B, B)
+            dots.fill_diagonal_(-1.0)  # never pick yourself
+            nn_idx = dots.argmax(dim=1)  # (B,)
+            dist = F.pairwise_distance(x, x[nn_idx], p=2, eps=self.eps)  # (B,)
+            return -torch.log(dist + self.eps).mean()

@@ -1,0 +1,177 @@
+"""The DinoV2 objective for ExPLoRA: student/EMA-teacher self-distillation with DINO, iBOT and KoLeo losses.
+
+Follows DinoV2's ``dinov2/train/ssl_meta_arch.py`` (student and teacher ``ModuleDict``s with ``backbone``,
+``dino_head`` and optional ``ibot_head``; teacher sees only the unmasked global crops; swapped teacher views for
+the global DINO term). What ExPLoRA changes: the backbone arrives with most weights frozen, so the teacher is a
+deep copy that *shares* every frozen tensor with the student and keeps its own EMA copy of the trainable ones only
+(frozen W stays identical in both, LoRA/unfrozen blocks/norms/heads are EMAs).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from explora.data.multicrop import MultiCrop
+from explora.models.masked_forward import forward_tokens
+from explora.objectives.base import Objective, ObjectiveOutput
+from explora.objectives.dinov2.centering import EMACenter, sinkhorn_knopp
+from explora.objectives.dinov2.config import DinoV2Config
+from explora.objectives.dinov2.heads import DINOHead
+from explora.objectives.dinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from explora.objectives.dinov2.masking import BlockMaskSampler
+
+
+class DinoV2BatchTransform:
+    """Picklable worker-side transform: multi-crop + iBOT masks -> {'global', 'local', 'masks' (2B, N) bool}."""
+
+    def __init__(self, multicrop: MultiCrop, masks: BlockMaskSampler) -> None:
+        self.multicrop, self.masks = multicrop, masks
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        out = self.multicrop(images, generator)
+        out["masks"] = self.masks(out["global"].shape[0], generator)  # (2B, N)
+        return out
+
+
+def teacher_temperature(cfg: DinoV2Config, step: int) -> float:
+    """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_steps``."""
+    if step >= cfg.warmup_teacher_temp_steps:
+        return cfg.teacher_temp
+    frac = step / max(cfg.warmup_teacher_temp_steps, 1)
+    return cfg.warmup_teacher_temp + frac * (cfg.teacher_temp - cfg.warmup_teacher_temp)
+
+
+def teacher_momentum(cfg: DinoV2Config, step: int, total_steps: int) -> float:
+    """Cosine schedule from ``momentum_teacher`` (step 0) to ``final_momentum_teacher`` (step ``total_steps``)."""
+    frac = min(max(step, 0) / max(total_steps, 1), 1.0)
+    m0, m1 = cfg.momentum_teacher, cfg.final_momentum_teacher
+    return m1 + 0.5 * (m0 - m1) * (1 + math.cos(math.pi * frac))
+
+
+class DinoV2Objective(Objective):
+    """DinoV2 continued pre-training of an ExPLoRA-parameterised backbone.
+
+    ``student`` holds ``backbone`` (the one passed in), ``dino_head`` and, with ``separate_head``, ``ibot_head``;
+    ``teacher`` has the same structure, eval mode, no grads, frozen tensors shared with the student. ``mask_token``
+    (1, D) is the trainable iBOT mask embedding, initialised from ``backbone.explora_extras['mask_token']`` when the
+    checkpoint carried one, zeros otherwise (DinoV2's init).
+    """
+
+    name = "dinov2"
+
+    def __init__(self, backbone: nn.Module, cfg: DinoV2Config | None = None, total_steps: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or DinoV2Config()
+        self.total_steps = total_steps
+        dim = backbone.embed_dim
+        student = nn.ModuleDict({"backbone": backbone, "dino_head": DINOHead(
+            dim, cfg.n_prototypes, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_nlayers)})
+        if cfg.separate_head:
+            student["ibot_head"] = DINOHead(dim, cfg.ibot_n_prototypes or cfg.n_prototypes, cfg.hidden_dim,
+                                            cfg.bottleneck_dim, cfg.head_nlayers)
+        extras = getattr(backbone, "explora_extras", {}) or {}
+        init = extras.get("mask_token")
+        token = init.detach().float().reshape(1, dim).clone() if init is not None else torch.zeros(1, dim)
+        self.mask_token = nn.Parameter(token)
+        # teacher: deep copy sharing frozen tensors (memo maps each frozen param to itself)
+        frozen = {id(p): p for p in student.parameters() if not p.requires_grad}
+        teacher = copy.deepcopy(student, memo=dict(frozen))
+        names = [n for n, p in student.named_parameters() if p.requires_grad]
+        t_params = dict(teacher.named_parameters())
+        self._ema_names = names
+        for n in names:
+            t_params[n].requires_grad_(False)
+        teacher.eval()
+        self.student, self.teacher = student, teacher
+        self.register_buffer("teacher_mask_token", token.clone())
+        # losses and target normalisation
+        self.dino_loss, self.ibot_loss, self.koleo_loss = (
+            DINOLoss(cfg.student_temp), iBOTPatchLoss(cfg.student_temp), KoLeoLoss())
+        self.dino_center = EMACenter(cfg.n_prototypes, cfg.center_momentum)
+        self.ibot_center = EMACenter(cfg.ibot_n_prototypes or cfg.n_prototypes if cfg.separate_head
+                                     else cfg.n_prototypes, cfg.center_momentum)
+        patch = backbone.patch_embed.patch_size
+        self.patch_size = patch[0] if isinstance(patch, tuple | list) else int(patch)
+
+    # -- engine contract ---------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> DinoV2Objective:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses dropout / drop-path
+        return self
+
+    def batch_transform(self) -> DinoV2BatchTransform:
+        cfg = self.cfg
+        multicrop = MultiCrop(cfg.global_size, cfg.local_size, cfg.n_local, cfg.global_scale, cfg.local_scale,
+                              cfg.mean, cfg.std, cfg.photometric, blur_p=cfg.blur_p)
+        masks = BlockMaskSampler(cfg.global_size // self.patch_size, cfg.mask_probability, cfg.mask_ratio_min_max)
+        return DinoV2BatchTransform(multicrop, masks)
+
+    def export_backbone(self) -> nn.Module:
+        """The teacher backbone (as DinoV2/ExPLoRA release it), with the EMA mask token in ``explora_extras``."""
+        backbone = self.teacher["backbone"]
+        extras = dict(getattr(backbone, "explora_extras", {}) or {})
+        extras["mask_token"] = self.teacher_mask_token.detach().clone()
+        backbone.explora_extras = extras
+        return backbone
+
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Matching (student, teacher) lists of the trainable tensors, looked up by name (robust to ``.to()``)."""
+        s, t = dict(self.student.named_parameters()), dict(self.teacher.named_parameters())
+        return [s[n] for n in self._ema_names], [t[n] for n in self._ema_names]
+
+    @torch.no_grad()
+    def on_optimizer_step(self, step: int) -> None:
+        """EMA update of the teacher's trainable tensors (frozen ones are shared, nothing to do)."""
+        m = teacher_momentum(self.cfg, step, self.total_steps)
+        s, t = self.ema_pairs()
+        if t:
+            torch._foreach_mul_(t, m)
+            torch._foreach_add_(t, [p.detach() for p in s], alpha=1 - m)
+        self.teacher_mask_token.mul_(m).add_(self.mask_token.detach(), alpha=1 - m)
+
+    # -- loss --------------------------------------------------------------------------------------------------
+    def _targets(self, logits: torch.Tensor, center: EMACenter, temp: float) -> torch.Tensor:
+        if self.cfg.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temp, self.cfg.sinkhorn_iterations)
+        probs = center.softmax_centered(logits, temp)
+        center.update(logits)
+        return probs
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:  # type: ignore[override]
+        cfg = self.cfg
+        glob, local, masks = batch["global"], batch["local"], batch["masks"].bool()  # (2B,C,G,G) (nB,C,L,L) (2B,N)
+        n_img = glob.shape[0]
+        n_local = local.shape[0] // (n_img // 2) if n_img else 0
+        temp = teacher_temperature(cfg, step)
+        ibot_s_head = self.student["ibot_head"] if cfg.separate_head else self.student["dino_head"]
+        ibot_t_head = self.teacher["ibot_head"] if cfg.separate_head else self.teacher["dino_head"]
+
+        with torch.no_grad():  # teacher on unmasked global crops
+            t_cls, t_patch = forward_tokens(self.teacher["backbone"], glob)  # (2B, D), (2B, N, D)
+            t_cls = torch.cat(t_cls.chunk(2)[::-1])  # swap views: student view v learns from teacher view 1-v
+            t_cls_probs = self._targets(self.teacher["dino_head"](t_cls), self.dino_center, temp)  # (2B, K)
+            t_patch_probs = self._targets(ibot_t_head(t_patch[masks]), self.ibot_center, temp)  # (M, K)
+
+        s_cls, s_patch = forward_tokens(self.student["backbone"], glob, masks, self.mask_token)
+        s_cls_logits = self.student["dino_head"](s_cls)  # (2B, K)
+        s_patch_logits = ibot_s_head(s_patch[masks])  # (M, K)
+        n_pairs = 2 * n_local + 2 * 1  # (student crop, other teacher view) pairs
+        dino_global = self.dino_loss(s_cls_logits, t_cls_probs, 1, 1) * 2 / n_pairs
+        if n_local:
+            l_cls, _ = forward_tokens(self.student["backbone"], local)  # (nB, D)
+            dino_local = self.dino_loss(self.student["dino_head"](l_cls), t_cls_probs, n_local, 2) / n_pairs
+        else:
+            dino_local = s_cls_logits.new_zeros(())
+        ibot = self.ibot_loss(s_patch_logits, t_patch_probs, masks)
+        koleo = sum(self.koleo_loss(c) for c in s_cls.chunk(2))
+        loss = (cfg.dino_loss_weight * (dino_local + dino_global) + cfg.ibot_loss_weight * ibot
+                + cfg.koleo_loss_weight * koleo)
+        terms = {"dino_local": dino_local, "dino_global": dino_global, "ibot": ibot, "koleo": koleo,
+                 "teacher_temp": torch.tensor(temp),
+                 "momentum": torch.tensor(teacher_momentum(cfg, step, self.total_steps)),
+                 "masked_tokens": torch.tensor(float(masks.sum()))}
+        return ObjectiveOutput(loss=loss, terms={k: v.detach().float() for k, v in terms.items()})
