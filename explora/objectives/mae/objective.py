@@ -89,7 +89,6 @@ class MAEObjective(Objective):
         super().__init__()
         cfg = config or MAEConfig()
         self.config = cfg
-        self.backbone = backbone  # kept for export of the plain RGB encoder (same module objects)
         patch = backbone.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, tuple) else patch)
         grid = tuple(backbone.patch_embed.grid_size)
