@@ -1,0 +1,96 @@
+"""Achievable matmul throughput of this machine (GFLOP/s), the roofline other benchmarks compare against.
+
+Times ``torch.matmul`` of two random (size, size) matrices: warm-up, then the median over repeats of one matmul
+(2 * size**3 FLOPs), synchronising the device around each timed call. Other scripts in benchmarks/ import
+``measure_matmul_peak`` (``from matmul_peak import measure_matmul_peak`` when run as ``python benchmarks/x.py``).
+
+Run: ``python benchmarks/matmul_peak.py [--device cuda] [--size N] [--repeats R]`` -> JSON on stdout.
+Defaults keep a CPU run under ~20 s: size 1024 on CPU (8192 on CUDA), 10 repeats, and each dtype stops early
+once it has spent ``budget_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(
+    dtype: torch.dtype = torch.float32,
+    size: int = 2048,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    warmup: int = 1,
+    budget_s: float | None = None,
+) -> float:
+    """Median GFLOP/s of ``size`` x ``size`` matmuls in ``dtype`` on ``device`` (fp32 on CUDA allows TF32 only if the
+    caller enabled it; this function leaves ``torch.backends`` settings alone).
+
+    ``budget_s`` caps the whole measurement (warm-up included): if the warm-up alone used it up, the last warm-up
+    call is the one sample (slow dtypes such as bf16 on CPUs without native support would otherwise take minutes);
+    otherwise timed repeats run while within budget, at least one.
+    """
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(size, size, device=dev, dtype=torch.float32, generator=g).to(dtype)
+    b = torch.randn(size, size, device=dev, dtype=torch.float32, generator=g).to(dtype)
+    start = time.perf_counter()
+    t_warm = 0.0
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        _sync(dev)
+        t_warm = time.perf_counter() - t0
+    if warmup and budget_s is not None and time.perf_counter() - start > budget_s:
+        return 2.0 * size**3 / t_warm / 1e9
+    times: list[float] = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            break
+    return 2.0 * size**3 / statistics.median(times) / 1e9
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", type=int, default=None, help="matrix side (default 1024 on CPU, 8192 on CUDA)")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    ap.add_argument("--budget-s", type=float, default=6.0, help="max seconds per dtype (warm-up included)")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    size = args.size or (8192 if dev.type == "cuda" else 1024)
+    result = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "size": size,
+        "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if dev.type == "cuda" else None,
+        "cpu_count": os.cpu_count(),
+        "gflops": {},
+    }
+    for name in args.dtypes:
+        result["gflops"][name] = round(
+            measure_matmul_peak(DTYPES[name], size, args.repeats, dev, budget_s=args.budget_s), 1
+        )
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
