@@ -125,7 +125,7 @@ def test_skip_counter_sums_over_workers(tmp_path):
     for name in ("cat/cat_2.png", "dog/dog_1.png", "dog/dog_4.png"):
         truncate(tmp_path / name, 0.4)
     ds = build_dataset(f"imagefolder:{tmp_path}", on_error="skip")
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)  # fork: spawn re-imports torch per worker (slow here)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)  # fork (spawn: slow here)
     labels = torch.cat([y for _, y in loader])
     assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 0]  # bad indices replaced by the next good one
     assert ds.skipped == 3  # counted in the workers, read in the main process
