@@ -1,0 +1,374 @@
+"""Supervised fine-tuning of a (possibly ExPLoRA-adapted) ViT: LoRA-r8 (the paper's main setting), full, or head-only.
+
+The paper fine-tunes with LoRA rank 8 on Q and V of every block plus a linear head (paper-notes §2.1; 0.8M
+trainable parameters for ViT-L). Its epochs, lr and augmentation are not public, so the defaults here follow the
+SatMAE/MAE fine-tuning recipe (MAE ``main_finetune.py``, SatMAE README): RandomResizedCrop scale (0.08, 1) + flip,
+mixup 0.8 / cutmix 1.0 (switch 0.5), label smoothing 0.1, head weight trunc-normal std 2e-5, AdamW blr 1e-3
+(linear /256), layer decay 0.75, weight decay 0.05. All are configurable.
+
+The training loop is the engine's (:func:`explora.engine.trainer.train`); this module provides the model, the
+objective and the evaluation it calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from explora.errors import ConfigError, DataError
+from explora.eval.features import EvalTransform, eval_transform_for
+from explora.eval.metrics import classification_metrics, save_metrics
+from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
+
+Pool = Literal["cls", "avg", "cls+avg"]
+Mode = Literal["lora", "full", "head"]
+
+
+class ClassifierModel(nn.Module):
+    """A backbone and one linear head on the final-norm CLS token, the mean patch token, or both concatenated.
+
+    ``backbone`` is a timm ViT (uses ``forward_features``), or any module mapping images to pooled (B, D) features
+    (then ``pool`` is ignored and ``in_dim`` must be given).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        pool: Pool = "cls",
+        in_dim: int | None = None,
+        head_init_std: float = 2e-5,
+    ):
+        super().__init__()
+        if pool not in ("cls", "avg", "cls+avg"):
+            raise ConfigError(f"pool: got {pool!r}, expected 'cls', 'avg' or 'cls+avg'")
+        self.backbone = backbone
+        self.pool = pool
+        self.is_vit = hasattr(backbone, "forward_features") and hasattr(backbone, "num_prefix_tokens")
+        dim = in_dim or getattr(backbone, "num_features", None) or getattr(backbone, "embed_dim", None)
+        if dim is None:
+            raise ConfigError(f"cannot infer the feature size of {type(backbone).__name__}; pass in_dim")
+        if self.is_vit and pool == "cls+avg":
+            dim = 2 * dim
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=head_init_std)  # MAE main_finetune.py
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.is_vit:
+            return self.backbone(images)  # (B, D) already pooled
+        tokens = self.backbone.forward_features(images)  # (B, prefix + N, D), through the final norm
+        cls = tokens[:, 0]  # (B, D)
+        patch = tokens[:, self.backbone.num_prefix_tokens :].mean(dim=1)  # (B, D)
+        return {"cls": cls, "avg": patch, "cls+avg": torch.cat([cls, patch], dim=1)}[self.pool]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # (B, K)
+
+
+def prepare_classifier(
+    backbone: nn.Module,
+    num_classes: int,
+    mode: Mode = "lora",
+    pool: Pool = "cls",
+    lora_rank: int = 8,
+    lora_targets: tuple[str, ...] = ("q", "v"),
+    **head_kwargs: Any,
+) -> ClassifierModel:
+    """Freeze/unfreeze ``backbone`` for ``mode`` and add the head (always trainable).
+
+    ``lora``: the paper's LoRA-r8 (``explora.adapt`` preset ``LoRA-r8``: rank 8 on Q,V of every block, norms frozen);
+    ``full``: every backbone parameter trains; ``head``: the backbone is frozen (a linear probe trained end to end).
+    """
+    if mode == "lora":
+        from explora.adapt import apply_preset
+
+        apply_preset(backbone, "LoRA-r8", lora_rank=lora_rank, lora_targets=tuple(lora_targets))
+    elif mode == "full":
+        backbone.requires_grad_(True)
+    elif mode == "head":
+        backbone.requires_grad_(False)
+    else:
+        raise ConfigError(f"finetune mode: got {mode!r}, expected 'lora', 'full' or 'head'")
+    model = ClassifierModel(backbone, num_classes, pool=pool, **head_kwargs)
+    model.head.requires_grad_(True)
+    return model
+
+
+def trainable_counts(model: ClassifierModel) -> dict[str, int]:
+    """Trainable parameters of the backbone (LoRA / all) and of the head, reported separately as in the paper."""
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    return {"backbone": count(model.backbone), "head": count(model.head)}
+
+
+@dataclass
+class AugConfig:
+    """Train-time augmentation; defaults: MAE/SatMAE fine-tuning (the paper's are not public)."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    attempts: int = 10,
+) -> torch.Tensor:
+    """(n, 4) boxes ``x1, y1, x2, y2`` in pixels, drawn as torchvision ``RandomResizedCrop.get_params`` does
+    (up to ``attempts`` area/aspect draws, then a centre crop clamped to ``ratio``), for a whole batch at once."""
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=generator))  # (n, A)
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
+        n, attempts, generator=generator
+    )
+    ar = torch.exp(log_r)
+    w = torch.sqrt(target * ar).round()  # (n, A)
+    h = torch.sqrt(target / ar).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (n, A)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))  # (n,)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    pick = first.clamp(min=0)[:, None]
+    cw = torch.where(first >= 0, w.gather(1, pick)[:, 0], torch.full((n,), float(fw)))  # (n,)
+    ch = torch.where(first >= 0, h.gather(1, pick)[:, 0], torch.full((n,), float(fh)))
+    u = torch.rand(n, 2, generator=generator)
+    top = torch.where(first >= 0, (u[:, 0] * (height - ch + 1)).floor(), ((height - ch) / 2).floor())
+    left = torch.where(first >= 0, (u[:, 1] * (width - cw + 1)).floor(), ((width - cw) / 2).floor())
+    return torch.stack([left, top, left + cw, top + ch], dim=1)
+
+
+class FinetuneTransform:
+    """Picklable batch transform: batched RandomResizedCrop (``roi_align``: bilinear, averaged over each output
+    bin) + horizontal flip + per-band normalisation + mixup/cutmix against the batch reversed (timm ``Mixup``,
+    mode 'batch'). Labels are not visible here (the engine adds them), so it returns the per-sample mixing weight
+    ``mix_lam`` (1 = unmixed) and the objective mixes the targets with ``labels.flip(0)``."""
+
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], aug: AugConfig):
+        self.image_size, self.mean, self.std, self.aug = int(image_size), tuple(mean), tuple(std), aug
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()  # (B, C, H, W) in [0, 1]
+        b, c, h, w = x.shape
+        if c != len(self.mean):
+            raise DataError(f"images have {c} bands but the dataset statistics have {len(self.mean)}")
+        a = self.aug
+        boxes = sample_crop_boxes(b, h, w, a.scale, a.ratio, generator)  # (B, 4)
+        rois = torch.cat([torch.arange(b, dtype=x.dtype)[:, None], boxes.to(x.dtype)], dim=1)  # (B, 5)
+        x = roi_align(x, rois, (self.image_size, self.image_size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        flip = torch.rand(b, generator=generator) < a.hflip  # (B,)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        x = (x - mean) / std  # (B, C, S, S)
+        x, lam = self._mix(x, generator)
+        return {"images": x.contiguous(), "mix_lam": torch.full((b,), lam)}
+
+    def _mix(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+        a = self.aug
+        u = torch.rand(4, generator=generator).tolist()
+        if (a.mixup_alpha <= 0 and a.cutmix_alpha <= 0) or u[0] >= a.mix_prob or x.shape[0] < 2:
+            return x, 1.0
+        use_cutmix = a.cutmix_alpha > 0 and (a.mixup_alpha <= 0 or u[1] < a.switch_prob)
+        # torch has no generator-driven Beta sampler: derive a numpy generator from the torch one (still (seed, step)).
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        lam = float(rng.beta(a.cutmix_alpha, a.cutmix_alpha) if use_cutmix else rng.beta(a.mixup_alpha, a.mixup_alpha))
+        other = x.flip(0)
+        if not use_cutmix:
+            return lam * x + (1 - lam) * other, lam
+        s = x.shape[-1]
+        cut = int(s * math.sqrt(1 - lam))
+        cy, cx = int(u[2] * s), int(u[3] * s)
+        y0, y1 = max(cy - cut // 2, 0), min(cy + cut // 2, s)
+        x0, x1 = max(cx - cut // 2, 0), min(cx + cut // 2, s)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+        return x, 1.0 - (y1 - y0) * (x1 - x0) / (s * s)  # lam corrected to the pasted area (timm correct_lam)
+
+
+def mixed_targets(labels: torch.Tensor, lam: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """(B, K) soft targets: smoothed one-hot of ``labels`` mixed with ``labels.flip(0)`` (timm ``mixup_target``)."""
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    y1 = torch.full((labels.shape[0], num_classes), off, device=labels.device).scatter_(1, labels[:, None], on)
+    y2 = y1.flip(0)
+    lam = lam.to(y1.dtype)[:, None]  # (B, 1)
+    return lam * y1 + (1 - lam) * y2
+
+
+class FinetuneObjective(Objective):
+    """Cross-entropy (label-smoothed, on mixup/cutmix soft targets) of a :class:`ClassifierModel`."""
+
+    name = "finetune"
+
+    def __init__(
+        self,
+        model: ClassifierModel,
+        num_classes: int,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        aug: AugConfig | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.aug = aug or AugConfig()
+
+    def batch_transform(self) -> BatchTransform:
+        return FinetuneTransform(self.image_size, self.mean, self.std, self.aug)
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:  # type: ignore[override]
+        labels = batch["labels"]
+        if (labels < 0).any():
+            raise DataError("fine-tuning got unlabeled samples (label -1); use a labeled split")
+        logits = self.model(batch["images"])  # (B, K)
+        lam = batch.get("mix_lam", torch.ones(labels.shape[0], device=labels.device))
+        targets = mixed_targets(labels, lam, self.num_classes, self.aug.label_smoothing)  # (B, K)
+        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        top1 = (logits.argmax(1) == labels).float().mean() * 100
+        return ObjectiveOutput(loss, {"ce": loss.detach(), "top1": top1.detach()})
+
+    def export_backbone(self) -> nn.Module:
+        return self.model.backbone
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) logits and (N,) labels of ``dataset`` under the eval transform, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    logits, labels = [], []
+    try:
+        for images, y in loader:
+            logits.append(model(transform(images.to(device))).float().cpu())
+            labels.append(torch.as_tensor(y).long())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(
+    model: nn.Module,
+    dataset,
+    batch_size: int = 256,
+    *,
+    image_size: int | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Top-1/top-5, per-class accuracy and confusion matrix of a classifier on ``dataset`` (eval transform:
+    resize + centre crop to ``image_size`` with the dataset's ``mean``/``std`` unless ``transform`` is given)."""
+    if transform is None:
+        if image_size is None:
+            raise ConfigError("evaluate needs image_size or an explicit transform")
+        transform = eval_transform_for(dataset, image_size)
+    logits, labels = predict(model, dataset, transform, batch_size, device)
+    return classification_metrics(
+        logits, labels, num_classes or getattr(dataset, "num_classes", None) or logits.shape[1]
+    )
+
+
+def finetune_optim_defaults():
+    """Engine optimiser settings for fine-tuning (MAE ``main_finetune.py`` / SatMAE recipe)."""
+    from explora.engine.trainer import OptimConfig
+
+    return OptimConfig(
+        base_lr=1e-3,
+        lr_scaling="linear",
+        reference_batch=256,
+        min_lr=1e-6,
+        weight_decay=0.05,
+        weight_decay_end=0.05,
+        betas=(0.9, 0.999),
+        layer_decay=0.75,
+        patch_embed_lr_mult=1.0,
+        clip_grad=0.0,
+    )
+
+
+def run_finetune(
+    backbone: nn.Module,
+    train_set,
+    val_set,
+    out_dir: str | Path,
+    *,
+    image_size: int,
+    mode: Mode = "lora",
+    pool: Pool = "cls",
+    lora_rank: int = 8,
+    aug: AugConfig | None = None,
+    optim=None,
+    train_cfg=None,
+    eval_batch_size: int = 256,
+) -> dict[str, Any]:
+    """Fine-tune with the engine's loop, evaluate on ``val_set`` and write ``metrics.json`` + confusion matrix."""
+    from explora.engine.trainer import TrainConfig, mark_frozen, train
+
+    num_classes = int(getattr(train_set, "num_classes", 0) or 0)
+    if num_classes < 2:
+        raise DataError(f"train dataset {type(train_set).__name__} has num_classes={num_classes}; expected >= 2")
+    model = prepare_classifier(backbone, num_classes, mode=mode, pool=pool, lora_rank=lora_rank)
+    mark_frozen(model)
+    objective = FinetuneObjective(model, num_classes, image_size, train_set.mean, train_set.std, aug)
+    transform = EvalTransform(image_size, tuple(val_set.mean), tuple(val_set.std))
+    device = next(model.parameters()).device
+
+    def eval_fn(obj: Objective, step: int) -> dict[str, Any]:
+        return evaluate(
+            obj.model,
+            val_set,
+            eval_batch_size,
+            transform=transform,
+            num_classes=num_classes,
+            device=next(obj.parameters()).device,
+        )
+
+    result = train(
+        objective, train_set, optim or finetune_optim_defaults(), train_cfg or TrainConfig(), out_dir, eval_fn=eval_fn
+    )
+    metrics = dict(result.eval_metrics or eval_fn(objective, result.steps_done))
+    metrics.update(
+        protocol=f"finetune-{mode}",
+        mode=mode,
+        pool=pool,
+        steps=result.steps_done,
+        trainable=trainable_counts(model),
+        device=str(device),
+    )
+    save_metrics(metrics, out_dir)
+    return metrics
