@@ -408,6 +408,8 @@ def _resample_pos_embed(
         return state
     prefix = target.pos_prefix_tokens
     n = pos.shape[1] - prefix
+    if grid_size is None and pos.shape[1] == want[1]:
+        grid_size = target.grid_size  # same number of positions: assume the model's own (possibly non-square) grid
     if grid_size is None:
         side = math.isqrt(max(n, 0))
         if side * side != n:

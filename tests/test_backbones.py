@@ -1,0 +1,190 @@
+"""build_backbone: every weights source (file, URL through the hub cache, registry default, timm/HF hub) and layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import timm
+import torch
+from conftest import DINOV2_VITS14, require
+from safetensors.torch import save_file
+from test_checkpoints import (
+    TINY,
+    assert_same,
+    fake_mae_decoder,
+    randomized,
+    state,
+    tiny,
+    to_dinov2_hub,
+    to_explora_full,
+    to_mae,
+)
+
+from explora.errors import CheckpointError
+from explora.models import registry
+from explora.models.backbone import build_backbone
+
+
+def test_random_backbone_is_a_dynamic_size_feature_extractor(tiny_dinov2):
+    assert tiny_dinov2.num_classes == 0 and tiny_dinov2.dynamic_img_size
+    assert tiny_dinov2.explora_extras == {"mask_token": None, "mae_decoder": None, "source": "random init"}
+    for size in (32, 48):  # global and local crops through one model
+        assert tiny_dinov2(torch.randn(2, 3, size, size)).shape == (2, 64)
+    assert tiny_dinov2.patch_embed.grid_size == (4, 4)  # registry default_img_size=32 for test_*
+
+
+def test_unknown_name_is_a_checkpoint_error():
+    with pytest.raises(CheckpointError, match="no_such_vit"):
+        build_backbone("no_such_vit")
+
+
+def test_dinov2_hub_file_round_trip(tmp_path, tiny_dinov2):
+    model = randomized(tiny_dinov2)
+    mask = torch.randn(1, 64)
+    path = tmp_path / "dinov2_tiny_pretrain.pth"
+    torch.save(to_dinov2_hub(state(model), mask), path)
+    loaded = build_backbone("test_dinov2", weights=path)
+    assert_same(loaded.state_dict(), model.state_dict())
+    assert torch.equal(loaded.explora_extras["mask_token"], mask)
+    assert loaded.explora_extras["mae_decoder"] is None
+    assert loaded.explora_extras["source"].startswith(f"dinov2-hub checkpoint {path} (+mask_token)")
+
+
+def test_reg4_and_giant_variants_round_trip(tmp_path):
+    for name, kwargs in (("vit_small_patch14_reg4_dinov2", {}), ("vit_giant_patch14_dinov2", {"mlp_ratio": 4})):
+        model = tiny(name, **kwargs)
+        cls_pos = torch.zeros(1, 1, 64)  # zero cls slot: the fold is exact, so the round trip is bitwise
+        path = tmp_path / f"{name}.pth"
+        torch.save(to_dinov2_hub(state(model), torch.randn(1, 64), cls_pos=cls_pos), path)
+        loaded = build_backbone(name, weights=str(path), **(TINY | kwargs))
+        assert loaded.patch_embed.grid_size == (4, 4)
+        assert_same(loaded.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("with_decoder", [True, False])
+def test_mae_file_puts_decoder_in_extras(tmp_path, tiny_mae, with_decoder):
+    model = randomized(tiny_mae)
+    decoder = fake_mae_decoder() if with_decoder else None
+    path = tmp_path / "mae_pretrain_tiny.pth"
+    torch.save(to_mae(state(model), decoder), path)
+    loaded = build_backbone("test_mae", weights=path)
+    assert_same(loaded.state_dict(), model.state_dict())
+    assert loaded.explora_extras["mask_token"] is None
+    if with_decoder:
+        assert_same(loaded.explora_extras["mae_decoder"], decoder)
+    else:
+        assert loaded.explora_extras["mae_decoder"] is None
+
+
+def test_explora_full_file_round_trip(tmp_path, tiny_dinov2):
+    model = randomized(tiny_dinov2)
+    path = tmp_path / "explora_dinov2_tiny.pth"
+    torch.save(to_explora_full(state(model), torch.randn(1, 64), keep_qkv=False), path)
+    loaded = build_backbone("test_dinov2", weights=path)
+    assert_same(loaded.state_dict(), model.state_dict())
+    assert "explora-full" in loaded.explora_extras["source"] and "rebuilt 8 qkv" in loaded.explora_extras["source"]
+
+
+def test_own_safetensors_export_with_non_square_sidecar(tmp_path):
+    wide = randomized(build_backbone("test_dinov2", img_size=(32, 48)))  # 4x6 grid: needs the sidecar
+    path = tmp_path / "adapted.safetensors"
+    save_file(state(wide), str(path))
+    same = build_backbone("test_dinov2", weights=path, img_size=(32, 48))
+    assert_same(same.state_dict(), wide.state_dict())
+    with pytest.raises(CheckpointError, match=r"adapted\.safetensors.*not a square grid"):
+        build_backbone("test_dinov2", weights=path)
+    (tmp_path / "adapted.json").write_text(json.dumps({"img_size": [32, 48], "patch_size": 8}))
+    square = build_backbone("test_dinov2", weights=path)
+    assert square.pos_embed.shape == (1, 17, 64) and "4x6 -> 4x4" in square.explora_extras["source"]
+
+
+def test_pos_embed_interpolated_to_another_img_size(tmp_path, tiny_dinov2):
+    model = randomized(tiny_dinov2)
+    path = tmp_path / "t.pth"
+    torch.save(state(model), path)
+    big = build_backbone("test_dinov2", weights=path, img_size=64)
+    assert big.pos_embed.shape == (1, 65, 64) and big.patch_embed.grid_size == (8, 8)
+    assert torch.equal(big.blocks[2].attn.qkv.weight, model.blocks[2].attn.qkv.weight)
+    assert big(torch.randn(1, 3, 64, 64)).shape == (1, 64)
+
+
+def test_rgb_weights_into_multispectral_model(tmp_path, tiny_mae):
+    path = tmp_path / "rgb.pth"
+    torch.save({"model": state(randomized(tiny_mae))}, path)
+    six = build_backbone("test_mae", weights=path, in_chans=6)
+    assert six.patch_embed.proj.weight.shape == (64, 6, 8, 8)
+    assert "adapted from 3 to 6 channels" in six.explora_extras["source"]
+    assert six(torch.randn(1, 6, 32, 32)).shape == (1, 64)
+
+
+def test_mismatch_names_the_file(tmp_path, tiny_dinov2):
+    path = tmp_path / "dinov2_for_mae.pth"
+    torch.save(state(tiny_dinov2), path)
+    with pytest.raises(CheckpointError, match=r"dinov2_for_mae\.pth.*test_mae \(embed_dim=64, depth=4, in_chans=3"):
+        build_backbone("test_mae", weights=path)
+
+
+def _with_url(monkeypatch, name: str, url: str | None) -> None:
+    monkeypatch.setitem(registry.BACKBONES, name, dataclasses.replace(registry.BACKBONES[name], url=url))
+
+
+def test_default_weights_come_from_the_torch_hub_cache_offline(tmp_path, monkeypatch, tiny_dinov2):
+    model = randomized(tiny_dinov2)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _with_url(monkeypatch, "test_dinov2", "https://dl.fbaipublicfiles.com/dinov2/x/test_dinov2_pretrain.pth")
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(to_dinov2_hub(state(model), torch.zeros(1, 64)), tmp_path / "hub/checkpoints/test_dinov2_pretrain.pth")
+    loaded = build_backbone("test_dinov2", weights="default")
+    assert_same(loaded.state_dict(), model.state_dict())
+    assert "https://dl.fbaipublicfiles.com/dinov2/x/test_dinov2_pretrain.pth" in loaded.explora_extras["source"]
+
+
+def test_default_without_url_or_download_fails_clearly(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="'test_mae' has no upstream URL"):
+        build_backbone("test_mae", weights="default")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = (tmp_path / "absent" / "w.pth").as_uri()  # a failing download without touching the network
+    with pytest.raises(CheckpointError, match=r"could not download.*place the file at .*hub/checkpoints/w\.pth"):
+        build_backbone("test_mae", weights=url)
+
+
+@pytest.mark.parametrize("weights", ["timm:vit_tiny_dinov2.fake_tag", "hf-hub:someone/tiny-vit"])
+def test_online_sources_go_through_timm_pretrained(monkeypatch, tiny_dinov2, weights):
+    source = randomized(tiny_dinov2)
+    real_create = timm.create_model
+    calls = []
+
+    def fake_create(model_name, pretrained=False, **kwargs):
+        if pretrained:
+            calls.append(model_name)
+            return source
+        return real_create(model_name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", fake_create)
+    loaded = build_backbone("test_dinov2", weights=weights)
+    assert calls == [weights.removeprefix("timm:")]
+    assert_same(loaded.state_dict(), source.state_dict())
+    assert loaded.explora_extras["source"].startswith(f"timm checkpoint {weights}")
+
+
+@pytest.mark.slow
+def test_real_dinov2_vits14_matches_timm_reference():
+    path = require(DINOV2_VITS14)
+    model = build_backbone("dinov2_vits14", weights=path, img_size=224).eval()
+    reference = timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+        img_size=224,
+        num_classes=0,
+    ).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours, theirs = model(x), reference(x)
+    assert ours.shape == (1, 384)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert model.explora_extras["mask_token"].shape == (1, 384)
+    assert model.pos_embed.shape == (1, 257, 384)
+    assert "37x37 -> 16x16" in model.explora_extras["source"]
