@@ -60,7 +60,17 @@ class WrappedDataset(ExploraDataset):
         if not self.classes and isinstance(n, int):
             self.classes = [str(i) for i in range(n)]
         self._require_nonempty("samples")
-        self.in_chans = int(self.load(0)[0].shape[0])
+        self.in_chans = self._probe_bands()
+
+    def _probe_bands(self) -> int:
+        """Band count of the first sample that loads (in skip mode bad leading samples are passed over)."""
+        for i in range(len(self)):
+            try:
+                return int(self.load(i)[0].shape[0])
+            except DataError:
+                if self.on_error == "raise":
+                    raise
+        raise DataError(f"{self.source}: none of the {len(self)} samples could be read")
 
     def __len__(self) -> int:
         return len(self.inner)  # type: ignore[arg-type]
