@@ -71,3 +71,17 @@ def test_report_table_and_chart(tmp_path):
 def test_report_missing_metrics_names_the_path(tmp_path):
     with pytest.raises(ExploraError, match="metrics.json"):
         load_runs([tmp_path / "nope"])
+
+
+def test_report_command(tmp_path, capsys):
+    import argparse
+
+    from explora.eval.cli import add_commands
+
+    save_metrics({"protocol": "knn", "top1": 50.0, "top5": 75.0, "num_samples": 4}, tmp_path / "a")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["report", str(tmp_path / "a"), "--out", str(tmp_path / "r")])
+    assert args.func(args) == 0
+    assert "| a | knn | 50.00 | 75.00 | 4 |" in capsys.readouterr().out
+    assert (tmp_path / "r" / "report.png").is_file()

@@ -1,0 +1,194 @@
+"""``explora linprobe``, ``explora knn``, ``explora finetune`` and ``explora report``.
+
+Each command writes ``metrics.json`` (+ ``confusion_matrix.png``) into ``--out``; ``explora report`` lays several such
+directories side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+CROP_PCT = 224 / 256  # upstream eval transform: Resize 256 + CenterCrop 224
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", required=True, help="short name (dinov2_vitl14, mae_vitl16, ...) or a timm ViT name")
+    p.add_argument("--weights", help="checkpoint path (any upstream layout); omitted: random init")
+    p.add_argument("--data", required=True, help="dataset spec for training, e.g. fmow:/data/fmow/train.csv")
+    p.add_argument("--val-data", help="dataset spec for validation (default: --data)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--image-size", type=int, default=224, help="crop size the backbone sees (default 224)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", required=True, help="run directory for metrics.json and the confusion matrix")
+
+
+def _datasets(args: argparse.Namespace):
+    from explora.data import build_dataset
+
+    load_size = round(args.image_size / CROP_PCT)  # the eval/train transforms crop image_size out of this
+    train = build_dataset(args.data, split=args.train_split, image_size=load_size)
+    val = build_dataset(args.val_data or args.data, split=args.val_split, image_size=load_size)
+    return train, val
+
+
+def _backbone(args: argparse.Namespace, in_chans: int):
+    from explora.models.backbone import build_backbone
+
+    return build_backbone(args.backbone, weights=args.weights, img_size=args.image_size, in_chans=in_chans)
+
+
+def _features(args: argparse.Namespace, n_blocks: int):
+    from explora.eval.features import EvalTransform, extract_features
+
+    train, val = _datasets(args)
+    model = _backbone(args, len(train.mean)).to(args.device)
+    dtype = torch.bfloat16 if args.bf16 else None
+    out = []
+    for ds, spec, split in ((train, args.data, args.train_split), (val, args.val_data or args.data, args.val_split)):
+        t = EvalTransform(args.image_size, tuple(ds.mean), tuple(ds.std), crop_pct=CROP_PCT)
+        out.append(
+            extract_features(
+                model,
+                ds,
+                t,
+                n_blocks=n_blocks,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                device=args.device,
+                autocast_dtype=dtype,
+                cache_dir=args.cache_dir,
+                dataset_key=f"{spec}|{split}|{args.image_size}",
+            )
+        )
+    return train, out[0], out[1]
+
+
+def _linprobe(args: argparse.Namespace) -> int:
+    from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
+    from explora.eval.metrics import save_metrics
+
+    cfg = LinearProbeConfig(
+        batch_size=args.probe_batch_size,
+        epochs=args.epochs,
+        iters_per_epoch=args.iters_per_epoch,
+        lrs=tuple(args.lrs),
+        device=args.device,
+        seed=args.seed,
+    )
+    train_ds, train, val = _features(args, max(cfg.n_blocks))
+    res = train_linear_probe(train, val, train_ds.num_classes, cfg)
+    path = save_metrics({**res.metrics, "backbone": args.backbone, "weights": args.weights}, args.out)
+    print(f"[explora] linear probe: top-1 {res.metrics['top1']:.2f} ({res.best_head}); {path}")
+    return 0
+
+
+def _knn(args: argparse.Namespace) -> int:
+    from explora.eval.knn import knn_classify
+    from explora.eval.metrics import save_metrics
+
+    train_ds, train, val = _features(args, 1)
+    m = knn_classify(
+        train.cls[:, -1],
+        train.labels,
+        val.cls[:, -1],
+        val.labels,
+        train_ds.num_classes,
+        ks=tuple(args.ks),
+        temperature=args.temperature,
+    )
+    path = save_metrics({**m, "backbone": args.backbone, "weights": args.weights}, args.out)
+    print(f"[explora] kNN: top-1 {m['top1']:.2f} (k={m['best_k']}); {path}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from explora.engine.trainer import TrainConfig
+    from explora.eval.finetune import AugConfig, finetune_optim_defaults, run_finetune
+
+    train, val = _datasets(args)
+    backbone = _backbone(args, len(train.mean))
+    optim = finetune_optim_defaults()
+    optim.base_lr, optim.layer_decay, optim.warmup_steps = args.base_lr, args.layer_decay, args.warmup_steps
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        precision=args.precision,
+    )
+    aug = AugConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing)
+    m = run_finetune(
+        backbone.to(args.device),
+        train,
+        val,
+        args.out,
+        image_size=args.image_size,
+        mode=args.mode,
+        pool=args.pool,
+        lora_rank=args.lora_rank,
+        aug=aug,
+        optim=optim,
+        train_cfg=cfg,
+    )
+    print(f"[explora] fine-tuning ({args.mode}): top-1 {m['top1']:.2f}; {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from explora.eval.report import load_runs, markdown_table, write_report
+
+    out = write_report(args.runs, args.out)
+    print(markdown_table(load_runs(args.runs)))
+    print(f"[explora] report: {out['markdown']}, {out['chart']}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from explora.eval.knn import UPSTREAM_KS
+    from explora.eval.linprobe import UPSTREAM_LRS
+
+    p = sub.add_parser("linprobe", help="DinoV2-protocol linear probe (28 heads at once on cached features)")
+    _common(p)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--iters-per-epoch", type=int, default=None, help="default: one pass (upstream uses 1500)")
+    p.add_argument("--probe-batch-size", type=int, default=256)
+    p.add_argument("--lrs", type=float, nargs="+", default=list(UPSTREAM_LRS))
+    p.add_argument("--cache-dir", default=None, help="feature cache (safetensors); omitted: no cache")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for feature extraction")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_linprobe)
+
+    p = sub.add_parser("knn", help="weighted kNN (T=0.07) on L2-normalised CLS features")
+    _common(p)
+    p.add_argument("--ks", type=int, nargs="+", default=list(UPSTREAM_KS))
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--bf16", action="store_true")
+    p.set_defaults(func=_knn)
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning: LoRA-r8 (default), full, or head only")
+    _common(p)
+    p.add_argument("--mode", choices=("lora", "full", "head"), default="lora")
+    p.add_argument("--pool", choices=("cls", "avg", "cls+avg"), default="cls")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--base-lr", type=float, default=1e-3, help="per 256 images (linear scaling)")
+    p.add_argument("--layer-decay", type=float, default=0.75)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--mixup", type=float, default=0.8)
+    p.add_argument("--cutmix", type=float, default=1.0)
+    p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("report", help="lay several runs' metrics.json side by side (Markdown table + bar chart)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="report", help="directory for report.md and report.png")
+    p.set_defaults(func=_report)
