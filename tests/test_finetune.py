@@ -143,3 +143,15 @@ def test_lora_finetuning_overfits_tiny_labeled_set(tiny_mae):
     metrics = evaluate(model, ds, batch_size=4, transform=EvalTransform(32, MEAN, STD, crop_pct=1.0))
     assert metrics["top1"] == 100.0 and metrics["num_samples"] == 8
     assert metrics["per_class_accuracy"] == [100.0] * 4
+
+
+def test_run_finetune_through_engine_writes_metrics(tiny_mae, tmp_path):
+    from explora.engine.trainer import TrainConfig
+    from explora.eval.finetune import run_finetune
+
+    ds = _tiny_set(8)
+    cfg = TrainConfig(steps=2, batch_size=4, num_workers=0, precision="fp32", tensorboard=False, log_every=1)
+    m = run_finetune(tiny_mae, ds, ds, tmp_path, image_size=32, train_cfg=cfg)
+    assert m["steps"] == 2 and m["num_samples"] == 8 and m["protocol"] == "finetune-lora"
+    assert m["trainable"] == {"backbone": 4 * 2 * 8 * 128, "head": 64 * 4 + 4}
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "confusion_matrix.png").is_file()
