@@ -188,3 +188,36 @@ def test_real_dinov2_vits14_matches_timm_reference():
     assert model.explora_extras["mask_token"].shape == (1, 384)
     assert model.pos_embed.shape == (1, 257, 384)
     assert "37x37 -> 16x16" in model.explora_extras["source"]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("test_dinov2", {}), ("vit_small_patch14_reg4_dinov2", TINY | {"img_size": (32, 48)}), ("test_mae", {})],
+)
+def test_every_export_format_loads_back_bit_exactly(tmp_path, name, kwargs):
+    """explora.export writes timm safetensors, {'model'} and {'teacher'} files plus one shared model.json sidecar."""
+    from explora.export import export_backbone
+
+    model = randomized(build_backbone(name, **kwargs))
+    model.explora_extras["mask_token"] = torch.randn(1, 64) if "dinov2" in name else None
+    paths = export_backbone(model, tmp_path, registry.get_backbone_spec(name).timm_name)
+    assert {"safetensors", "encoder", "teacher"} <= set(paths)
+    for fmt, path in paths.items():
+        if path.suffix == ".json":
+            continue
+        loaded = build_backbone(name, weights=path, **kwargs)
+        assert_same(loaded.state_dict(), model.state_dict())
+        if "dinov2" in name and fmt != "safetensors":
+            assert torch.equal(loaded.explora_extras["mask_token"], model.explora_extras["mask_token"])
+    # the shared sidecar gives the 4x6 grid of the non-square export to a square model
+    if kwargs.get("img_size") == (32, 48):
+        square = build_backbone(name, weights=paths["encoder"], **(kwargs | {"img_size": 32}))
+        assert square.pos_embed.shape == (1, 16, 64) and "4x6 -> 4x4" in square.explora_extras["source"]
+
+
+def test_sidecar_that_contradicts_the_file_is_an_error(tmp_path, tiny_dinov2):
+    path = tmp_path / "w.pth"
+    torch.save(state(tiny_dinov2), path)
+    (tmp_path / "w.json").write_text(json.dumps({"grid_size": [2, 3]}))
+    with pytest.raises(CheckpointError, match=r"w\.pth: pos_embed \(1, 17, 64\) has 16 patch positions, not the 2x3"):
+        build_backbone("test_dinov2", weights=path)

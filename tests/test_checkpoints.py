@@ -297,7 +297,9 @@ def test_non_square_pos_embed_needs_grid(tiny_dinov2):
 def test_load_checkpoint_file_refuses_arbitrary_objects(tmp_path, tiny_mae):
     bad = tmp_path / "evil.pth"
     torch.save({"model": state(tiny_mae), "obj": _Opaque()}, bad)
-    with pytest.raises(CheckpointError, match=r"evil\.pth.*weights_only=True"):
+    with pytest.raises(
+        CheckpointError, match=r"evil\.pth: .*pickled test_checkpoints\._Opaque object.*weights_only=True"
+    ):
         load_checkpoint_file(bad)
     ok = tmp_path / "mae.pth"  # MAE's misc.save_model stores args as a Namespace: allowed
     torch.save({"model": state(tiny_mae), "args": argparse.Namespace(lr=1.5e-4), "epoch": 3}, ok)
@@ -313,6 +315,9 @@ def test_load_checkpoint_file_reports_missing_and_corrupt_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match=r"junk\.safetensors"):
         load_checkpoint_file(tmp_path / "junk.safetensors")
+    (tmp_path / "meta.json").write_text('{"a": 1}')
+    with pytest.raises(CheckpointError, match=r"meta\.json: not a readable PyTorch checkpoint"):
+        load_checkpoint_file(tmp_path / "meta.json")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="expected a dict of tensors"):
         load_checkpoint_file(tmp_path / "list.pth")

@@ -123,9 +123,11 @@ def _timm_pretrained_state(weights: str) -> dict[str, Any]:
 
 
 def _sidecar_grid(path: Path) -> tuple[int, int] | None:
-    """Patch grid from a JSON sidecar (``<file>.json`` or ``<stem>.json``) with ``grid_size`` or ``img_size`` +
-    ``patch_size``; only needed for non-square position embeddings."""
-    for side in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
+    """Patch grid from a JSON sidecar with ``grid_size`` or ``img_size`` + ``patch_size``: ``<file>.json``,
+    ``<stem>.json``, or an export's ``model.json`` whose ``files`` list this file (``explora.export`` writes one
+    sidecar for all its formats). Only needed for non-square position embeddings."""
+    own = (path.with_name(path.name + ".json"), path.with_suffix(".json"))
+    for side in (*own, path.with_name("model.json")):
         if not side.is_file():
             continue
         try:
@@ -134,6 +136,8 @@ def _sidecar_grid(path: Path) -> tuple[int, int] | None:
             raise CheckpointError(f"{side}: unreadable JSON sidecar ({err})") from err
         if not isinstance(meta, dict):
             return None
+        if side not in own and not _lists_file(meta, path.name):
+            continue  # an export's shared sidecar that describes other files
         if "grid_size" in meta:
             return _pair(meta["grid_size"])
         if "img_size" in meta and "patch_size" in meta:
@@ -141,6 +145,11 @@ def _sidecar_grid(path: Path) -> tuple[int, int] | None:
             return h // ph, w // pw
         return None
     return None
+
+
+def _lists_file(meta: dict[str, Any], name: str) -> bool:
+    files = meta.get("files")
+    return isinstance(files, dict) and any(isinstance(f, dict) and f.get("path") == name for f in files.values())
 
 
 def _pair(value: Any) -> tuple[int, int]:

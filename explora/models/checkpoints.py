@@ -162,10 +162,15 @@ def load_checkpoint_file(path_or_url: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _unpickle_message(source: str, err: Exception) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    """Say which class the file wanted to rebuild, or that it is not a pickle checkpoint at all."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found is None:
+        return f"{source}: not a readable PyTorch checkpoint (unpickling failed: {type(err).__name__})"
     return (
-        f"{source}: the checkpoint contains pickled objects other than tensors and plain values; explora loads with "
-        f"torch.load(weights_only=True) and refuses to execute them ({first}). Re-save only the state dict."
+        f"{source}: the checkpoint contains a pickled {found.group(1)} object; explora loads with "
+        f"torch.load(weights_only=True) (tensors and plain values only) and refuses to execute it. "
+        f"Re-save only the state dict."
     )
 
 
@@ -418,6 +423,11 @@ def _resample_pos_embed(
                 f"square grid; expected {target.describe()} (give the grid in a JSON sidecar: grid_size)"
             )
         grid_size = (side, side)
+    if grid_size[0] * grid_size[1] != n:
+        raise CheckpointError(
+            f"{source}: pos_embed {tuple(pos.shape)} has {n} patch positions, not the {grid_size[0]}x{grid_size[1]} "
+            f"grid its metadata gives; expected {target.describe()}"
+        )
     if tuple(grid_size) == target.grid_size and pos.shape[1] == want[1]:
         return state
     out = dict(state)
