@@ -28,7 +28,7 @@ def embed_tokens(vit: nn.Module, x: torch.Tensor, masks: torch.Tensor | None = N
         b, d = tokens.shape[0], tokens.shape[-1]
         n = tokens[0].numel() // d
         if masks.shape != (b, n):
-            raise ValueError(f"forward_tokens: masks must have shape ({b}, {n}) for this input, got {tuple(masks.shape)}")
+            raise ValueError(f"forward_tokens: masks must be ({b}, {n}) for this input, got {tuple(masks.shape)}")
         m = masks.reshape(tokens.shape[:-1]).unsqueeze(-1)  # (B, H, W, 1) or (B, N, 1)
         tokens = torch.where(m, mask_token.reshape(d).to(tokens.dtype), tokens)
     tokens = vit._pos_embed(tokens)  # (B, P + N, D): cls/reg tokens prepended, pos-embed resampled to the grid
