@@ -85,6 +85,12 @@ class _Indexed(Dataset):
         return self.dataset[index], seed
 
 
+def _extras(sample: tuple) -> dict[str, Any]:
+    """A sample's third element: a dict of named tensors, or a bare tensor of frame timestamps (fMoW-temporal)."""
+    extra = sample[2]
+    return extra if isinstance(extra, dict) else {"timestamps": extra}
+
+
 class SeededCollate:
     """Stack samples, then run the objective's batch transform with the batch's own generator."""
 
@@ -102,14 +108,17 @@ class SeededCollate:
                 "is resized to one size before batching."
             )
         batch_images = torch.stack([torch.as_tensor(im) for im in images])
+        # Optional third element of a sample: a dict of per-sample tensors (e.g. timestamps of temporal frames),
+        # stacked and handed to the transform by name.
+        extras = [_extras(s) for s in samples if isinstance(s, (tuple, list)) and len(s) > 2]
+        stacked = {}
+        if extras and len(extras) == len(samples):
+            stacked = {k: torch.stack([torch.as_tensor(e[k]) for e in extras]) for k in extras[0]}
         g = torch.Generator().manual_seed(seed)
-        batch = self.transform(batch_images, g)
+        batch = self.transform(batch_images, g, **stacked)
+        for k, v in stacked.items():
+            batch.setdefault(k, v)
         batch.setdefault("labels", torch.as_tensor([int(x) for x in labels], dtype=torch.long))
-        # Optional third element of a sample: a dict of per-sample tensors (e.g. timestamps of temporal frames).
-        extras = [s[2] for s in samples if isinstance(s, (tuple, list)) and len(s) > 2 and isinstance(s[2], dict)]
-        if len(extras) == len(samples):
-            for key in extras[0]:
-                batch.setdefault(key, torch.stack([torch.as_tensor(e[key]) for e in extras]))
         return batch
 
 

@@ -17,7 +17,7 @@ import torch
 from explora.engine import distributed as D
 from explora.engine.config import from_dict, load_yaml, merge_overrides, save_yaml, to_dict
 from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, mark_frozen, train
-from explora.errors import ConfigError
+from explora.errors import ConfigError, DataError
 
 
 @dataclass
@@ -93,9 +93,12 @@ def objective_config(cfg: PretrainConfig) -> Any:
     return from_dict(MAEConfig, cfg.mae, "mae")
 
 
-def build_objective(cfg: PretrainConfig, steps_per_epoch: int):
-    """Backbone with the ExPLoRA parameterisation, wrapped in the configured objective."""
-    from explora.adapt import apply_preset
+def build_objective(cfg: PretrainConfig, dataset_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
+    """Backbone with the ExPLoRA parameterisation, wrapped in the configured objective.
+
+    ``dataset_stats`` (per-band mean, std) fill the objective's normalisation when the config does not set it.
+    """
+    from explora.adapt import apply_explora, apply_preset
     from explora.models.backbone import build_backbone
 
     torch.manual_seed(cfg.train.seed)  # random parts of the model (heads, decoder) are reproducible on resume
@@ -111,36 +114,42 @@ def build_objective(cfg: PretrainConfig, steps_per_epoch: int):
     if cfg.adapt.preset:
         apply_preset(backbone, cfg.adapt.preset, **cfg.adapt.overrides())
     else:
-        from explora.adapt import apply_explora
-
         apply_explora(backbone, **cfg.adapt.overrides())
-    ocfg = objective_config(cfg)
+    mark_frozen(backbone)
+    section = dict(cfg.dinov2 if cfg.objective == "dinov2" else cfg.mae)
+    if dataset_stats is not None and "mean" not in section and "std" not in section:
+        section["mean"], section["std"] = (list(v) for v in dataset_stats)
     if cfg.objective == "dinov2":
+        from explora.objectives.dinov2.config import DinoV2Config
         from explora.objectives.dinov2.objective import DinoV2Objective
 
-        mark_frozen(backbone)
-        objective = DinoV2Objective(backbone, ocfg, total_steps=cfg.train.steps, steps_per_epoch=steps_per_epoch)
+        objective = DinoV2Objective(backbone, from_dict(DinoV2Config, section, "dinov2"), total_steps=cfg.train.steps)
     else:
+        from explora.objectives.mae.config import MAEConfig
         from explora.objectives.mae.objective import MAEObjective
 
-        mark_frozen(backbone)
-        objective = MAEObjective(backbone, ocfg, total_steps=cfg.train.steps, steps_per_epoch=steps_per_epoch)
-    mark_frozen(objective)
+        objective = MAEObjective(backbone, from_dict(MAEConfig, section, "mae"))
     return objective
 
 
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     """Train, then export the merged backbone (teacher for DinoV2, encoder for MAE) to ``<output_dir>/export``."""
-    from explora.data import build_dataset
+    from explora.data.specs import build_dataset
 
     out = Path(cfg.output_dir)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
     dataset = build_dataset(cfg.data.spec, split="train", image_size=cfg.data.image_size, on_error=cfg.data.on_error)
-    global_batch = cfg.train.batch_size * D.world_size()
-    steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(dataset) // global_batch)
-    objective = build_objective(cfg, steps_per_epoch)
+    bands = getattr(dataset, "in_chans", None)
+    if bands is not None and cfg.objective == "dinov2" and bands != cfg.model.in_chans:
+        raise DataError(
+            f"dataset {cfg.data.spec!r} has {bands} band(s) but the model takes model.in_chans={cfg.model.in_chans}. "
+            "Set model.in_chans to the band count (RGB weights are adapted to it), or for grayscale data add ':rgb=true' "
+            "to the dataset spec to replicate the band."
+        )
+    stats = (tuple(dataset.mean), tuple(dataset.std)) if hasattr(dataset, "mean") else None
+    objective = build_objective(cfg, stats)
     result = train(objective, dataset, cfg.optim, cfg.train, out, resume=resume)
     skipped = getattr(dataset, "skipped", 0)
     if D.is_main():
