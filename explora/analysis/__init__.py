@@ -4,7 +4,7 @@ from explora.analysis.attention import attention_maps, last_block_attention
 from explora.analysis.blockwise import AnalysisConfig, analyze
 from explora.analysis.pca_image import pca_feature_image
 from explora.analysis.plots import compare_analyses
-from explora.analysis.probes import ProbeConfig, class_probe, fit_linear_probe, position_probe
+from explora.analysis.probes import ProbeConfig, blockwise_probes, class_probe, fit_linear_probes, position_probe
 from explora.analysis.spectrum import patch_eigenvalues
 
 __all__ = [
@@ -14,7 +14,8 @@ __all__ = [
     "attention_maps",
     "class_probe",
     "compare_analyses",
-    "fit_linear_probe",
+    "blockwise_probes",
+    "fit_linear_probes",
     "last_block_attention",
     "patch_eigenvalues",
     "pca_feature_image",

@@ -21,7 +21,7 @@ from explora.analysis.attention import attention_maps
 from explora.analysis.features import block_patch_tokens, collect_samples, normalize_images, patch_grid
 from explora.analysis.pca_image import pca_feature_image
 from explora.analysis.plots import plot_attention_grid, plot_block_metric, plot_pca_grid, plot_spectra
-from explora.analysis.probes import ProbeConfig, class_probe, position_probe, split_images
+from explora.analysis.probes import ProbeConfig, blockwise_probes, split_images
 from explora.analysis.spectrum import patch_eigenvalues
 from explora.errors import DataError
 
@@ -107,21 +107,23 @@ def analyze(
     train_idx, test_idx = split_images(n, cfg.test_fraction, cfg.seed)
     num_classes = getattr(dataset, "num_classes", None)
     labeled = _labeled(labels, num_classes)
+    probes = blockwise_probes(
+        torch.stack([torch.cat(t) for t in probe_tokens]),  # (L, n, P, D)
+        keep, grid, train_idx, test_idx,
+        labels if labeled else None, int(num_classes or 0), cfg.probe,
+    )
     per_block: list[dict[str, Any]] = []
-    for i in range(len(eig)):
-        ev = torch.cat(eig[i])  # (n, k)
-        tokens = torch.cat(probe_tokens[i])  # (n, P, D)
-        rec: dict[str, Any] = {
+    for i, probe in enumerate(probes):
+        ev = torch.cat(eig[i])  # (n, k) top-k eigenvalues of each image
+        per_block.append({
             "block": i,
             "eigenvalues_mean": ev.mean(0).tolist(),
-            "eigenvalues_std": ev.std(0, unbiased=n > 1).tolist(),
+            "eigenvalues_std": ev.std(0).tolist(),
             "eig_mean": ev.mean(1).mean().item(),
             "eig_mean_std_over_images": ev.mean(1).std().item(),
             "eig_std": ev.std(1).mean().item(),
-            "position": position_probe(tokens, keep, grid, train_idx, test_idx, cfg.probe),
-            "class": class_probe(tokens, labels, int(num_classes), train_idx, test_idx, cfg.probe) if labeled else None,
-        }
-        per_block.append(rec)
+            **probe,
+        })
 
     cfg_json = asdict(cfg)
     result: dict[str, Any] = {

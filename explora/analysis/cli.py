@@ -8,6 +8,7 @@ from pathlib import Path
 
 from explora.analysis.blockwise import AnalysisConfig, analyze
 from explora.analysis.plots import compare_analyses
+from explora.analysis.probes import ProbeConfig
 from explora.errors import ConfigError
 
 
@@ -35,7 +36,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
     cfg = AnalysisConfig()
     cfg = replace(cfg, n_images=args.n_images, batch_size=args.batch_size, top_k=args.top_k, pca_norm=args.pca_norm,
                   patches_per_image=args.patches_per_image or None, n_visualize=args.n_visualize,
-                  pca_foreground_threshold=args.foreground_threshold, seed=args.seed)
+                  pca_foreground_threshold=args.foreground_threshold, seed=args.seed,
+                  probe=ProbeConfig(max_iter=args.probe_iters, weight_decay=args.probe_weight_decay))
     result = analyze(backbone, dataset, args.out, config=cfg, device=args.device)
     m = result["metrics"]
     print(f"wrote {Path(args.out) / 'analysis.json'} ({result['num_blocks']} blocks, {result['n_images']} images)")
@@ -65,6 +67,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--pca-norm", choices=("standardize", "center"), default=AnalysisConfig.pca_norm)
     p.add_argument("--patches-per-image", type=int, default=AnalysisConfig.patches_per_image,
                    help="patches per image used by the probes (0: all)")
+    p.add_argument("--probe-iters", type=int, default=ProbeConfig.max_iter, help="L-BFGS iterations of the probes")
+    p.add_argument("--probe-weight-decay", type=float, default=ProbeConfig.weight_decay)
     p.add_argument("--n-visualize", type=int, default=AnalysisConfig.n_visualize)
     p.add_argument("--foreground-threshold", type=float, default=None, help="PCA-image foreground threshold")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
