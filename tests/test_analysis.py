@@ -26,7 +26,7 @@ from explora.analysis.blockwise import OUTPUT_FILES
 from explora.analysis.features import block_patch_tokens, normalize_images
 from explora.analysis.probes import split_images
 from explora.errors import DataError
-from tests.conftest import REPO
+from tests.conftest import FASHION_MNIST, REPO, require
 
 FAST = ProbeConfig(max_iter=50)
 
@@ -251,7 +251,7 @@ def test_compare_analyses_and_cli(tiny_dinov2, tmp_path, monkeypatch) -> None:
     from explora.analysis import cli
 
     monkeypatch.setattr(cli, "_build_dataset", lambda spec, size: SyntheticDataset(n=6))
-    monkeypatch.setattr(cli, "_build_backbone", lambda name, w, size: tiny_dinov2)
+    monkeypatch.setattr(cli, "_build_backbone", lambda name, w, size, in_chans: tiny_dinov2)
     parser = argparse.ArgumentParser()
     cli.add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["analyze", "--model", "test_dinov2", "--data", "synthetic:x", "--out",
@@ -270,6 +270,23 @@ def test_compare_analyses_and_cli(tiny_dinov2, tmp_path, monkeypatch) -> None:
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(DataError, match="no 'metrics' key"):
         compare_analyses(tmp_path / "a", tmp_path / "bad.json", ["a", "b"], tmp_path / "x.png")
+
+
+def test_cli_analyze_on_fashion_mnist(tmp_path, capsys) -> None:
+    """Real material: the data part's dataset spec, 1-band images, a 1-band tiny backbone; skipped when absent."""
+    from explora.analysis import cli
+
+    require(FASHION_MNIST)
+    parser = argparse.ArgumentParser()
+    cli.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["analyze", "--model", "test_mae", "--data", f"fashion_mnist:{FASHION_MNIST}",
+                              "--image-size", "32", "--out", str(tmp_path), "--n-images", "16", "--top-k", "4",
+                              "--n-visualize", "2", "--probe-iters", "30"])
+    assert args.func(args) == 0
+    data = json.loads((tmp_path / "analysis.json").read_text())
+    assert data["labeled"] and data["num_blocks"] == 4 and data["n_images"] == 16
+    assert (tmp_path / "class_accuracy.png").exists()
+    assert "pos_accuracy" in capsys.readouterr().out
 
 
 def test_block_patch_tokens_one_per_block(tiny_dinov2) -> None:

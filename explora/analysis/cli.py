@@ -21,18 +21,19 @@ def _build_dataset(spec: str, image_size: int | None):
     return build_dataset(spec, split="train", image_size=image_size)
 
 
-def _build_backbone(name: str, weights: str | None, image_size: int | None):
+def _build_backbone(name: str, weights: str | None, image_size: int | None, in_chans: int = 3):
     from explora.models.backbone import build_backbone
 
-    return build_backbone(name, weights=weights, img_size=image_size)
+    return build_backbone(name, weights=weights, img_size=image_size, in_chans=in_chans)
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
     from explora.models.registry import get_backbone_spec
 
     image_size = args.image_size or get_backbone_spec(args.model).default_img_size
-    backbone = _build_backbone(args.model, args.weights, image_size)
     dataset = _build_dataset(args.data, image_size)
+    in_chans = int(getattr(dataset, "in_chans", None) or len(dataset.mean))  # one input band per dataset band
+    backbone = _build_backbone(args.model, args.weights, image_size, in_chans)
     cfg = AnalysisConfig()
     cfg = replace(cfg, n_images=args.n_images, batch_size=args.batch_size, top_k=args.top_k, pca_norm=args.pca_norm,
                   patches_per_image=args.patches_per_image or None, n_visualize=args.n_visualize,
