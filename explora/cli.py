@@ -15,7 +15,12 @@ from explora.errors import ExploraError
 
 # Modules that define ``add_commands(subparsers)``; order is the order of ``explora --help``.
 COMMAND_MODULES = (
+    "explora.demo_cli",
     "explora.engine.cli",
+    "explora.eval.cli",
+    "explora.export_cli",
+    "explora.data.cli",
+    "explora.analysis.cli",
 )
 
 

@@ -169,9 +169,10 @@ def run_demo(cfg: DemoConfig) -> Path:
     for variant in cfg.variants:
         pcfg = _pretrain_config(cfg, variant)
         run_dir = Path(pcfg.output_dir)
-        probe_model = build_backbone(cfg.model, weights=None, img_size=cfg.image_size)
-        report = parameter_report(probe_model) if apply_preset(probe_model, VARIANTS[variant][0]) else None
-        params[variant] = {"trainable": report.paper_count, "total": report.total, **report.to_dict()} if report else {}
+        counted = build_backbone(cfg.model, weights=None, img_size=cfg.image_size)
+        apply_preset(counted, VARIANTS[variant][0])
+        report = parameter_report(counted)
+        params[variant] = {"trainable": report.paper_count, "total": report.backbone_total, **report.to_dict()}
         if not (run_dir / "summary.json").is_file():
             stage(f"pre-training: {VARIANTS[variant][1]}, {cfg.steps} steps")
             t = time.perf_counter()
