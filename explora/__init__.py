@@ -1,0 +1,94 @@
+"""explora: ExPLoRA — parameter-efficient extended pre-training to adapt vision transformers to new domains.
+
+Khanna, Irgau, Lobell, Ermon, ICML 2025 (arXiv 2406.10973). Start from natural-image self-supervised weights
+(DinoV2 or MAE), continue the same objective on unlabeled images of the new domain while training only 1-2 unfrozen
+blocks, all norm layers and LoRA on Q and V of the other blocks, then fine-tune with LoRA or linear-probe.
+
+The public API, by stage::
+
+    backbone = build_backbone("dinov2_vitl14", weights="default", img_size=224)   # any upstream checkpoint layout
+    spec = apply_preset(backbone, "D-[L]-r64")                                   # or apply_explora(backbone, ...)
+    print(parameter_report(backbone).to_markdown())                              # 18.7M trainable on ViT-L/14
+    objective = DinoV2Objective(backbone, DinoV2Config(), total_steps=...)       # or MAEObjective
+    train(objective, build_dataset("fmow:/data/train.csv", image_size=256), OptimConfig(), TrainConfig(), "runs/x")
+    export_backbone(objective.export_backbone(), "runs/x/export", timm_name="vit_large_patch14_dinov2")
+
+Most users run the same through the CLI: ``explora pretrain --config configs/dinov2_vitl14_fmow_D-L-r64.yaml``.
+"""
+
+from __future__ import annotations
+
+from explora.adapt import PRESETS, ExploraSpec, apply_explora, apply_preset
+from explora.data import build_dataset, check_dataset, compute_stats
+from explora.data.multicrop import MultiCrop
+from explora.engine.pretrain import PretrainConfig, load_config, run_pretrain
+from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, train
+from explora.errors import CheckpointError, ConfigError, DataError, DivergenceError, ExploraError
+from explora.eval.features import extract_features
+from explora.eval.finetune import ClassifierModel, FinetuneObjective, prepare_classifier, run_finetune
+from explora.eval.knn import knn_classify
+from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
+from explora.export import export_backbone
+from explora.lora import LoRALinear, LoRAQKV, inject_lora, merge_lora, merged_state_dict, unmerge_lora
+from explora.models.backbone import build_backbone
+from explora.models.checkpoints import convert_checkpoint, load_checkpoint_file
+from explora.models.group_channel import GroupChannelViT
+from explora.models.temporal import TemporalViT
+from explora.objectives.base import Objective, ObjectiveOutput
+from explora.objectives.dinov2 import DinoV2Config, DinoV2Objective
+from explora.objectives.mae import MAEConfig, MAEObjective
+from explora.params import ParamReport, parameter_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "ClassifierModel",
+    "ConfigError",
+    "DataError",
+    "DinoV2Config",
+    "DinoV2Objective",
+    "DivergenceError",
+    "ExploraError",
+    "ExploraSpec",
+    "FinetuneObjective",
+    "GroupChannelViT",
+    "LinearProbeConfig",
+    "LoRALinear",
+    "LoRAQKV",
+    "MAEConfig",
+    "MAEObjective",
+    "MultiCrop",
+    "Objective",
+    "ObjectiveOutput",
+    "OptimConfig",
+    "ParamReport",
+    "PretrainConfig",
+    "TemporalViT",
+    "TrainConfig",
+    "TrainResult",
+    "apply_explora",
+    "apply_preset",
+    "build_backbone",
+    "build_dataset",
+    "check_dataset",
+    "compute_stats",
+    "convert_checkpoint",
+    "export_backbone",
+    "extract_features",
+    "inject_lora",
+    "knn_classify",
+    "load_checkpoint_file",
+    "load_config",
+    "merge_lora",
+    "merged_state_dict",
+    "parameter_report",
+    "prepare_classifier",
+    "run_finetune",
+    "run_pretrain",
+    "train",
+    "train_linear_probe",
+    "unmerge_lora",
+    "__version__",
+]
