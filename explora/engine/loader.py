@@ -8,13 +8,15 @@ into a ``torch.Generator`` for the objective's augmentation and masking, inside 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from explora.errors import DataError
+from explora.errors import DataError, ExploraError
 
 
 def _mix(*values: int) -> int:
@@ -157,3 +159,114 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler
+
+
+def is_worker_crash(err: BaseException) -> bool:
+    """True for the RuntimeError torch raises when a data-loader worker process died (exit code != 0, signal)."""
+    msg = str(err)
+    return isinstance(err, RuntimeError) and "DataLoader worker" in msg and (
+        "exited unexpectedly" in msg or "killed by signal" in msg
+    )
+
+
+def unwrap_worker_error(err: ExploraError) -> ExploraError:
+    """An ExploraError re-raised by torch from a worker carries the worker's whole traceback in its message;
+    keep only the original message, so the CLI prints one readable paragraph."""
+    msg = str(err)
+    if "Original Traceback" not in msg:
+        return err
+    tail = msg.rsplit(f"{type(err).__module__}.{type(err).__qualname__}: ", 1)[-1].strip()
+    return type(err)(tail)
+
+
+class _DeferredWorkerErrors:
+    """Record worker crashes reported by torch's SIGCHLD handler instead of raising them mid-step.
+
+    torch installs a SIGCHLD handler that raises the crash RuntimeError wherever the main thread happens to be —
+    usually inside the forward/backward/optimizer step, which would leave the step half done. Wrapping it turns the
+    crash into a flag that :func:`resilient_batches` raises at the next batch fetch, between steps. POSIX main
+    thread only; elsewhere torch's polling (every 5 s) still detects the dead worker at the next fetch.
+    """
+
+    def __init__(self) -> None:
+        self.pending: BaseException | None = None
+        self._inner: Callable | None = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        try:
+            if self._inner is not None:
+                self._inner(signum, frame)
+        except RuntimeError as e:
+            if self.pending is None:
+                self.pending = e
+
+    def install(self) -> None:
+        """Call after creating a loader iterator (torch installs its handler on the first one)."""
+        if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGCHLD)
+        if current == self._handler or not callable(current):
+            return
+        self._inner = current
+        signal.signal(signal.SIGCHLD, self._handler)
+
+    def close(self) -> None:
+        if self._inner is None or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGCHLD) == self._handler:
+            signal.signal(signal.SIGCHLD, self._inner)
+        self._inner = None
+
+
+def resilient_batches(
+    build: Callable[[int], Iterable[Any]],
+    start_step: int,
+    total_steps: int,
+    *,
+    max_restarts: int,
+    on_restart: Callable[[int, int, BaseException], None] | None = None,
+) -> Iterator[tuple[int, Any]]:
+    """Yield ``(step, batch)`` for ``start_step .. total_steps-1``, rebuilding the loader when a worker dies.
+
+    ``build(step)`` returns a loader whose first batch is the one for ``step``. Because the data order and
+    augmentation are functions of (seed, step), a loader rebuilt at the current step yields exactly the batches the
+    dead one would have: a run with a crashed worker ends with the same weights as an uninterrupted one. After
+    ``max_restarts`` crashes the run stops with a DataError (the last checkpoint is intact; ``--resume`` continues).
+    """
+    step, restarts = start_step, 0
+    guard = _DeferredWorkerErrors()
+    try:
+        while step < total_steps:
+            it = iter(build(step))
+            guard.install()
+            try:
+                while step < total_steps:
+                    if guard.pending is not None:
+                        raise guard.pending
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        return
+                    yield step, batch
+                    step += 1
+            except RuntimeError as e:
+                if not is_worker_crash(e):
+                    raise
+                guard.pending = None
+                restarts += 1
+                if restarts > max_restarts:
+                    raise DataError(
+                        f"a data-loader worker died {restarts} times (last at step {step}: {e}); giving up after "
+                        f"train.max_loader_restarts={max_restarts}. The last checkpoint is intact: look for the cause "
+                        "with train.num_workers=0 (errors then show in full), then --resume."
+                    ) from None
+                if on_restart is not None:
+                    on_restart(step, restarts, e)
+            except ExploraError as e:
+                raise unwrap_worker_error(e) from None
+            finally:
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if callable(shutdown):
+                    shutdown()
+    finally:
+        guard.close()

@@ -151,7 +151,6 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     stats = (tuple(dataset.mean), tuple(dataset.std)) if hasattr(dataset, "mean") else None
     objective = build_objective(cfg, stats)
     result = train(objective, dataset, cfg.optim, cfg.train, out, resume=resume)
-    skipped = getattr(dataset, "skipped", 0)
     if D.is_main():
         from explora.export import export_backbone
 
@@ -168,7 +167,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
         summary = {
             "steps": result.steps_done,
             "skipped_steps": result.skipped_steps,
-            "skipped_samples": int(skipped),
+            "skipped_samples": result.skipped_samples,
+            "loader_restarts": result.loader_restarts,
             "last_terms": result.last_terms,
             "exports": {k: str(v) for k, v in paths.items()},
         }

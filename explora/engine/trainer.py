@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from explora.engine import distributed as D
 from explora.engine.checkpoint import CheckpointManager
-from explora.engine.loader import make_loader
+from explora.engine.loader import make_loader, resilient_batches
 from explora.engine.logs import MetricLogger
 from explora.engine.optim import build_optimizer, build_param_groups
 from explora.engine.schedules import scaled_lr, warmup_cosine
@@ -71,13 +71,15 @@ class TrainConfig:
     deterministic: bool = False
     eval_every: int = 0  # steps; 0 = only at the end (when an eval function is given)
     tensorboard: bool = True
+    max_loader_restarts: int = 3  # a crashed data-loader worker is replaced this many times before the run stops
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: got {getattr(self, name)}, expected an integer >= 1.")
-        if self.num_workers < 0:
-            raise ConfigError(f"train.num_workers: got {self.num_workers}, expected >= 0.")
+        for name in ("num_workers", "max_loader_restarts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: got {getattr(self, name)}, expected an integer >= 0.")
 
 
 @dataclass
@@ -87,6 +89,8 @@ class TrainResult:
     skipped_steps: int
     last_terms: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, Any] = field(default_factory=dict)
+    skipped_samples: int = 0  # unreadable samples replaced under data.on_error=skip (incl. before a resume)
+    loader_restarts: int = 0  # data-loader rebuilds after a worker crash (this process)
 
 
 def _autocast(precision: str, device: torch.device):
@@ -161,40 +165,73 @@ def train(
     peak_lr = scaled_lr(optim.base_lr, global_batch, optim.reference_batch, optim.lr_scaling)
 
     ckpts = CheckpointManager(out_dir / "checkpoints", keep_last=cfg.keep_last)
-    start_step, skipped = 0, 0
+    start_step, skipped, skipped_before = 0, 0, 0
     if resume:
         state = ckpts.load_latest()
+        if state is None and any(ckpts.directory.glob("ckpt-*.pt")):
+            # Starting over would prune and overwrite them: refuse, and say why each one was unusable (warnings).
+            raise CheckpointError(
+                f"--resume: none of the checkpoints in {ckpts.directory} is intact and loadable (see the warnings "
+                "above). Nothing was changed; move them away to start from step 0."
+            )
         if state is None:
             if D.is_main():
                 print(f"[explora] no intact checkpoint in {ckpts.directory}; starting from step 0.")
         else:
             _restore(objective, optimizer, state)
             start_step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+            skipped_before = int(state.get("skipped_samples", 0))
             if D.is_main():
                 print(f"[explora] resumed from {ckpts.path_for(start_step)} (step {start_step}).")
     if start_step >= cfg.steps:
-        return TrainResult(out_dir, start_step, skipped)
+        return TrainResult(out_dir, start_step, skipped, skipped_samples=skipped_before)
 
-    loader, sampler = make_loader(
-        dataset,
-        objective.batch_transform(),
-        batch_size=cfg.batch_size,
-        total_steps=cfg.steps,
-        seed=cfg.seed,
-        start_step=start_step,
-        rank=rank,
-        world_size=world,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    transform = objective.batch_transform()
+
+    def build_loader(step: int):
+        return make_loader(
+            dataset,
+            transform,
+            batch_size=cfg.batch_size,
+            total_steps=cfg.steps,
+            seed=cfg.seed,
+            start_step=step,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+        )[0]
+
+    first = [build_loader(start_step)]  # built now, so a too-small dataset fails before the model is wrapped
+    restarts = [0]
+
+    def loader_at(step: int):
+        return first.pop() if first else build_loader(step)
+
+    def on_restart(step: int, n: int, err: BaseException) -> None:
+        restarts[0] = n
+        if D.is_main():
+            print(
+                f"[explora] step {step}: data-loader worker crashed ({err}); rebuilt the loader at step {step} "
+                f"(restart {n}/{cfg.max_loader_restarts})."
+            )
+
+    def skipped_samples() -> int | None:
+        count = getattr(dataset, "skipped", None)
+        return skipped_before + count if isinstance(count, int) else None
+
     model = D.wrap_model(objective, "ddp" if cfg.strategy == "auto" else cfg.strategy, device)
     logger = MetricLogger(out_dir, start_step, cfg.steps, enabled=D.is_main(), tensorboard=cfg.tensorboard)
     params = [p for g in groups for p in g["params"]]
     last_layer = [p for g in groups if g["is_last_layer"] for p in g["params"]]
     nonfinite_run, last_terms, eval_metrics = 0, {}, {}
+    reported_skips = skipped_before
     t_last, n_images = time.perf_counter(), 0
     try:
-        for step, batch in zip(range(start_step, cfg.steps), loader):
+        batches = resilient_batches(
+            loader_at, start_step, cfg.steps, max_restarts=cfg.max_loader_restarts, on_restart=on_restart
+        )
+        for step, batch in batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             lr = warmup_cosine(step, cfg.steps, peak_lr, optim.min_lr, optim.warmup_steps)
             wd = warmup_cosine(step, cfg.steps, optim.weight_decay, optim.weight_decay_end)
@@ -226,6 +263,11 @@ def train(
             if done % cfg.log_every == 0 or done == cfg.steps:
                 elapsed = time.perf_counter() - t_last
                 last_terms = {k: float(v) for k, v in out.terms.items()}
+                n_skipped = skipped_samples()
+                extra = {} if n_skipped is None else {"skipped_samples": n_skipped}
+                if n_skipped is not None and n_skipped > reported_skips and D.is_main():
+                    print(f"[explora] step {step}: {n_skipped} samples skipped so far (data.on_error=skip)")
+                    reported_skips = n_skipped
                 logger.log(
                     step,
                     {
@@ -235,6 +277,7 @@ def train(
                         "wd": wd,
                         "grad_norm": float(grad_norm),
                         "images_per_s": n_images * world / max(elapsed, 1e-9),
+                        **extra,
                     },
                 )
                 t_last, n_images = time.perf_counter(), 0
@@ -243,7 +286,9 @@ def train(
                 eval_metrics = eval_fn(objective, done)
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 if D.is_main():
-                    ckpts.save(_state(objective, optimizer, done, skipped), done)
+                    state = _state(objective, optimizer, done, skipped)
+                    state["skipped_samples"] = skipped_samples() or 0
+                    ckpts.save(state, done)
                     if on_checkpoint is not None:
                         on_checkpoint(objective, done)
                 D.barrier()
@@ -251,7 +296,15 @@ def train(
             eval_metrics = eval_fn(objective, cfg.steps)
     finally:
         logger.close()
-    return TrainResult(out_dir, cfg.steps, skipped, last_terms, eval_metrics)
+    return TrainResult(
+        out_dir,
+        cfg.steps,
+        skipped,
+        last_terms,
+        eval_metrics,
+        skipped_samples=skipped_samples() or 0,
+        loader_restarts=restarts[0],
+    )
 
 
 def _skip(
