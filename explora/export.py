@@ -263,3 +263,125 @@ def load_exported(path: str | os.PathLike[str]) -> nn.Module:
     return timm.create_model(
         info["architecture"], pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **args
     )
+
+
+# --- Multispectral / temporal encoders (SatMAE-style wrappers around a timm ViT) --------------------------------
+# They are not plain timm models, so timm cannot rebuild them from a state dict alone. We write the wrapper's merged
+# state dict as ``model.safetensors`` and a sidecar whose ``wrapper`` entry holds the wrapper's constructor arguments
+# next to the base timm architecture; :func:`load_encoder` is the one loader for both kinds of export.
+
+
+def _wrapper_classes() -> dict[str, type]:
+    from explora.models.group_channel import GroupChannelViT
+    from explora.models.temporal import TemporalViT
+
+    return {"group_channel": GroupChannelViT, "temporal": TemporalViT}
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    """True for the group-channel / temporal wrappers (anything exposing ``wrapper_config``)."""
+    return callable(getattr(model, "wrapper_config", None))
+
+
+def export_wrapped_encoder(
+    encoder: nn.Module,
+    out_dir: str | os.PathLike[str],
+    timm_name: str,
+    model_args: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write a group-channel / temporal encoder: merged ``model.safetensors`` + ``model.json`` with a ``wrapper``
+    entry (kind, groups, drop_bands, pos mode, num_frames, time_dim, time_offset, ...) and the base timm
+    ``architecture`` + ``model_args`` the wrapper is built around. Rebuild it with :func:`load_encoder`.
+
+    Only the safetensors format applies: the upstream ``encoder``/``teacher`` layouts describe plain ViTs.
+    """
+    from safetensors.torch import save as st_save
+
+    if not is_wrapped(encoder):
+        raise ConfigError(f"{type(encoder).__name__} is not a group-channel/temporal wrapper; use export_backbone")
+    out = Path(out_dir)
+    meta = dict(metadata or {})
+    config = encoder.wrapper_config()
+    sd = _plain(merged_state_dict(encoder))
+    blob = st_save(sd, metadata={"format": "pt", "timm_name": timm_name, "wrapper": config["kind"]})
+    paths = {"safetensors": out / FILE_NAMES["safetensors"]}
+    atomic_write(paths["safetensors"], lambda f: f.write(blob))
+    spec = getattr(encoder, "explora_spec", None)
+    sidecar = {
+        "architecture": timm_name,
+        "family": str(meta.pop("family", "mae")),
+        "model_args": dict(model_args),
+        "wrapper": config,
+        "num_features": int(encoder.embed_dim),
+        "files": {k: {"path": p.name, "sha256": _sha256(p)} for k, p in paths.items()},
+        "provenance": {
+            "explora_spec": spec.to_dict() if spec is not None else None,
+            "lora_merged": True,
+            "explora_version": _version(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "metadata": meta,
+        },
+        "load_with": "explora.export.load_encoder(<this directory>)",
+    }
+    paths["sidecar"] = out / SIDECAR
+    text = json.dumps(sidecar, indent=2, default=str)
+    atomic_write(paths["sidecar"], lambda f: f.write(text.encode()))
+    return paths
+
+
+def _export_files(path: str | os.PathLike[str]) -> tuple[Path, Path] | None:
+    """(weights, sidecar) of an explora export given its directory or ``model.safetensors``; None otherwise."""
+    p = Path(path)
+    weights = p / FILE_NAMES["safetensors"] if p.is_dir() else p
+    side = weights.with_name(SIDECAR)
+    if weights.name != FILE_NAMES["safetensors"] or not weights.is_file() or not side.is_file():
+        return None
+    return weights, side
+
+
+def is_wrapped_export(path: str | os.PathLike[str] | None) -> bool:
+    """True when ``path`` is an export written by :func:`export_wrapped_encoder` (its sidecar has ``wrapper``)."""
+    files = _export_files(path) if path is not None else None
+    if files is None:
+        return False
+    try:
+        return "wrapper" in json.loads(files[1].read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_encoder(path: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild any explora export (directory or ``model.safetensors``) with its weights, in eval mode.
+
+    A plain export gives the timm ViT (:func:`load_exported`); a group-channel / temporal export gives the
+    ``GroupChannelViT`` / ``TemporalViT`` around a freshly built base ViT, with every tensor loaded strictly.
+    """
+    from safetensors.torch import load_file
+
+    files = _export_files(path)
+    if files is None:
+        raise CheckpointError(f"{path}: expected an export directory with {FILE_NAMES['safetensors']} and {SIDECAR}")
+    weights, side = files
+    try:
+        info = json.loads(side.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{side}: unreadable sidecar ({err})") from err
+    if "wrapper" not in info:
+        return load_exported(weights).eval()
+    config = info["wrapper"]
+    classes = _wrapper_classes()
+    if config.get("kind") not in classes:
+        raise CheckpointError(f"{side}: wrapper kind {config.get('kind')!r}; expected one of {sorted(classes)}")
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in info["model_args"].items()}
+    base = timm.create_model(info["architecture"], pretrained=False, **args)
+    encoder = classes[config["kind"]].from_config(base, config)
+    state = load_file(str(weights))
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights}: does not fit the {config['kind']} encoder its sidecar describes "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    encoder.explora_extras = {"mask_token": None, "mae_decoder": None, "source": f"explora export {weights}"}
+    return encoder.eval()

@@ -137,6 +137,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     from explora.data.specs import build_dataset
 
     out = Path(cfg.output_dir)
+    if resume:
+        check_resume_config(cfg, out / "config.yaml")
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
@@ -152,18 +154,24 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     objective = build_objective(cfg, stats)
     result = train(objective, dataset, cfg.optim, cfg.train, out, resume=resume)
     if D.is_main():
-        from explora.export import export_backbone
-
+        from explora.export import export_backbone, export_wrapped_encoder, is_wrapped
         from explora.models.registry import get_backbone_spec
 
         spec = get_backbone_spec(cfg.model.name)
-        paths = export_backbone(
-            objective.export_backbone(),
-            out / "export",
-            timm_name=spec.timm_name,
-            formats=tuple(cfg.export_formats),
-            metadata={"config": to_dict(cfg), "steps": result.steps_done},
-        )
+        encoder = objective.export_backbone()
+        metadata = {"config": to_dict(cfg), "steps": result.steps_done}
+        if is_wrapped(encoder):  # group-channel / temporal MAE: safetensors + sidecar describing the wrapper
+            paths = export_wrapped_encoder(
+                encoder, out / "export", spec.timm_name, base_model_args(cfg, spec.timm_name), metadata
+            )
+        else:
+            paths = export_backbone(
+                encoder,
+                out / "export",
+                timm_name=spec.timm_name,
+                formats=tuple(cfg.export_formats),
+                metadata=metadata,
+            )
         summary = {
             "steps": result.steps_done,
             "skipped_steps": result.skipped_steps,
@@ -174,6 +182,45 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def base_model_args(cfg: PretrainConfig, timm_name: str) -> dict[str, Any]:
+    """timm kwargs of the run's base ViT, from an architecture-only rebuild on the meta device (no memory, no I/O)."""
+    from explora.export import infer_model_args
+    from explora.models.backbone import build_backbone
+
+    with torch.device("meta"):
+        vit = build_backbone(cfg.model.name, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans)
+    return infer_model_args(vit, timm_name)
+
+
+# Keys that change how a run is fed, logged or checkpointed, not what it computes: they may differ on --resume.
+RESUME_FREE_KEYS = frozenset({
+    "output_dir", "export_formats", "train.num_workers", "train.log_every", "train.ckpt_every", "train.keep_last",
+    "train.tensorboard", "train.max_loader_restarts", "train.max_nonfinite_steps", "train.eval_every",
+})
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix[:-1]: data}
+    return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def check_resume_config(cfg: PretrainConfig, saved_path: Path) -> None:
+    """Refuse ``--resume`` with a config that computes something else than the saved run (before anything is
+    written): its checkpoints would be continued under different settings, or not fit the model at all."""
+    if not saved_path.is_file():
+        return
+    saved, now = _flat(to_dict(load_config(saved_path))), _flat(to_dict(cfg))
+    diffs = [k for k in sorted(saved.keys() | now.keys()) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)]
+    if diffs:
+        listed = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in diffs[:5])
+        raise ConfigError(
+            f"--resume with a different config than the run in {saved_path.parent} ({listed}"
+            f"{'; ...' if len(diffs) > 5 else ''}). Nothing was changed. Resume with the saved {saved_path} "
+            "(only logging, checkpoint and worker settings may differ), or choose a new output_dir."
+        )
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> PretrainConfig:

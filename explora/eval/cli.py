@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from explora.errors import DataError
+
 CROP_PCT = 224 / 256  # upstream eval transform: Resize 256 + CenterCrop 224
 
 
@@ -34,12 +36,21 @@ def _datasets(args: argparse.Namespace):
     load_size = round(args.image_size / CROP_PCT)  # the eval/train transforms crop image_size out of this
     train = build_dataset(args.data, split=args.train_split, image_size=load_size)
     val = build_dataset(args.val_data or args.data, split=args.val_split, image_size=load_size)
+    if val.num_classes > train.num_classes:  # checked now, not after minutes of training
+        raise DataError(
+            f"--val-data {args.val_data or args.data!r} has {val.num_classes} classes but --data {args.data!r} has "
+            f"{train.num_classes}: validation labels {train.num_classes}..{val.num_classes - 1} are out of range "
+            "for the classifier; expected the same classes in both (a validation split of the same dataset)."
+        )
     return train, val
 
 
 def _backbone(args: argparse.Namespace, in_chans: int):
+    from explora.export import is_wrapped_export, load_encoder
     from explora.models.backbone import build_backbone
 
+    if is_wrapped_export(args.weights):  # group-channel / temporal MAE export: the sidecar describes the model
+        return load_encoder(args.weights)
     return build_backbone(args.backbone, weights=args.weights, img_size=args.image_size, in_chans=in_chans)
 
 

@@ -7,7 +7,8 @@ We keep the CLS token of each of the last ``n`` blocks and the mean of the *last
 of the probe heads reads, so a whole lr x n x avgpool sweep (and kNN) costs one forward pass over the data.
 
 Backbones may also be plain callables ``images (B, C, H, W) -> (B, D)`` (e.g. the multispectral / temporal wrappers,
-which pool over all their tokens); their output is stored as a single "CLS" feature with no patch mean.
+which pool over all their tokens); their output is stored as a single "CLS" feature with no patch mean. A sample's
+third element (the frame timestamps of temporal datasets) is passed to such a callable as a second argument.
 """
 
 from __future__ import annotations
@@ -219,14 +220,15 @@ def extract_features(
     )
     cls_parts, patch_parts, label_parts = [], [], []
     try:
-        for images, labels in tqdm(loader, desc="features", disable=not progress, leave=False):
+        for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
+            images, labels, extra = batch[0], batch[1], [t.to(device) for t in batch[2:]]  # extra: timestamps
             x = transform(images.to(device))  # (B, C, S, S) float, normalised
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 if vit:
                     cls, patch_mean = vit_features(model, x, n_blocks)
                     patch_parts.append(patch_mean.float().cpu())
                 else:
-                    pooled = model(x)  # (B, D)
+                    pooled = model(x, *extra)  # (B, D); temporal encoders also take timestamps (B, T, 3)
                     if pooled.ndim != 2:
                         raise DataError(f"feature function returned shape {tuple(pooled.shape)}; expected (batch, dim)")
                     cls = pooled[:, None]  # (B, 1, D)

@@ -11,6 +11,7 @@ position/group encodings are new parameters that must train (paper-notes section
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -152,6 +153,7 @@ class GroupChannelPatchEmbed(nn.Module):
         if pos_mode == "concat" and not 0 < group_dim < dim:
             raise ConfigError(f"group_dim must be in (0, embed_dim={dim}) for pos_mode='concat', got {group_dim}")
         self.pos_mode = pos_mode
+        self.group_dim = int(group_dim)
         self.proj = nn.ModuleList(self._init_group_proj(rgb_proj, len(g)) for g in self.groups)
         g_ids = torch.arange(len(self.groups))
         if pos_mode == "concat":
@@ -242,6 +244,24 @@ class GroupChannelViT(_SlicedViT):
     @property
     def num_groups(self) -> int:
         return self.patch_embed.num_groups
+
+    def wrapper_config(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments: an export's sidecar stores them so the loader can rebuild us."""
+        pe = self.patch_embed
+        return {
+            "kind": "group_channel",
+            "groups": [list(g) for g in pe.groups],
+            "drop_bands": list(pe.drop_bands),
+            "in_bands": pe.in_bands,
+            "pos_mode": pe.pos_mode,
+            "group_dim": pe.group_dim,
+        }
+
+    @classmethod
+    def from_config(cls, vit: nn.Module, config: dict[str, Any]) -> GroupChannelViT:
+        """Inverse of :meth:`wrapper_config` around a ViT of the same architecture (weights are loaded after)."""
+        return cls(vit, config["groups"], config.get("drop_bands", ()), config.get("in_bands"),
+                   config.get("pos_mode", "concat"), int(config.get("group_dim", 256)))
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C, H, W) -> position-encoded tokens (B, G*L, D), group-major, and the grid."""

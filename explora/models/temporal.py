@@ -5,11 +5,17 @@ from its CC-BY-NC code. Every frame is patch-embedded with the RGB model's own `
 is [2-D sin-cos spatial (D - 3*time_dim) || sin-cos(year) || sin-cos(month) || sin-cos(hour)] (time_dim 128 each),
 so T frames give T*L tokens through the shared blocks.
 
-Timestamps are a (B, T, 3) tensor of (year, month, hour) numbers, encoded as given (e.g. 2016, 0-11, 0-23); a
-dataset may subtract a reference year, the encoding only needs values that differ between frames.
+Timestamps are a (B, T, 3) tensor of (year, month, hour) numbers. The data layer delivers raw calendar values
+(year, month 1-12, hour 0-23); ``time_offset`` is subtracted before encoding. SatMAE encodes (year - 1980,
+month - 1, hour), so the MAE objective passes ``time_offset=(1980, 1, 0)`` (``MAEConfig.time_offset``); the
+wrapper's own default ``(0, 0, 0)`` encodes values as given. The offset is part of the exported encoder's sidecar,
+so downstream evaluation encodes timestamps exactly as pre-training did.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -29,8 +35,13 @@ def timestamp_encoding(timestamps: torch.Tensor, time_dim: int = 128) -> torch.T
 class TemporalViT(_SlicedViT):
     """Temporal wrapper of a timm ViT: (B, T*C, H, W) + timestamps (B, T, 3) -> T*L tokens (+ prefix)."""
 
-    def __init__(self, vit: nn.Module, num_frames: int = 3, time_dim: int = 128) -> None:
+    def __init__(
+        self, vit: nn.Module, num_frames: int = 3, time_dim: int = 128, time_offset: Sequence[float] = (0, 0, 0)
+    ) -> None:
         super().__init__(vit)
+        if len(time_offset) != 3:
+            raise ConfigError(f"temporal time_offset must be 3 numbers (year, month, hour), got {list(time_offset)}")
+        self.time_offset = tuple(float(v) for v in time_offset)
         if not 0 < 3 * time_dim < self.embed_dim or (self.embed_dim - 3 * time_dim) % 4:
             raise ConfigError(
                 f"temporal time_dim={time_dim}: embed_dim {self.embed_dim} - 3*time_dim must be positive and a "
@@ -43,6 +54,21 @@ class TemporalViT(_SlicedViT):
         self.grid = tuple(vit.patch_embed.grid_size)
         # SatMAE uses fixed sin-cos; trainable here, initialised as sin-cos, because ExPLoRA unfreezes new encodings.
         self.pos_embed = nn.Parameter(sincos_2d(self.embed_dim - 3 * time_dim, self.grid)[None])  # (1, L, Ds)
+
+    def wrapper_config(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments: an export's sidecar stores them so the loader can rebuild us."""
+        return {"kind": "temporal", "num_frames": self.num_frames, "time_dim": self.time_dim,
+                "time_offset": list(self.time_offset)}
+
+    @classmethod
+    def from_config(cls, vit: nn.Module, config: dict[str, Any]) -> TemporalViT:
+        """Inverse of :meth:`wrapper_config` around a ViT of the same architecture (weights are loaded after)."""
+        return cls(vit, int(config.get("num_frames", 3)), int(config.get("time_dim", 128)),
+                   config.get("time_offset", (0, 0, 0)))
+
+    def shift_timestamps(self, timestamps: torch.Tensor) -> torch.Tensor:
+        """Raw (B, T, 3) (year, month, hour) -> the values the encoding sees: minus ``time_offset`` (float)."""
+        return timestamps.float() - torch.tensor(self.time_offset, device=timestamps.device)  # (B, T, 3)
 
     def split_frames(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T*C, H, W) -> (B*T, C, H, W), frames stacked along channels in time order."""
@@ -70,7 +96,8 @@ class TemporalViT(_SlicedViT):
         if grid != self.grid:
             spatial = resample_abs_pos_embed(spatial, new_size=grid, old_size=self.grid, num_prefix_tokens=0)
         s = spatial[:, None].expand(B, T, -1, -1)  # (B, T, L, Ds)
-        tt = timestamp_encoding(timestamps, self.time_dim).to(t.dtype)[:, :, None].expand(-1, -1, L, -1)
+        tt = timestamp_encoding(self.shift_timestamps(timestamps), self.time_dim).to(t.dtype)  # (B, T, 3*time_dim)
+        tt = tt[:, :, None].expand(-1, -1, L, -1)  # (B, T, L, 3*time_dim)
         t = t + torch.cat([s, tt], dim=-1)  # (B, T, L, D)
         return t.flatten(1, 2), grid
 

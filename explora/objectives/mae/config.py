@@ -40,6 +40,9 @@ class MAEConfig:
     time_dim: int = 128  # SatMAE encoder
     decoder_time_dim: int = 64  # SatMAE decoder
     same_mask: bool = False  # SatMAE: mask the same positions in every frame
+    # Subtracted from the data layer's raw (year, month 1-12, hour) before encoding: SatMAE encodes (year - 1980,
+    # month - 1, hour). Stored with the exported encoder so downstream features encode time the same way.
+    time_offset: tuple[float, float, float] = (1980.0, 1.0, 0.0)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,3 +57,6 @@ class MAEConfig:
             raise ConfigError("mae.mean and mae.std must be given together")
         self.groups = tuple(tuple(int(b) for b in g) for g in self.groups)
         self.drop_bands = tuple(int(b) for b in self.drop_bands)
+        if len(self.time_offset) != 3:
+            raise ConfigError(f"mae.time_offset must be 3 numbers (year, month, hour), got {list(self.time_offset)}")
+        self.time_offset = tuple(float(v) for v in self.time_offset)  # type: ignore[assignment]

@@ -113,7 +113,7 @@ class MAEObjective(Objective):
                 "decoder_group_embed", sincos_1d(cfg.decoder_group_dim, torch.arange(len(cfg.groups)))[None]
             )
         else:
-            self.encoder = TemporalViT(backbone, cfg.num_frames, cfg.time_dim)
+            self.encoder = TemporalViT(backbone, cfg.num_frames, cfg.time_dim, cfg.time_offset)
             self.channels = backbone.patch_embed.proj.in_channels
             self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size, self.channels,
                                       slice_dim=3 * cfg.decoder_time_dim, **dec_kw)
@@ -182,7 +182,8 @@ class MAEObjective(Objective):
             ts = batch["timestamps"].to(images.device)
             tokens, grid = self.encoder.embed(images, ts)
             latent = self.encoder.encode(gather_tokens(tokens, mask.ids_keep))
-            slice_enc = timestamp_encoding(ts, self.config.decoder_time_dim).to(latent.dtype)
+            shifted = self.encoder.shift_timestamps(ts)  # (B, T, 3) minus time_offset, as the encoder sees them
+            slice_enc = timestamp_encoding(shifted, self.config.decoder_time_dim).to(latent.dtype)
         pred = self.decoder(latent, mask.ids_restore, grid, self.encoder.num_prefix_tokens, slice_enc)
         return pred, mask
 
@@ -203,6 +204,21 @@ class MAEObjective(Objective):
     def export_backbone(self) -> nn.Module:
         """The encoder: the timm ViT for RGB, the GroupChannelViT / TemporalViT wrapper otherwise."""
         return self.encoder
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Trained modules outside the paper's backbone count, for ``parameter_report(..., extra=...)``.
+
+        The decoder is listed whatever ``train_decoder`` says (it then counts 0 trainable parameters). The new
+        group/temporal encodings and group patch projections live in the encoder and are counted there
+        (``embeddings`` group).
+        """
+        return {"decoder": self.decoder}
+
+    def parameter_report(self):
+        """Trainable parameters of the encoder per ExPLoRA group, with the decoder as ``extra``."""
+        from explora.params import parameter_report
+
+        return parameter_report(self.encoder, extra=self.extra_modules())
 
 
 class AllTokenPool(nn.Module):
