@@ -25,6 +25,11 @@ from explora.objectives.dinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from explora.objectives.dinov2.masking import BlockMaskSampler
 
 
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Local shards of DTensors (FSDP2), plain tensors unchanged; in-place ops on them update the parameter."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 class DinoV2BatchTransform:
     """Picklable worker-side transform: multi-crop + iBOT masks -> {'global', 'local', 'masks' (2B, N) bool}."""
 
@@ -128,10 +133,13 @@ class DinoV2Objective(Objective):
         """EMA update of the teacher's trainable tensors (frozen ones are shared, nothing to do)."""
         m = teacher_momentum(self.cfg, step, self.total_steps)
         s, t = self.ema_pairs()
-        if t:
+        if t:  # under FSDP2 both sides are DTensors sharded alike: update shard-to-shard, no gather
+            t = _local(t)
             torch._foreach_mul_(t, m)
-            torch._foreach_add_(t, [p.detach() for p in s], alpha=1 - m)
-        self.teacher_mask_token.mul_(m).add_(self.mask_token.detach(), alpha=1 - m)
+            torch._foreach_add_(t, _local([p.detach() for p in s]), alpha=1 - m)
+        token = self.mask_token.detach()
+        token = token.full_tensor() if hasattr(token, "full_tensor") else token  # (1, D); a collective under FSDP2
+        self.teacher_mask_token.mul_(m).add_(token, alpha=1 - m)
 
     # -- loss --------------------------------------------------------------------------------------------------
     def _targets(self, logits: torch.Tensor, center: EMACenter, temp: float) -> torch.Tensor:
