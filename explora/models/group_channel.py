@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
 from explora.errors import ConfigError
@@ -140,13 +140,15 @@ class GroupChannelPatchEmbed(nn.Module):
         pos_mode: str = "concat",
         group_dim: int = 256,
         rgb_pos: torch.Tensor | None = None,
+        patch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.groups = tuple(tuple(int(b) for b in g) for g in groups)
         self.drop_bands = tuple(int(b) for b in drop_bands)
         self.in_bands = in_bands
         self.grid = tuple(grid)
-        self.patch_size = rgb_proj.kernel_size
+        p = int(patch_size or rgb_proj.kernel_size[0])
+        self.patch_size = (p, p)
         dim = rgb_proj.out_channels
         if pos_mode not in ("concat", "add"):
             raise ConfigError(f"group_channel pos_mode must be 'concat' or 'add', got {pos_mode!r}")
@@ -154,7 +156,7 @@ class GroupChannelPatchEmbed(nn.Module):
             raise ConfigError(f"group_dim must be in (0, embed_dim={dim}) for pos_mode='concat', got {group_dim}")
         self.pos_mode = pos_mode
         self.group_dim = int(group_dim)
-        self.proj = nn.ModuleList(self._init_group_proj(rgb_proj, len(g)) for g in self.groups)
+        self.proj = nn.ModuleList(self._init_group_proj(rgb_proj, len(g), p) for g in self.groups)
         g_ids = torch.arange(len(self.groups))
         if pos_mode == "concat":
             spatial = sincos_2d(dim - group_dim, self.grid)[None]  # (1, L, D - group_dim)
@@ -169,16 +171,22 @@ class GroupChannelPatchEmbed(nn.Module):
         self.group_embed = nn.Parameter(group)
 
     @staticmethod
-    def _init_group_proj(rgb: nn.Conv2d, n: int) -> nn.Conv2d:
+    def _init_group_proj(rgb: nn.Conv2d, n: int, patch: int | None = None) -> nn.Conv2d:
         """Mean RGB filter repeated over the group's n bands and scaled by 3/n (as timm's ``adapt_input_conv``).
 
         Why: for bands with RGB-like statistics the group's response then equals the RGB embedding's response
         to a grey image, so activations entering the pre-trained blocks keep their scale for any group size.
+        A different ``patch`` (SatMAE's multispectral ViT uses 8 where the RGB MAE has 16) resizes the RGB filter
+        with timm's ``resample_patch_embed`` (FlexiViT's pseudo-inverse resize, which keeps the token a patch
+        produces), so the pre-trained blocks still see familiar token statistics.
         """
-        conv = nn.Conv2d(n, rgb.out_channels, rgb.kernel_size, rgb.stride, bias=rgb.bias is not None)
+        p = int(patch or rgb.kernel_size[0])
+        conv = nn.Conv2d(n, rgb.out_channels, p, p, bias=rgb.bias is not None)
         with torch.no_grad():
             c_in = rgb.weight.shape[1]
-            w = rgb.weight.mean(dim=1, keepdim=True)  # (D, 1, p, p)
+            w = rgb.weight.mean(dim=1, keepdim=True)  # (D, 1, p0, p0)
+            if (p, p) != tuple(w.shape[-2:]):
+                w = resample_patch_embed(w, [p, p])  # (D, 1, p, p)
             conv.weight.copy_(w.repeat(1, n, 1, 1) * (c_in / n))  # (D, n, p, p)
             if rgb.bias is not None:
                 conv.bias.copy_(rgb.bias)
@@ -230,15 +238,21 @@ class GroupChannelViT(_SlicedViT):
         in_bands: int | None = None,
         pos_mode: str = "concat",
         group_dim: int = 256,
+        patch_size: int | None = None,
     ) -> None:
         super().__init__(vit)
+        base_patch = int(vit.patch_embed.proj.kernel_size[0])
+        p = int(patch_size or base_patch)
+        img = tuple(g * base_patch for g in vit.patch_embed.grid_size)
+        if img[0] % p or img[1] % p:
+            raise ConfigError(f"group-channel patch_size {p} does not divide the backbone's image size {img}")
         rgb_pos = None
         if vit.pos_embed is not None:
             n = 0 if vit.no_embed_class else vit.num_prefix_tokens
             rgb_pos = vit.pos_embed[:, n:]
         self.patch_embed = GroupChannelPatchEmbed(
-            vit.patch_embed.proj, tuple(vit.patch_embed.grid_size), groups, drop_bands, in_bands, pos_mode,
-            group_dim, rgb_pos,
+            vit.patch_embed.proj, (img[0] // p, img[1] // p), groups, drop_bands, in_bands, pos_mode,
+            group_dim, rgb_pos, p,
         )
 
     @property
@@ -255,13 +269,14 @@ class GroupChannelViT(_SlicedViT):
             "in_bands": pe.in_bands,
             "pos_mode": pe.pos_mode,
             "group_dim": pe.group_dim,
+            "patch_size": int(pe.patch_size[0]),
         }
 
     @classmethod
     def from_config(cls, vit: nn.Module, config: dict[str, Any]) -> GroupChannelViT:
         """Inverse of :meth:`wrapper_config` around a ViT of the same architecture (weights are loaded after)."""
         return cls(vit, config["groups"], config.get("drop_bands", ()), config.get("in_bands"),
-                   config.get("pos_mode", "concat"), int(config.get("group_dim", 256)))
+                   config.get("pos_mode", "concat"), int(config.get("group_dim", 256)), config.get("patch_size"))
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C, H, W) -> position-encoded tokens (B, G*L, D), group-major, and the grid."""

@@ -31,6 +31,9 @@ class MAEConfig:
     # Group-channel (SatMAE models_mae_group_channels): groups over bands left after drop_bands.
     groups: tuple[tuple[int, ...], ...] = SENTINEL2_GROUPS
     drop_bands: tuple[int, ...] = ()  # (0, 9, 10) for raw 13-band Sentinel-2 (SatMAE --dropped_bands)
+    # Patch of the group projections; None = the backbone's. SatMAE's multispectral ViT uses 8 at 96 px, where the
+    # RGB MAE weights have 16: the RGB filter is resized (timm resample_patch_embed) to initialise the groups.
+    patch_size: int | None = None
     group_pos_mode: str = "concat"  # SatMAE: [spatial (D-256) || group (256)]; "add" reuses the RGB pos-embed
     group_dim: int = 256  # SatMAE encoder channel_embed width
     decoder_group_dim: int = 128  # SatMAE decoder channel embed width
@@ -57,6 +60,9 @@ class MAEConfig:
             raise ConfigError("mae.mean and mae.std must be given together")
         self.groups = tuple(tuple(int(b) for b in g) for g in self.groups)
         self.drop_bands = tuple(int(b) for b in self.drop_bands)
+        if self.patch_size is not None and self.kind != "group_channel":
+            raise ConfigError(f"mae.patch_size applies to kind 'group_channel' only (got kind {self.kind!r}); "
+                              "rgb and temporal use the backbone's patch embedding as it is")
         if len(self.time_offset) != 3:
             raise ConfigError(f"mae.time_offset must be 3 numbers (year, month, hour), got {list(self.time_offset)}")
         self.time_offset = tuple(float(v) for v in self.time_offset)  # type: ignore[assignment]

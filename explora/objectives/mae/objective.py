@@ -15,6 +15,7 @@ from torch import nn
 
 from explora.errors import ConfigError, DataError
 from explora.models.group_channel import GroupChannelViT, run_blocks, sincos_1d
+from explora.models.masked_forward import FrozenWeightCastCache
 from explora.models.temporal import TemporalViT, timestamp_encoding
 from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
 from explora.objectives.mae.augment import random_resized_crop_flip, to_float
@@ -90,9 +91,10 @@ class MAEObjective(Objective):
         cfg = config or MAEConfig()
         self.config = cfg
         patch = backbone.patch_embed.patch_size
-        self.patch_size = int(patch[0] if isinstance(patch, tuple) else patch)
+        base_patch = int(patch[0] if isinstance(patch, tuple) else patch)
+        self.patch_size = int(cfg.patch_size or base_patch)  # group-channel may use its own patch (SatMAE: 8)
         grid = tuple(backbone.patch_embed.grid_size)
-        self.img_size = cfg.img_size or grid[0] * self.patch_size
+        self.img_size = cfg.img_size or grid[0] * base_patch
         if self.img_size % self.patch_size:
             raise ConfigError(f"mae.img_size {self.img_size} is not a multiple of the patch size {self.patch_size}")
         g = self.img_size // self.patch_size
@@ -105,7 +107,7 @@ class MAEObjective(Objective):
             self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size, self.channels, **dec_kw)
         elif cfg.kind == "group_channel":
             self.encoder = GroupChannelViT(backbone, cfg.groups, cfg.drop_bands, None, cfg.group_pos_mode,
-                                           cfg.group_dim)
+                                           cfg.group_dim, cfg.patch_size)
             self.channels = max(max(gr) for gr in cfg.groups) + 1
             self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size,
                                       [len(gr) for gr in cfg.groups], slice_dim=cfg.decoder_group_dim, **dec_kw)
@@ -128,6 +130,7 @@ class MAEObjective(Objective):
                 stacklevel=2,
             )
         self.decoder.requires_grad_(cfg.train_decoder)
+        self._cast_cache = FrozenWeightCastCache()  # one bf16 copy of each frozen weight under autocast
 
     @property
     def slices(self) -> int:
@@ -196,7 +199,8 @@ class MAEObjective(Objective):
         return masked_mse(pred, target, mask.mask)
 
     def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> ObjectiveOutput:  # type: ignore[override]
-        pred, mask = self.predict(batch)
+        with self._cast_cache:
+            pred, mask = self.predict(batch)
         target = self.targets(batch["images"])
         loss = self.loss_from(pred, target, mask)
         return ObjectiveOutput(loss, {"mae_loss": loss.detach(), "mask_ratio": mask.mask.mean().detach()})

@@ -1,0 +1,183 @@
+"""`explora pretrain objective=mae` end to end (rgb, group-channel, temporal), wrapper export/load, presets."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import fmow_sentinel, fmow_temporal, idx_files
+from safetensors.torch import load_file
+
+from explora.cli import main
+from explora.engine.pretrain import load_config, objective_config
+from explora.export import is_wrapped_export, load_encoder
+from explora.models.backbone import build_backbone
+from explora.models.group_channel import GroupChannelViT
+from explora.models.temporal import TemporalViT
+from explora.objectives.mae import MAEConfig, MAEObjective
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+SENTINEL_PRESET = REPO / "configs" / "mae_vitl16_fmow_sentinel_M-[1,L]-r32.yaml"
+
+# Tiny model + decoder on top of any MAE config; fp32 and no workers so runs are bitwise reproducible.
+TINY = [
+    "model.name=test_mae", "model.weights=null", "model.img_size=32", "data.image_size=32", "mae.img_size=32",
+    "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=4", "train.num_workers=0", "train.log_every=1",
+    "train.tensorboard=false", "train.precision=fp32", "optim.warmup_steps=1",
+]
+KINDS = {
+    "rgb": ["objective=mae", "mae.kind=rgb", "adapt.preset=D-[L]-r64", "train.batch_size=4"],
+    # the Sentinel preset itself, shrunk: patch 4 on the 8-px backbone mirrors SatMAE's 8 on the 16-px MAE
+    "group_channel": ["mae.patch_size=4", "mae.group_dim=16", "mae.decoder_group_dim=8", "train.batch_size=4"],
+    "temporal": ["objective=mae", "mae.kind=temporal", "adapt.preset=M-[1,L]-r32", "mae.time_dim=16",
+                 "mae.decoder_time_dim=8", "train.batch_size=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("mae_data")
+    idx_files(root / "fm", n=8, prefix="train")
+    return {
+        "rgb": f"fashion_mnist:{root / 'fm'}:rgb=true",
+        "group_channel": f"fmow_sentinel:{fmow_sentinel(root / 'sentinel', n=8)}",
+        "temporal": f"fmow_temporal:{fmow_temporal(root / 'temporal')}",
+    }
+
+
+def _pretrain(kind: str, data: dict[str, str], out: Path, *extra: str) -> int:
+    config = ["--config", str(SENTINEL_PRESET)] if kind == "group_channel" else []
+    args = ["pretrain", *config, *TINY, *KINDS[kind], f"data.spec={data[kind]}", f"output_dir={out}", *extra]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "decoder freshly initialised": the tiny model has no checkpoint
+        return main(args)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_loads(path):
+    cfg = load_config(path)
+    section = objective_config(cfg)
+    if cfg.objective == "mae":  # MAE optimiser recipe: AdamW (0.9, 0.95), constant wd 0.05, blr x batch / 256
+        assert tuple(cfg.optim.betas) == (0.9, 0.95)
+        assert cfg.optim.weight_decay == cfg.optim.weight_decay_end == 0.05
+        assert cfg.optim.lr_scaling == "linear" and cfg.optim.reference_batch == 256
+        assert section.mask_ratio == 0.75
+    if path.name.startswith("mae_vitl16_fmow_sentinel"):
+        assert section.kind == "group_channel" and section.drop_bands == (0, 9, 10)
+        assert section.groups == ((0, 1, 2, 6), (3, 4, 5, 7), (8, 9))
+        assert section.img_size == 96 and section.patch_size == 8 and cfg.adapt.preset == "M-[1,L]-r32"
+    if path.name.startswith("mae_vitb16_fmow_rgb") or path.name.startswith("mae_vitl16_fmow_rgb"):
+        assert cfg.optim.base_lr == 1.5e-4 and section.kind == "rgb"
+
+
+@pytest.mark.parametrize("kind", ["rgb", "group_channel", "temporal"])
+def test_mae_pretrain_checkpoints_resumes_exactly_and_exports(kind, data, tmp_path):
+    steps = ["train.steps=2", "train.ckpt_every=1"]
+    ref = tmp_path / "ref"
+    assert _pretrain(kind, data, ref, *steps) == 0
+    summary = json.loads((ref / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["last_terms"]["mask_ratio"] == pytest.approx(0.75, abs=0.07)
+
+    # The checkpoint holds the decoder and every new tensor, but not the frozen pre-trained weights.
+    state = torch.load(ref / "checkpoints" / "ckpt-00000002.pt", weights_only=False)["objective"]
+    assert "decoder.decoder_pred.weight" in state or "decoder.decoder_pred.0.weight" in state
+    assert "decoder.mask_token" in state and "decoder.decoder_blocks.0.attn.qkv.weight" in state
+    assert any(k.startswith("encoder.blocks.1.attn.qkv.lora_") for k in state)  # LoRA on Q, V of block 1
+    assert "encoder.blocks.1.attn.qkv.weight" not in state  # frozen pre-trained tensor: rebuilt on resume
+    if kind == "group_channel":
+        assert state["encoder.patch_embed.proj.0.weight"].shape == (64, 4, 4, 4)  # 4 bands, patch 4
+        assert {"encoder.patch_embed.pos_embed", "encoder.patch_embed.group_embed"} <= set(state)
+    if kind == "temporal":
+        assert "encoder.pos_embed" in state
+
+    # Same run cut after step 1, then resumed: the export is bitwise equal to the uninterrupted run's.
+    run = tmp_path / "run"
+    assert _pretrain(kind, data, run, *steps) == 0
+    for p in (run / "checkpoints").glob("ckpt-00000002.*"):
+        p.unlink()
+    assert _pretrain(kind, data, run, *steps, "--resume") == 0
+    a, b = load_file(ref / "export" / "model.safetensors"), load_file(run / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    encoder = load_encoder(run / "export")
+    assert is_wrapped_export(run / "export") == (kind != "rgb")
+    with torch.no_grad():
+        if kind == "rgb":
+            assert encoder.forward_features(torch.rand(2, 3, 32, 32)).shape == (2, 17, 64)
+        elif kind == "group_channel":
+            assert isinstance(encoder, GroupChannelViT) and encoder.wrapper_config()["drop_bands"] == [0, 9, 10]
+            assert encoder.forward_features(torch.rand(2, 13, 32, 32)).shape == (2, 1 + 3 * 64, 64)  # 3 groups x 8x8
+        else:
+            assert isinstance(encoder, TemporalViT) and encoder.time_offset == (1980.0, 1.0, 0.0)
+            ts = torch.tensor([[[2014, 2, 9], [2015, 3, 11], [2016, 5, 10]]] * 2)
+            assert encoder(torch.rand(2, 9, 32, 32), ts).shape == (2, 64)
+
+
+def test_group_channel_export_drives_linprobe_and_knn(data, tmp_path):
+    run = tmp_path / "run"
+    assert _pretrain("group_channel", data, run, "train.steps=1") == 0
+    common = ["--backbone", "test_mae", "--weights", str(run / "export"), "--data", data["group_channel"],
+              "--image-size", "32", "--batch-size", "4", "--num-workers", "0"]
+    assert main(["linprobe", *common, "--epochs", "2", "--probe-batch-size", "4", "--lrs", "0.1",
+                 "--out", str(tmp_path / "lp")]) == 0
+    m = json.loads((tmp_path / "lp" / "metrics.json").read_text())
+    assert 0.0 <= m["top1"] <= 100.0 and m["best_n_blocks"] == 1 and m["best_avgpool"] is False  # pooled feature
+    assert main(["knn", *common, "--ks", "1", "--out", str(tmp_path / "knn")]) == 0
+    m = json.loads((tmp_path / "knn" / "metrics.json").read_text())
+    assert m["top1"] == 100.0  # val = train and every feature is distinct: the 1-NN is the sample itself
+
+
+def test_temporal_export_drives_knn_with_timestamps(data, tmp_path):
+    run = tmp_path / "run"
+    assert _pretrain("temporal", data, run, "train.steps=1") == 0
+    assert main(["knn", "--backbone", "test_mae", "--weights", str(run / "export"), "--data", data["temporal"],
+                 "--image-size", "32", "--batch-size", "5", "--num-workers", "0", "--ks", "1",
+                 "--out", str(tmp_path / "knn")]) == 0
+    assert json.loads((tmp_path / "knn" / "metrics.json").read_text())["top1"] == 100.0
+
+
+def _tiny_objective(**kw) -> MAEObjective:
+    cfg = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MAEObjective(build_backbone("test_mae"), MAEConfig(**cfg, **kw))
+
+
+def test_parameter_report_counts_the_decoder_when_it_trains():
+    # Hand count, 1-block 32-wide decoder on a 64-wide encoder, patch 8, RGB:
+    # embed 64*32+32 = 2080; mask token 32; block: norms 2*64, qkv 32*96+96, proj 32*32+32, fc1 32*128+128,
+    # fc2 128*32+32 -> 12704; decoder_norm 64; pred 32*192+192 = 6336. Total 21216 (pos-embed is a fixed buffer).
+    report = _tiny_objective().parameter_report()
+    assert report.extra == {"decoder": 21216}
+    assert report.trainable_total == report.paper_count + 21216
+    frozen = _tiny_objective(train_decoder=False).parameter_report()
+    assert frozen.extra == {"decoder": 0}
+
+
+def test_temporal_time_offset_is_subtracted_before_encoding(tiny_mae):
+    ts = torch.tensor([[[2016, 1, 10], [2017, 6, 12], [2018, 11, 15]]])
+    shifted = TemporalViT(tiny_mae, num_frames=3, time_dim=16, time_offset=(1980, 1, 0))
+    plain = TemporalViT(tiny_mae, num_frames=3, time_dim=16)
+    x = torch.rand(1, 9, 32, 32)
+    a, _ = shifted.embed(x, ts)
+    b, _ = plain.embed(x, ts - torch.tensor([1980, 1, 0]))
+    assert torch.equal(a, b)
+    assert shifted.shift_timestamps(ts)[0, 0].tolist() == [36.0, 0.0, 10.0]  # SatMAE: year - 1980, month - 1
+
+
+def test_group_patch_resized_from_rgb_filter(tiny_mae):
+    enc = GroupChannelViT(tiny_mae, groups=((0, 1), (2,)), patch_size=4, group_dim=16)
+    assert enc.patch_embed.proj[0].weight.shape == (64, 2, 4, 4) and enc.patch_embed.grid == (8, 8)
+    # A constant image: each group's token equals what the resized mean-RGB filter gives (bias copied).
+    x = torch.ones(1, 3, 32, 32)
+    tokens, grid = enc.patch_embed(x)
+    assert grid == (8, 8) and tokens.shape == (1, 2, 64, 64)
+    w = enc.patch_embed.proj[1].weight  # (D, 1, 4, 4), 1 band scaled by 3/1
+    expected = w.sum(dim=(1, 2, 3)) + tiny_mae.patch_embed.proj.bias
+    assert torch.allclose(tokens[0, 1, 0] - enc.patch_embed.encoding(grid)[0, 1, 0], expected, atol=1e-5)
+    cfg = enc.wrapper_config()
+    assert GroupChannelViT.from_config(build_backbone("test_mae"), cfg).wrapper_config() == cfg
