@@ -9,7 +9,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from explora.data.multicrop import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     MultiCrop,
+    _ranges,
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
@@ -97,3 +100,63 @@ def test_multispectral_and_errors():
         MultiCrop(mean=(0.5,) * 6, std=(0.2,) * 6)(torch.rand(1, 6, 24, 24), torch.Generator())
     with pytest.raises(DataError, match="mean/std"):
         MultiCrop()(torch.rand(1, 4, 24, 24), torch.Generator())
+
+
+def test_uint8_resample_matches_pil_within_one_level():
+    a = _smooth_image(64, 72)
+    x = torch.from_numpy(a).permute(2, 0, 1)[None]  # uint8, NCHW
+    box = torch.tensor([[3.0, 5.0, 50.0, 60.0]])
+    got = crop_resize(x, box, torch.tensor([False]), 24)[0]
+    ref = torch.from_numpy(np.array(Image.fromarray(a).crop((5, 3, 65, 53)).resize((24, 24), Image.BICUBIC)))
+    assert got.dtype == torch.uint8
+    assert (got.permute(1, 2, 0).int() - ref.int()).abs().max() <= 1  # fixed point vs PIL's fixed point
+
+
+def test_uint8_and_float_inputs_agree():
+    images = torch.from_numpy(np.stack([_smooth_image(40, 40)] * 2)).permute(0, 3, 1, 2).contiguous()
+    mc = MultiCrop(global_size=24, local_size=12, n_local=2)
+    a = mc(images, torch.Generator().manual_seed(3))
+    b = mc(images.float() / 255, torch.Generator().manual_seed(3))
+    for k in ("global", "local"):
+        diff = (a[k] - b[k]).abs()  # uint8 rounding after the resample only (normalised units, std ~0.22)
+        assert float(diff.max()) < 0.06 and float(diff.mean()) < 0.005, k
+
+
+def test_colour_jitter_follows_each_crops_order_like_torchvision():
+    mc = MultiCrop(jitter_p=1.0)
+    n = 8
+    x = torch.rand(n, 3, 10, 10)
+    p = mc._draw_rgb(n, torch.Generator().manual_seed(0))
+    key = 5 + p["hue_pos"]  # not blurred
+    perm = torch.argsort(key, stable=True)
+    p = {k: v[perm] for k, v in p.items()}
+    runs = _ranges(key[perm], 10)
+    got = mc._jitter_rgb(x[perm].clone(), p, runs, 1.0)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(n):
+        ref = x[perm[i]]
+        for k in p["order"][i].tolist():
+            ref = ops[k](ref, float(p["factors"][i, k]))
+        assert torch.allclose(got[i], ref, atol=1e-5), i
+
+
+def test_grayscale_solarize_and_normalisation_paths():
+    # identity crops (input already at the crop size, full scale, square): only the photometric tail acts
+    mc = MultiCrop(global_size=16, local_size=8, n_local=1, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0,
+                   jitter_p=0.0, grayscale_p=1.0, blur_p=(0.0, 0.0, 0.0), solarize_p=1.0)
+    x = torch.rand(3, 3, 16, 16)
+    out = mc(x, torch.Generator().manual_seed(0))["global"]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    gray = TF.rgb_to_grayscale(x, num_output_channels=3)
+    assert torch.allclose(out[:3] * std + mean, gray, atol=1e-5)  # view 1: grayscale, no solarize
+    assert torch.allclose(out[3:] * std + mean, TF.solarize(gray, 128 / 255), atol=1e-5)  # view 2: solarized
+
+
+def test_blur_runs_only_on_selected_crops():
+    mc = MultiCrop(global_size=16, local_size=8, n_local=4, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0,
+                   jitter_p=0.0, grayscale_p=0.0, blur_p=(1.0, 0.0, 0.5), solarize_p=0.0, mean=(0, 0, 0),
+                   std=(1, 1, 1))
+    x = torch.rand(4, 3, 16, 16)
+    out = mc(x, torch.Generator().manual_seed(0))["global"]
+    assert not torch.allclose(out[:4], x, atol=1e-3)  # view 1 always blurred (sigma >= 0.1 changes pixels)
+    assert torch.allclose(out[4:], x, atol=1e-6)  # view 2 never

@@ -306,9 +306,13 @@ class MultiCrop:
         for pos in range(4 if bool(p["apply"].any()) else 1):
             op = torch.where(p["apply"], p["order"][:, pos], torch.full_like(p["order"][:, pos], -1))
             bri, con, sat = (torch.where(op == k, p["factors"][:, k], one) for k in range(3))
-            gray_mean = flat.mean(2) @ wts if bool((op == 1).any()) else torch.zeros(n)  # (n,)
+            any_contrast = bool((op == 1).any())
+            gray_mean = flat.mean(2) @ wts if any_contrast else torch.zeros(n)  # (n,)
             m, c = colour_matrices(bri, con, sat, gray_mean, scale if pos == 0 else 1.0)
-            torch.baddbmm(c, m, flat, out=other).clamp_(0.0, 1.0)  # (n, 3, HW)
+            torch.bmm(m, flat, out=other)  # (n, 3, HW); baddbmm would first copy the broadcast offset
+            if any_contrast:
+                other.add_(c)
+            other.clamp_(0.0, 1.0)
             flat, other = other, flat
             for s, e in (hue_runs[pos], hue_runs[5 + pos]):
                 if e > s:
