@@ -138,3 +138,18 @@ def test_predicted_peak_matches_measured_rss(tmp_path):
     assert r.components["student_activations"] > 0.5 * predicted  # activations dominate this run
     print(f"predicted {predicted / MIB:.1f} MiB, measured {measured / MIB:.1f} MiB")
     assert abs(measured / predicted - 1) < 0.2
+
+
+def test_params_cli_memory_json(capsys):
+    import argparse
+
+    from explora.export_cli import add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["params", "--model", "test_dinov2", "--memory", "--json", *TINY[2:]])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["all"]) == 4 and out["configured"]["precision"] == "fp32"
+    assert out["configured"]["peak_bytes"] == sum(out["configured"]["components_bytes"][k]
+                                                  for k in out["configured"]["peak_components"])
