@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import image_folder, truncate
 from torch import nn
 from torch.utils.data import Dataset, get_worker_info
 
-from data_fixtures import image_folder, truncate
 from explora.cli import main
 from explora.engine.trainer import OptimConfig, TrainConfig, train
 from explora.errors import DataError
@@ -57,10 +57,10 @@ class CrashingData(Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int):
-        if self.marker is not None and i == self.crash_at and get_worker_info() is not None:
-            if self.always or not self.marker.exists():
-                self.marker.touch()
-                os._exit(1)
+        crash = self.marker is not None and i == self.crash_at and get_worker_info() is not None
+        if crash and (self.always or not self.marker.exists()):
+            self.marker.touch()
+            os._exit(1)
         return self.x[i], -1
 
 

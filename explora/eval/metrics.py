@@ -26,6 +26,14 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(K, K) int64 counts; row = true class, column = predicted class."""
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        from explora.errors import DataError
+
+        raise DataError(
+            f"labels range over [{int(labels.min())}, {int(labels.max())}] but the classifier has {num_classes} "
+            f"classes; expected labels in [0, {num_classes - 1}] (are the training and validation datasets "
+            "the same dataset with the same classes?)"
+        )
     idx = labels.long() * num_classes + preds.long()  # (N,)
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 

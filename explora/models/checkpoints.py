@@ -164,7 +164,7 @@ def load_checkpoint_file(path_or_url: str | os.PathLike[str]) -> dict[str, Any]:
 def _unpickle_message(source: str, err: Exception) -> str:
     """Say which class the file wanted to rebuild, or that it is not a pickle checkpoint at all."""
     text = str(err)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"unsupported GLOBAL (\S+)", text)
     if found is None:
         return f"{source}: not a readable PyTorch checkpoint (unpickling failed: {type(err).__name__})"
     return (
