@@ -65,6 +65,17 @@ class LoRALayer(nn.Linear):
             self.weight.sub_(self.delta_weight().to(self.weight.dtype))
             self.merged = False
 
+    def _fold_on_the_fly(self) -> bool:
+        """Without autograd (the EMA teacher, feature extraction) fold the update into a temporary weight.
+
+        One (out, in) add per call replaces the low-rank path over every token (two extra matmuls, a batched
+        matmul and an ``index_add``), so an inference forward costs one matmul; same result up to fp rounding.
+        Not with active LoRA dropout (train mode), which the folded weight cannot express.
+        """
+        if self.merged or torch.is_grad_enabled():
+            return False
+        return not self.training or isinstance(self.lora_dropout, nn.Identity)
+
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the merged weight (shares ``bias``; used by :func:`remove_lora`)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -125,6 +136,8 @@ class LoRALinear(LoRALayer):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fold_on_the_fly():
+            return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)  # (..., out)
         out = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.merged:
             return out
@@ -203,6 +216,8 @@ class LoRAQKV(LoRALayer):
         return delta.reshape(self.out_features, self.in_features)  # (3*dim, in), rows laid out [q | k | v]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fold_on_the_fly():
+            return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)  # (..., 3*dim)
         out = F.linear(x, self.weight, self.bias)  # (..., 3*dim)
         if self.merged:
             return out

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from explora.data.multicrop import MultiCrop
-from explora.models.masked_forward import forward_tokens
+from explora.models.masked_forward import FrozenWeightCastCache, forward_tokens
 from explora.objectives.base import Objective, ObjectiveOutput
 from explora.objectives.dinov2.centering import EMACenter, sinkhorn_knopp
 from explora.objectives.dinov2.config import DinoV2Config
@@ -101,6 +101,7 @@ class DinoV2Objective(Objective):
                                      else cfg.n_prototypes, cfg.center_momentum)
         patch = backbone.patch_embed.patch_size
         self.patch_size = patch[0] if isinstance(patch, tuple | list) else int(patch)
+        self._cast_cache = FrozenWeightCastCache()  # one bf16 copy of each frozen weight under autocast
 
     # -- engine contract ---------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> DinoV2Objective:
@@ -149,29 +150,45 @@ class DinoV2Objective(Objective):
         center.update(logits)
         return probs
 
+    def _heads(self, net: nn.ModuleDict, cls: list[torch.Tensor], patch: torch.Tensor
+               ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """DINO head on each CLS batch and the iBOT head on the masked patch tokens (M, D).
+
+        With the shared head (DinoV2's default) all rows go through ONE call: the head is row-wise, so this equals
+        separate calls (up to matmul rounding) while its weights are read and cast once and the matmuls are larger.
+        """
+        sizes = [c.shape[0] for c in cls]
+        if self.cfg.separate_head:
+            return list(net["dino_head"](torch.cat(cls)).split(sizes)), net["ibot_head"](patch)
+        out = net["dino_head"](torch.cat([*cls, patch.to(cls[0].dtype)])).split([*sizes, patch.shape[0]])
+        return list(out[:-1]), out[-1]
+
     def forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:  # type: ignore[override]
+        with self._cast_cache:
+            return self._forward(batch, step)
+
+    def _forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:
         cfg = self.cfg
         glob, local, masks = batch["global"], batch["local"], batch["masks"].bool()  # (2B,C,G,G) (nB,C,L,L) (2B,N)
         n_img = glob.shape[0]
         n_local = local.shape[0] // (n_img // 2) if n_img else 0
         temp = teacher_temperature(cfg, step)
-        ibot_s_head = self.student["ibot_head"] if cfg.separate_head else self.student["dino_head"]
-        ibot_t_head = self.teacher["ibot_head"] if cfg.separate_head else self.teacher["dino_head"]
 
         with torch.no_grad():  # teacher on unmasked global crops
             t_cls, t_patch = forward_tokens(self.teacher["backbone"], glob)  # (2B, D), (2B, N, D)
             t_cls = torch.cat(t_cls.chunk(2)[::-1])  # swap views: student view v learns from teacher view 1-v
-            t_cls_probs = self._targets(self.teacher["dino_head"](t_cls), self.dino_center, temp)  # (2B, K)
-            t_patch_probs = self._targets(ibot_t_head(t_patch[masks]), self.ibot_center, temp)  # (M, K)
+            t_cls_logits, t_patch_logits = self._heads(self.teacher, [t_cls], t_patch[masks])  # (2B, K), (M, K)
+            t_cls_probs = self._targets(t_cls_logits[0], self.dino_center, temp)  # (2B, K)
+            t_patch_probs = self._targets(t_patch_logits, self.ibot_center, temp)  # (M, K)
 
         s_cls, s_patch = forward_tokens(self.student["backbone"], glob, masks, self.mask_token)
-        s_cls_logits = self.student["dino_head"](s_cls)  # (2B, K)
-        s_patch_logits = ibot_s_head(s_patch[masks])  # (M, K)
+        l_cls = forward_tokens(self.student["backbone"], local)[0] if n_local else None  # (nB, D)
+        (s_cls_logits, *l_logits), s_patch_logits = self._heads(
+            self.student, [s_cls] + ([l_cls] if n_local else []), s_patch[masks])  # (2B, K), [(nB, K)], (M, K)
         n_pairs = 2 * n_local + 2 * 1  # (student crop, other teacher view) pairs
         dino_global = self.dino_loss(s_cls_logits, t_cls_probs, 1, 1) * 2 / n_pairs
         if n_local:
-            l_cls, _ = forward_tokens(self.student["backbone"], local)  # (nB, D)
-            dino_local = self.dino_loss(self.student["dino_head"](l_cls), t_cls_probs, n_local, 2) / n_pairs
+            dino_local = self.dino_loss(l_logits[0], t_cls_probs, n_local, 2) / n_pairs
         else:
             dino_local = s_cls_logits.new_zeros(())
         ibot = self.ibot_loss(s_patch_logits, t_patch_probs, masks)
