@@ -51,8 +51,41 @@ def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return preset_options(args.preset, **_overrides(args)) | {"preset": args.preset}
 
 
+def _memory_config(args: argparse.Namespace):
+    """The PretrainConfig to estimate: ``--config`` + overrides, or the defaults for ``--model``/``--preset``."""
+    from explora.engine.pretrain import load_config
+
+    overrides = list(args.overrides or [])
+    if args.config is None:
+        overrides = [f"model.name={args.model}", f"adapt.preset={args.preset}", "model.weights=null", *overrides]
+    return load_config(args.config, overrides)
+
+
+def memory_command(args: argparse.Namespace) -> int:
+    """Predicted peak training memory (explora.memory) of a config: the configured setting plus all four."""
+    from explora.memory import estimate_all, summary_markdown
+
+    cfg = _memory_config(args)
+    reports = estimate_all(cfg)
+    chosen = next(r for r in reports if r.precision == cfg.train.precision
+                  and r.grad_checkpointing == cfg.model.grad_checkpointing)
+    if args.json:
+        print(json.dumps({"configured": chosen.to_dict(), "all": [r.to_dict() for r in reports]}, indent=2))
+    else:
+        d = chosen.details
+        print(f"## {d['model']}, preset {d['preset']}, batch {d['batch_size']}, crops {d['crops']}\n")
+        print(chosen.to_markdown())
+        print()
+        print(summary_markdown(reports))
+    return 0
+
+
 def params_command(args: argparse.Namespace) -> int:
     """Print the trainable-parameter report of a backbone under a preset (built on the meta device: no memory)."""
+    if args.memory and (args.config or args.overrides):
+        return memory_command(args)
+    if args.model is None:
+        raise ConfigError("explora params: give --model NAME (with --preset) or --config CONFIG.yaml --memory")
     model = _build(args.model, "meta")
     apply_explora(model, **_spec_from_args(args))
     report = parameter_report(model)
@@ -148,9 +181,13 @@ def _add_spec_args(p: argparse.ArgumentParser, preset_default: str | None) -> No
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``params`` and ``export``."""
     p = subparsers.add_parser("params", help="trainable parameters of a backbone under an ExPLoRA preset")
-    p.add_argument("--model", required=True, help="backbone short name (e.g. dinov2_vitl14) or timm name")
+    p.add_argument("--model", help="backbone short name (e.g. dinov2_vitl14) or timm name")
     _add_spec_args(p, "D-[L]-r64")
-    p.add_argument("--memory", action="store_true", help="also estimate weights/gradients/AdamW memory")
+    p.add_argument("--config", help="a pretrain config YAML: with --memory, predict its peak training memory")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (with --config/--memory)")
+    p.add_argument("--memory", action="store_true",
+                   help="with --config: predicted peak training memory (weights, optimiser, activations); "
+                        "with --model only: weights/gradients/AdamW")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.set_defaults(func=params_command)
 

@@ -154,18 +154,24 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     objective = build_objective(cfg, stats)
     result = train(objective, dataset, cfg.optim, cfg.train, out, resume=resume)
     if D.is_main():
-        from explora.export import export_backbone
-
+        from explora.export import export_backbone, export_wrapped_encoder, is_wrapped
         from explora.models.registry import get_backbone_spec
 
         spec = get_backbone_spec(cfg.model.name)
-        paths = export_backbone(
-            objective.export_backbone(),
-            out / "export",
-            timm_name=spec.timm_name,
-            formats=tuple(cfg.export_formats),
-            metadata={"config": to_dict(cfg), "steps": result.steps_done},
-        )
+        encoder = objective.export_backbone()
+        metadata = {"config": to_dict(cfg), "steps": result.steps_done}
+        if is_wrapped(encoder):  # group-channel / temporal MAE: safetensors + sidecar describing the wrapper
+            paths = export_wrapped_encoder(
+                encoder, out / "export", spec.timm_name, base_model_args(cfg, spec.timm_name), metadata
+            )
+        else:
+            paths = export_backbone(
+                encoder,
+                out / "export",
+                timm_name=spec.timm_name,
+                formats=tuple(cfg.export_formats),
+                metadata=metadata,
+            )
         summary = {
             "steps": result.steps_done,
             "skipped_steps": result.skipped_steps,
@@ -176,6 +182,16 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def base_model_args(cfg: PretrainConfig, timm_name: str) -> dict[str, Any]:
+    """timm kwargs of the run's base ViT, from an architecture-only rebuild on the meta device (no memory, no I/O)."""
+    from explora.export import infer_model_args
+    from explora.models.backbone import build_backbone
+
+    with torch.device("meta"):
+        vit = build_backbone(cfg.model.name, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans)
+    return infer_model_args(vit, timm_name)
 
 
 # Keys that change how a run is fed, logged or checkpointed, not what it computes: they may differ on --resume.

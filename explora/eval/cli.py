@@ -46,8 +46,11 @@ def _datasets(args: argparse.Namespace):
 
 
 def _backbone(args: argparse.Namespace, in_chans: int):
+    from explora.export import is_wrapped_export, load_encoder
     from explora.models.backbone import build_backbone
 
+    if is_wrapped_export(args.weights):  # group-channel / temporal MAE export: the sidecar describes the model
+        return load_encoder(args.weights)
     return build_backbone(args.backbone, weights=args.weights, img_size=args.image_size, in_chans=in_chans)
 
 
