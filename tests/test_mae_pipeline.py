@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -74,11 +75,27 @@ def test_every_config_loads(path):
         assert cfg.optim.base_lr == 1.5e-4 and section.kind == "rgb"
 
 
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """Uninterrupted 2-step runs (checkpoint every step), made once per kind and shared by the tests below."""
+    done: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in done:
+            out = tmp_path_factory.mktemp(f"ref_{kind}")
+            assert _pretrain(kind, data, out, *STEPS) == 0
+            done[kind] = out
+        return done[kind]
+
+    return get
+
+
+STEPS = ["train.steps=2", "train.ckpt_every=1"]
+
+
 @pytest.mark.parametrize("kind", ["rgb", "group_channel", "temporal"])
-def test_mae_pretrain_checkpoints_resumes_exactly_and_exports(kind, data, tmp_path):
-    steps = ["train.steps=2", "train.ckpt_every=1"]
-    ref = tmp_path / "ref"
-    assert _pretrain(kind, data, ref, *steps) == 0
+def test_mae_pretrain_checkpoints_resumes_exactly_and_exports(kind, data, runs, tmp_path):
+    ref = runs(kind)
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["last_terms"]["mask_ratio"] == pytest.approx(0.75, abs=0.07)
 
@@ -94,12 +111,14 @@ def test_mae_pretrain_checkpoints_resumes_exactly_and_exports(kind, data, tmp_pa
     if kind == "temporal":
         assert "encoder.pos_embed" in state
 
-    # Same run cut after step 1, then resumed: the export is bitwise equal to the uninterrupted run's.
+    # A run killed right after its step-1 checkpoint (its directory as the reference left it then), resumed to
+    # step 2: the export is bitwise equal to the uninterrupted run's.
     run = tmp_path / "run"
-    assert _pretrain(kind, data, run, *steps) == 0
-    for p in (run / "checkpoints").glob("ckpt-00000002.*"):
-        p.unlink()
-    assert _pretrain(kind, data, run, *steps, "--resume") == 0
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(ref / "config.yaml", run / "config.yaml")
+    for p in (ref / "checkpoints").glob("ckpt-00000001.*"):
+        shutil.copy(p, run / "checkpoints" / p.name)
+    assert _pretrain(kind, data, run, *STEPS, "--resume") == 0
     a, b = load_file(ref / "export" / "model.safetensors"), load_file(run / "export" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -117,11 +136,9 @@ def test_mae_pretrain_checkpoints_resumes_exactly_and_exports(kind, data, tmp_pa
             assert encoder(torch.rand(2, 9, 32, 32), ts).shape == (2, 64)
 
 
-def test_group_channel_export_drives_linprobe_and_knn(data, tmp_path):
-    run = tmp_path / "run"
-    assert _pretrain("group_channel", data, run, "train.steps=1") == 0
-    common = ["--backbone", "test_mae", "--weights", str(run / "export"), "--data", data["group_channel"],
-              "--image-size", "32", "--batch-size", "4", "--num-workers", "0"]
+def test_group_channel_export_drives_linprobe_and_knn(data, runs, tmp_path):
+    common = ["--backbone", "test_mae", "--weights", str(runs("group_channel") / "export"),
+              "--data", data["group_channel"], "--image-size", "32", "--batch-size", "8", "--num-workers", "0"]
     assert main(["linprobe", *common, "--epochs", "2", "--probe-batch-size", "4", "--lrs", "0.1",
                  "--out", str(tmp_path / "lp")]) == 0
     m = json.loads((tmp_path / "lp" / "metrics.json").read_text())
@@ -131,12 +148,10 @@ def test_group_channel_export_drives_linprobe_and_knn(data, tmp_path):
     assert m["top1"] == 100.0  # val = train and every feature is distinct: the 1-NN is the sample itself
 
 
-def test_temporal_export_drives_knn_with_timestamps(data, tmp_path):
-    run = tmp_path / "run"
-    assert _pretrain("temporal", data, run, "train.steps=1") == 0
-    assert main(["knn", "--backbone", "test_mae", "--weights", str(run / "export"), "--data", data["temporal"],
-                 "--image-size", "32", "--batch-size", "5", "--num-workers", "0", "--ks", "1",
-                 "--out", str(tmp_path / "knn")]) == 0
+def test_temporal_export_drives_knn_with_timestamps(data, runs, tmp_path):
+    assert main(["knn", "--backbone", "test_mae", "--weights", str(runs("temporal") / "export"),
+                 "--data", data["temporal"], "--image-size", "32", "--batch-size", "5", "--num-workers", "0",
+                 "--ks", "1", "--out", str(tmp_path / "knn")]) == 0
     assert json.loads((tmp_path / "knn" / "metrics.json").read_text())["top1"] == 100.0
 
 
