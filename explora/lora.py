@@ -223,10 +223,11 @@ class LoRAQKV(LoRALayer):
             return out
         n, r = self.lora_A.shape[:2]
         low = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * r, -1))  # (..., T*r)
-        low = low.unflatten(-1, (n, r))  # (..., T, r)
-        up = torch.einsum("...tr,tdr->...td", low, self.lora_B) * self.scaling  # (..., T, dim)
-        out = out.unflatten(-1, (3, self.dim)).index_add(-2, self.lora_index, up)  # (..., 3, dim)
-        return out.flatten(-2)  # (..., 3*dim)
+        low = low.unflatten(-1, (n, r)) * self.scaling  # (..., T, r): scale the narrow tensor, not (..., T, dim)
+        up = torch.einsum("...tr,tdr->...td", low, self.lora_B)  # (..., T, dim)
+        # in place into the fresh matmul output (addmm's backward does not need it): no (..., 3*dim) copy
+        out.unflatten(-1, (3, self.dim)).index_add_(-2, self.lora_index, up.to(out.dtype))  # (..., 3, dim)
+        return out  # (..., 3*dim)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALayer]:
