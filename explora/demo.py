@@ -57,9 +57,23 @@ class DemoConfig:
     def smoke(cls, out: str, data: str) -> DemoConfig:
         """A seconds-long run on the tiny test architecture (random weights), for tests."""
         return cls(
-            model="test_dinov2", weights=None, data=data, out=out, image_size=32, local_size=16, n_local=2,
-            prototypes=64, steps=3, batch_size=4, warmup_steps=1, n_train_eval=40, n_test_eval=20, n_show=2,
-            num_workers=0, precision="fp32", dinov2={"hidden_dim": 32, "bottleneck_dim": 16},
+            model="test_dinov2",
+            weights=None,
+            data=data,
+            out=out,
+            image_size=32,
+            local_size=16,
+            n_local=2,
+            prototypes=64,
+            steps=3,
+            batch_size=4,
+            warmup_steps=1,
+            n_train_eval=40,
+            n_test_eval=20,
+            n_show=2,
+            num_workers=0,
+            precision="fp32",
+            dinov2={"hidden_dim": 32, "bottleneck_dim": 16},
         )
 
 
@@ -84,11 +98,25 @@ def _pretrain_config(cfg: DemoConfig, variant: str):
         data=DataConfig(spec=cfg.data, image_size=cfg.image_size),
         objective="dinov2",
         dinov2=dinov2,
-        optim=OptimConfig(base_lr=cfg.base_lr, lr_scaling="none", warmup_steps=cfg.warmup_steps,
-                          weight_decay=0.04, weight_decay_end=0.04, layer_decay=1.0, patch_embed_lr_mult=1.0),
-        train=TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, precision=cfg.precision,
-                          num_workers=cfg.num_workers, log_every=1, ckpt_every=max(1, cfg.steps // 4),
-                          tensorboard=False),
+        optim=OptimConfig(
+            base_lr=cfg.base_lr,
+            lr_scaling="none",
+            warmup_steps=cfg.warmup_steps,
+            weight_decay=0.04,
+            weight_decay_end=0.04,
+            layer_decay=1.0,
+            patch_embed_lr_mult=1.0,
+        ),
+        train=TrainConfig(
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            precision=cfg.precision,
+            num_workers=cfg.num_workers,
+            log_every=1,
+            ckpt_every=max(1, cfg.steps // 4),
+            tensorboard=False,
+        ),
         output_dir=str(Path(cfg.out) / "runs" / variant),
         export_formats=["safetensors"],
     )
@@ -112,13 +140,29 @@ def _evaluate(backbone, name: str, cfg: DemoConfig, train_set, test_set, stats_s
     transform = eval_transform_for(stats_source, cfg.image_size, crop_pct=1.0)
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
     feats = {
-        split: extract_features(backbone, ds, transform, n_blocks=4, batch_size=64, autocast_dtype=autocast,
-                                dataset_key=f"{cfg.data}|{split}|{len(ds)}|seed{cfg.seed}", progress=True)
+        split: extract_features(
+            backbone,
+            ds,
+            transform,
+            n_blocks=4,
+            batch_size=64,
+            autocast_dtype=autocast,
+            dataset_key=f"{cfg.data}|{split}|{len(ds)}|seed{cfg.seed}",
+            progress=True,
+        )
         for split, ds in (("train", train_set), ("test", test_set))
     }
-    probe = train_linear_probe(feats["train"], feats["test"], num_classes, LinearProbeConfig(seed=cfg.seed), progress=False)
-    knn = knn_classify(feats["train"].cls[:, -1], feats["train"].labels, feats["test"].cls[:, -1],
-                       feats["test"].labels, num_classes, ks=(10, 20))
+    probe = train_linear_probe(
+        feats["train"], feats["test"], num_classes, LinearProbeConfig(seed=cfg.seed), progress=False
+    )
+    knn = knn_classify(
+        feats["train"].cls[:, -1],
+        feats["train"].labels,
+        feats["test"].cls[:, -1],
+        feats["test"].labels,
+        num_classes,
+        ks=(10, 20),
+    )
     metrics = {
         "model": name,
         "linear_top1": probe.metrics["top1"],
@@ -162,7 +206,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     stage("frozen backbone: linear probe + kNN")
     frozen = build_backbone(cfg.model, weights=cfg.weights, img_size=cfg.image_size)
     t = time.perf_counter()
-    results["frozen"] = _evaluate(frozen, "frozen", cfg, train_set, test_set, train_full, num_classes, out / "eval" / "frozen")
+    results["frozen"] = _evaluate(
+        frozen, "frozen", cfg, train_set, test_set, train_full, num_classes, out / "eval" / "frozen"
+    )
     timings["eval_frozen_s"] = time.perf_counter() - t
     params["frozen"] = {"trainable": 0, "total": sum(p.numel() for p in frozen.parameters())}
 
@@ -179,10 +225,13 @@ def run_demo(cfg: DemoConfig) -> Path:
             run_pretrain(pcfg, resume=True)
             timings[f"pretrain_{variant}_s"] = time.perf_counter() - t
         stage(f"{VARIANTS[variant][1]}: linear probe + kNN")
-        adapted = build_backbone(cfg.model, weights=str(run_dir / "export" / "model.safetensors"), img_size=cfg.image_size)
+        adapted = build_backbone(
+            cfg.model, weights=str(run_dir / "export" / "model.safetensors"), img_size=cfg.image_size
+        )
         t = time.perf_counter()
-        results[variant] = _evaluate(adapted, variant, cfg, train_set, test_set, train_full, num_classes,
-                                     out / "eval" / variant)
+        results[variant] = _evaluate(
+            adapted, variant, cfg, train_set, test_set, train_full, num_classes, out / "eval" / variant
+        )
         timings[f"eval_{variant}_s"] = time.perf_counter() - t
 
     stage("figures")

@@ -91,8 +91,10 @@ def plot_before_after(raw: torch.Tensor, models: dict[str, torch.nn.Module], nor
                 ax.imshow(display_image(raw[i]))
             else:
                 up = F.interpolate(maps[i : i + 1].float(), size=raw.shape[-2:], mode="nearest")[0]
-                ax.imshow(up.permute(1, 2, 0).numpy() if up.shape[0] == 3 else up[0].numpy(),
-                          cmap=None if up.shape[0] == 3 else "inferno")
+                ax.imshow(
+                    up.permute(1, 2, 0).numpy() if up.shape[0] == 3 else up[0].numpy(),
+                    cmap=None if up.shape[0] == 3 else "inferno",
+                )
         axes[r][0].set_title(title, fontsize=7, loc="left")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)

@@ -13,15 +13,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import idx_files
 from safetensors.torch import load_file
 
-from data_fixtures import idx_files
 from explora.cli import main
 
 TINY = [
-    "model.name=test_dinov2", "model.weights=null", "data.image_size=32", "dinov2.n_prototypes=64",
-    "dinov2.hidden_dim=32", "dinov2.bottleneck_dim=16", "dinov2.global_size=32", "dinov2.local_size=16",
-    "dinov2.n_local=2", "train.batch_size=8", "train.num_workers=0", "train.log_every=1", "train.tensorboard=false",
+    "model.name=test_dinov2",
+    "model.weights=null",
+    "data.image_size=32",
+    "dinov2.n_prototypes=64",
+    "dinov2.hidden_dim=32",
+    "dinov2.bottleneck_dim=16",
+    "dinov2.global_size=32",
+    "dinov2.local_size=16",
+    "dinov2.n_local=2",
+    "train.batch_size=8",
+    "train.num_workers=0",
+    "train.log_every=1",
+    "train.tensorboard=false",
     "train.precision=fp32",
 ]
 
@@ -97,6 +107,16 @@ def test_bad_inputs_exit_nonzero_with_a_named_message(idx_dir, tmp_path, capsys)
     # grayscale data into an RGB model
     assert main(["pretrain", *TINY, f"data.spec=fashion_mnist:{idx_dir}", f"output_dir={tmp_path / 'g'}"]) == 2
     assert "has 1 band(s) but the model takes model.in_chans=3" in _err(capsys)
-    assert main(["pretrain", *TINY, f"data.spec=fashion_mnist:{idx_dir}:rgb=true", "adapt.preset=D-[L]-r46",
-                 f"output_dir={tmp_path / 'p'}"]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                *TINY,
+                f"data.spec=fashion_mnist:{idx_dir}:rgb=true",
+                "adapt.preset=D-[L]-r46",
+                f"output_dir={tmp_path / 'p'}",
+            ]
+        )
+        == 2
+    )
     assert "D-[L]-r64" in _err(capsys)
