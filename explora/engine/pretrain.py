@@ -26,7 +26,8 @@ class ModelConfig:
     weights: str | None = "default"  # "default" = the upstream file for `name` (torch hub cache honoured)
     img_size: int | None = None  # grid the position embeddings are stored at (interpolated on the fly)
     in_chans: int = 3
-    drop_path_rate: float = 0.0  # DinoV2 fMoW configs: 0.0; default config: 0.3 (uniform)
+    drop_path_rate: float = 0.0  # DinoV2 fMoW configs: 0.0; default config: 0.3
+    drop_path_uniform: bool = True  # DinoV2 train.drop_path_uniform: same rate in every block (timm: linear in depth)
     grad_checkpointing: bool = False
 
 
@@ -93,6 +94,15 @@ def objective_config(cfg: PretrainConfig) -> Any:
     return from_dict(MAEConfig, cfg.mae, "mae")
 
 
+def set_uniform_drop_path(backbone: torch.nn.Module, rate: float) -> None:
+    """DinoV2's ``drop_path_uniform``: every block drops its residual branches with the same probability."""
+    from timm.layers import DropPath
+
+    for block in backbone.blocks:
+        block.drop_path1 = DropPath(rate)
+        block.drop_path2 = DropPath(rate)
+
+
 def build_objective(cfg: PretrainConfig, dataset_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
     """Backbone with the ExPLoRA parameterisation, wrapped in the configured objective.
 
@@ -107,8 +117,10 @@ def build_objective(cfg: PretrainConfig, dataset_stats: tuple[tuple[float, ...],
         weights=cfg.model.weights,
         img_size=cfg.model.img_size,
         in_chans=cfg.model.in_chans,
-        drop_path_rate=cfg.model.drop_path_rate,
+        drop_path_rate=0.0 if cfg.model.drop_path_uniform else cfg.model.drop_path_rate,
     )
+    if cfg.model.drop_path_uniform and cfg.model.drop_path_rate > 0:
+        set_uniform_drop_path(backbone, cfg.model.drop_path_rate)
     if cfg.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     if cfg.adapt.preset:
