@@ -155,3 +155,44 @@ def test_run_finetune_through_engine_writes_metrics(tiny_mae, tmp_path):
     assert m["steps"] == 2 and m["num_samples"] == 8 and m["protocol"] == "finetune-lora"
     assert m["trainable"] == {"backbone": 4 * 2 * 8 * 128, "head": 64 * 4 + 4}
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "confusion_matrix.png").is_file()
+
+
+def test_run_finetune_evaluates_each_epoch_keeps_best_and_resumes(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from explora.engine.trainer import TrainConfig
+    from explora.eval.finetune import run_finetune
+    from explora.models.backbone import build_backbone
+
+    ds = _tiny_set(8)
+    cfg = TrainConfig(steps=6, batch_size=4, num_workers=0, precision="fp32", tensorboard=False, ckpt_every=2)
+
+    def run(out, steps=6, resume=False):
+        torch.manual_seed(0)
+        return run_finetune(
+            build_backbone("test_mae"),
+            ds,
+            ds,
+            out,
+            image_size=32,
+            train_cfg=TrainConfig(**{**cfg.__dict__, "steps": steps}),
+            resume=resume,
+        )
+
+    ref = run(tmp_path / "ref")
+    history = json.loads((tmp_path / "ref" / "eval_history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4, 6]  # one epoch = 8 samples / batch 4 = 2 steps
+    best = max(history, key=lambda h: h["top1"])
+    assert ref["best_top1"] == best["top1"]
+    saved = json.loads((tmp_path / "ref" / "best" / "metrics.json").read_text())
+    assert saved["step"] == best["step"]
+    state = load_file(tmp_path / "ref" / "best" / "model.safetensors")
+    assert "head.weight" in state and not any("lora_" in k for k in state)
+
+    run(tmp_path / "cut", steps=6)
+    for p in (tmp_path / "cut" / "checkpoints").glob("ckpt-00000006.*"):
+        p.unlink()
+    resumed = run(tmp_path / "cut", resume=True)
+    assert resumed["top1"] == ref["top1"] and resumed["best_step"] == ref["best_step"]

@@ -132,6 +132,7 @@ def _finetune(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         seed=args.seed,
         precision=args.precision,
+        eval_every=args.eval_every,
     )
     aug = AugConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing)
     m = run_finetune(
@@ -146,8 +147,12 @@ def _finetune(args: argparse.Namespace) -> int:
         aug=aug,
         optim=optim,
         train_cfg=cfg,
+        resume=args.resume,
     )
-    print(f"[explora] fine-tuning ({args.mode}): top-1 {m['top1']:.2f}; {Path(args.out) / 'metrics.json'}")
+    print(
+        f"[explora] fine-tuning ({args.mode}): top-1 {m['top1']:.2f} (best {m['best_top1']:.2f} at step "
+        f"{m['best_step']}, saved in {Path(args.out) / 'best'}); {Path(args.out) / 'metrics.json'}"
+    )
     return 0
 
 
@@ -196,6 +201,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cutmix", type=float, default=1.0)
     p.add_argument("--smoothing", type=float, default=0.1)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: one epoch)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_finetune)
 

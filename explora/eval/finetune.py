@@ -321,6 +321,24 @@ def finetune_optim_defaults():
     )
 
 
+def _save_best(model: nn.Module, out_dir: Path, metrics: dict[str, Any], step: int) -> None:
+    """The best classifier so far (LoRA merged, plain keys) as safetensors, written atomically, plus its metrics."""
+    import io
+    import json
+
+    from safetensors.torch import save as save_safetensors
+
+    from explora.engine.checkpoint import atomic_write_bytes
+    from explora.lora import merged_state_dict
+
+    state = {k: v.detach().cpu().contiguous() for k, v in merged_state_dict(model).items()}
+    atomic_write_bytes(out_dir / "best" / "model.safetensors", save_safetensors(state))
+    summary = {k: v for k, v in metrics.items() if k in ("top1", "top5")} | {"step": step}
+    buf = io.StringIO()
+    json.dump(summary, buf, indent=2)
+    atomic_write_bytes(out_dir / "best" / "metrics.json", buf.getvalue().encode())
+
+
 def run_finetune(
     backbone: nn.Module,
     train_set,
@@ -335,10 +353,19 @@ def run_finetune(
     optim=None,
     train_cfg=None,
     eval_batch_size: int = 256,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune with the engine's loop, evaluate on ``val_set`` and write ``metrics.json`` + confusion matrix."""
+    """Fine-tune with the engine's loop, evaluating on ``val_set`` every epoch (``train_cfg.eval_every`` steps, default
+    one pass over ``train_set``); the best model by validation top-1 is kept in ``<out>/best/``; ``metrics.json`` and the
+    confusion matrix describe the final model, ``eval_history.json`` every evaluation. ``resume`` continues a killed run.
+    """
+    import json
+    from dataclasses import replace
+
+    from explora.engine import distributed as D
     from explora.engine.trainer import TrainConfig, mark_frozen, train
 
+    out_dir = Path(out_dir)
     num_classes = int(getattr(train_set, "num_classes", 0) or 0)
     if num_classes < 2:
         raise DataError(f"train dataset {type(train_set).__name__} has num_classes={num_classes}; expected >= 2")
@@ -347,9 +374,17 @@ def run_finetune(
     objective = FinetuneObjective(model, num_classes, image_size, train_set.mean, train_set.std, aug)
     transform = EvalTransform(image_size, tuple(val_set.mean), tuple(val_set.std))
     device = next(model.parameters()).device
+    cfg = train_cfg or TrainConfig()
+    if not cfg.eval_every:
+        epoch = max(1, len(train_set) // (cfg.batch_size * D.world_size()))
+        cfg = replace(cfg, eval_every=epoch)
+    history_path = out_dir / "eval_history.json"
+    history: list[dict[str, Any]] = []
+    if resume and history_path.is_file():
+        history = json.loads(history_path.read_text())
 
     def eval_fn(obj: Objective, step: int) -> dict[str, Any]:
-        return evaluate(
+        m = evaluate(
             obj.model,
             val_set,
             eval_batch_size,
@@ -357,11 +392,21 @@ def run_finetune(
             num_classes=num_classes,
             device=next(obj.parameters()).device,
         )
+        if D.is_main():
+            history[:] = [h for h in history if h["step"] < step]
+            best = max((h["top1"] for h in history), default=-1.0)
+            history.append({"step": step, "top1": m["top1"], "top5": m["top5"]})
+            out_dir.mkdir(parents=True, exist_ok=True)
+            history_path.write_text(json.dumps(history, indent=2))
+            if m["top1"] > best:
+                _save_best(obj.model, out_dir, m, step)
+        return m
 
     result = train(
-        objective, train_set, optim or finetune_optim_defaults(), train_cfg or TrainConfig(), out_dir, eval_fn=eval_fn
+        objective, train_set, optim or finetune_optim_defaults(), cfg, out_dir, eval_fn=eval_fn, resume=resume
     )
     metrics = dict(result.eval_metrics or eval_fn(objective, result.steps_done))
+    best = max(history, key=lambda h: h["top1"]) if history else None
     metrics.update(
         protocol=f"finetune-{mode}",
         mode=mode,
@@ -369,6 +414,8 @@ def run_finetune(
         steps=result.steps_done,
         trainable=trainable_counts(model),
         device=str(device),
+        best_top1=best["top1"] if best else metrics["top1"],
+        best_step=best["step"] if best else result.steps_done,
     )
     save_metrics(metrics, out_dir)
     return metrics
