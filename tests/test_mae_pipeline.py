@@ -22,7 +22,7 @@ from explora.objectives.mae import MAEConfig, MAEObjective
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-SENTINEL_PRESET = REPO / "configs" / "mae_vitl16_fmow_sentinel_M-[1,L]-r32.yaml"
+SENTINEL_PRESET = REPO / "configs" / "mae_vitl16_fmow_sentinel_M-1-L-r32.yaml"
 
 # Tiny model + decoder on top of any MAE config; fp32 and no workers so runs are bitwise reproducible.
 TINY = [

@@ -355,9 +355,11 @@ def run_finetune(
     eval_batch_size: int = 256,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune with the engine's loop, evaluating on ``val_set`` every epoch (``train_cfg.eval_every`` steps, default
-    one pass over ``train_set``); the best model by validation top-1 is kept in ``<out>/best/``; ``metrics.json`` and the
-    confusion matrix describe the final model, ``eval_history.json`` every evaluation. ``resume`` continues a killed run.
+    """Fine-tune with the engine's loop, evaluating on ``val_set`` every epoch.
+
+    ``train_cfg.eval_every`` defaults to one pass over ``train_set``. The best model by validation top-1 is kept in
+    ``<out>/best/``; ``metrics.json`` and the confusion matrix describe the final model, ``eval_history.json`` every
+    evaluation. ``resume`` continues a killed run from its newest intact checkpoint.
     """
     import json
     from dataclasses import replace
