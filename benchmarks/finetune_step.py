@@ -1,0 +1,153 @@
+"""One supervised LoRA-r8 fine-tuning step: ours (explora.eval.finetune) vs the peft-based step a user would write.
+
+OURS: ``build_backbone`` + ``prepare_classifier(mode="lora")`` (preset LoRA-r8: rank 8 on the q/v slices of every
+block's fused qkv, norms frozen) + ``FinetuneObjective`` (soft-target cross-entropy) + the engine's fused AdamW
+parameter groups. BASELINE: timm ViT + peft LoRA r8 on the fused ``qkv`` of every block + a linear head on the CLS
+token + ``F.cross_entropy`` + plain ``torch.optim.AdamW``. Inputs are a pre-made normalised batch with labels.
+
+Same protocol as ``pretrain_step.py``: one subprocess per variant and round (own peak RSS), interleaved rounds,
+medians, FLOPs of one step and the fraction of the measured matmul peak.
+Run: ``python benchmarks/finetune_step.py --model test_dinov2 --img-size 32`` -> JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pretrain_step import (  # noqa: E402
+    autocast,
+    compare,
+    count_flops,
+    machine,
+    matmul_peak,
+    n_trainable,
+    peak_rss_mib,
+    run_worker,
+    summarise,
+    time_steps,
+)
+
+
+def _batch(args) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"images": torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g),
+            "labels": torch.randint(0, args.num_classes, (args.batch_size,), generator=g)}
+
+
+def ours(args):
+    from explora.engine.optim import build_optimizer, build_param_groups
+    from explora.eval.finetune import FinetuneObjective, prepare_classifier
+    from explora.models.backbone import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone(args.model, img_size=args.img_size)
+    model = prepare_classifier(backbone, args.num_classes, mode="lora", lora_rank=args.rank)
+    obj = FinetuneObjective(model, args.num_classes, args.img_size, (0.5,) * 3, (0.25,) * 3)
+    groups = build_param_groups(obj.named_parameters(), num_layers=len(backbone.blocks), layer_decay=0.75)
+    opt = build_optimizer(groups, (0.9, 0.999), fused=True)
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 1e-3 * g["lr_multiplier"], 0.05 * g["wd_multiplier"]
+    batch = _batch(args)
+    obj.train()
+
+    def step(i: int) -> None:
+        with autocast(args.precision):
+            out = obj(batch, i)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return obj, step
+
+
+def baseline(args):
+    import timm
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from explora.models.registry import get_backbone_spec
+
+    torch.manual_seed(0)
+    try:
+        spec = get_backbone_spec(args.model)
+        name, kw = spec.timm_name, dict(spec.timm_kwargs)
+    except Exception:
+        name, kw = args.model, {}
+    kw.pop("img_size", None)
+    vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=args.img_size, **kw)
+    vit = inject_adapter_in_model(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["qkv"]), vit)
+    for n, p in vit.named_parameters():
+        p.requires_grad_("lora_" in n)
+    model = nn.ModuleDict({"backbone": vit, "head": nn.Linear(vit.embed_dim, args.num_classes)})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    batch = _batch(args)
+    model.train()
+
+    def step(i: int) -> None:
+        with autocast(args.precision):
+            logits = model["head"](vit.forward_features(batch["images"])[:, 0])
+            loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=0.1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def worker(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    module, step = {"ours": ours, "baseline": baseline}[args.worker](args)
+    times = time_steps(step, args.steps, args.warmup)
+    flops = count_flops(lambda: step(10_000))
+    return {"times": times, "flops": flops, "peak_rss_mib": peak_rss_mib(), "trainable_params": n_trainable(module)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vit_small_patch14_dinov2")
+    ap.add_argument("--img-size", type=int, default=112)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--peak-size", type=int, default=1024)
+    ap.add_argument("--no-peak", action="store_true")
+    ap.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return {}
+    fwd = [a for k, v in vars(args).items() if k not in {"worker", "rounds", "peak_size", "no_peak"}
+           for a in (["--" + k.replace("_", "-"), str(v)] if v is not None else [])]
+    runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
+    for _ in range(args.rounds):
+        for v in runs:
+            runs[v].append(run_worker(__file__, v, fwd))
+    peak = None if args.no_peak else matmul_peak(args.precision, args.peak_size)
+    results = {v: summarise(r, args.batch_size, peak) for v, r in runs.items()}
+    report = {"benchmark": "finetune_step.py", "args": {k: v for k, v in vars(args).items() if k != "worker"},
+              "machine": machine(), "matmul_peak_gflops": None if peak is None else round(peak, 2), **results,
+              "comparison": compare(results)}
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""One ExPLoRA pre-training step, ours vs the straightforward implementation a user would write today.
+
+OURS (``--objective dinov2``): ``build_backbone`` + ``apply_explora`` preset D-[L]-r64 (rank from ``--rank``) +
+``DinoV2Objective`` + the engine's fused AdamW parameter groups + grad clipping + the objective's EMA.
+BASELINE: timm ViT + peft LoRA on the *fused* ``qkv`` (every block but the unfrozen last one) + ``copy.deepcopy``
+teacher with an EMA over *all* its parameters + the same DINO/iBOT/KoLeo loss modules + plain ``torch.optim.AdamW``.
+
+``--objective mae``: ours = preset M-[1,L] + ``MAEObjective``; baseline = timm + peft LoRA on fused qkv + the plain
+MAE decoder of MAE's ``models_mae.py`` written out with timm ``Block``s (``PlainMAEDecoder`` below).
+
+Inputs are pre-made crop tensors (the batch transform runs once, outside the timing), so data is not measured.
+Every variant runs in its own subprocess (separate peak RSS); variants are interleaved round by round and the
+medians over all timed steps are reported with the FLOPs of one step (``FlopCounterMode``) and the fraction of
+the machine's measured matmul peak (``benchmarks/matmul_peak.py``) at the step's precision.
+
+Run: ``python benchmarks/pretrain_step.py --model test_dinov2 --global-size 32 --local-size 16`` -> JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# -- shared helpers (finetune_step.py and features.py import these) ---------------------------------------------
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (matmuls, convolutions, attention) by torch's ``FlopCounterMode``."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def time_steps(step: Callable[[int], object], steps: int, warmup: int) -> list[float]:
+    """Wall time of each of ``steps`` calls after ``warmup`` untimed ones."""
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(warmup, warmup + steps):
+        t0 = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_worker(script: str, variant: str, argv: list[str], timeout: float | None = None) -> dict:
+    """Run ``script --worker variant argv`` in a fresh interpreter and parse the JSON line it prints last."""
+    cmd = [sys.executable, script, "--worker", variant, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict], items_per_step: int, peak_gflops: float | None) -> dict:
+    """Medians over all timed steps of all rounds of one variant."""
+    times = [t for r in runs for t in r["times"]]
+    s = statistics.median(times)
+    flops = runs[0]["flops"]
+    out = {
+        "s_per_step": round(s, 4),
+        "s_per_step_rounds": [round(statistics.median(r["times"]), 4) for r in runs],
+        "images_per_s": round(items_per_step / s, 3),
+        "peak_rss_mib": round(max(r["peak_rss_mib"] for r in runs), 1),
+        "gflop_per_step": round(flops / 1e9, 3),
+        "achieved_gflops": round(flops / s / 1e9, 3),
+    }
+    if peak_gflops:
+        out["fraction_of_matmul_peak"] = round(flops / s / 1e9 / peak_gflops, 3)
+    if "trainable_params" in runs[0]:
+        out["trainable_params"] = runs[0]["trainable_params"]
+    return out
+
+
+def compare(results: dict[str, dict], ours: str = "ours", base: str = "baseline") -> dict:
+    """Speed-up (baseline time / ours time) and memory ratio (ours peak RSS / baseline peak RSS)."""
+    a, b = results[ours], results[base]
+    return {
+        "speedup": round(b["s_per_step"] / a["s_per_step"], 3),
+        "speedup_per_round": [round(y / x, 3) for x, y in zip(a["s_per_step_rounds"], b["s_per_step_rounds"])],
+        "peak_rss_ratio": round(a["peak_rss_mib"] / b["peak_rss_mib"], 3),
+    }
+
+
+def machine() -> dict:
+    """Where the numbers come from: CPU model, cores, threads, torch version, date."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def matmul_peak(precision: str, size: int = 1024, budget_s: float = 6.0) -> float:
+    """The machine's measured matmul GFLOP/s at ``precision`` (benchmarks/matmul_peak.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from matmul_peak import measure_matmul_peak
+
+    return measure_matmul_peak(PRECISIONS[precision], size=size, repeats=10, budget_s=budget_s)
+
+
+def autocast(precision: str):
+    """The engine's autocast: bf16 on the CPU/GPU, nothing for fp32."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def n_trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# -- DinoV2 -----------------------------------------------------------------------------------------------------
+def _dinov2_cfg(args):
+    from explora.objectives.dinov2 import DinoV2Config
+
+    return DinoV2Config(n_prototypes=args.prototypes, global_size=args.global_size, local_size=args.local_size,
+                        n_local=args.n_local)
+
+
+def _dinov2_batch(args, patch: int) -> dict[str, torch.Tensor]:
+    """Pre-made multi-crop + masks from a fixed uint8 batch (made once, outside the timing)."""
+    from explora.data.multicrop import MultiCrop
+    from explora.objectives.dinov2.masking import BlockMaskSampler
+    from explora.objectives.dinov2.objective import DinoV2BatchTransform
+
+    cfg = _dinov2_cfg(args)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.batch_size, 3, 2 * args.global_size, 2 * args.global_size),
+                           dtype=torch.uint8, generator=g)
+    mc = MultiCrop(cfg.global_size, cfg.local_size, cfg.n_local, cfg.global_scale, cfg.local_scale, cfg.mean,
+                   cfg.std, cfg.photometric, blur_p=cfg.blur_p)
+    masks = BlockMaskSampler(cfg.global_size // patch, cfg.mask_probability, cfg.mask_ratio_min_max)
+    return DinoV2BatchTransform(mc, masks)(images, g)
+
+
+def _backbone(args, img_size: int) -> nn.Module:
+    from explora.models.backbone import build_backbone
+
+    return build_backbone(args.model, img_size=img_size)
+
+
+def ours_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
+    """Our step: apply_explora + DinoV2Objective + engine param groups + fused AdamW + clip + EMA."""
+    from explora.adapt import apply_explora, preset_options
+    from explora.engine.optim import build_optimizer, build_param_groups
+    from explora.objectives.dinov2 import DinoV2Objective
+
+    torch.manual_seed(0)
+    backbone = _backbone(args, args.global_size)
+    apply_explora(backbone, **preset_options("D-[L]-r64", lora_rank=args.rank))
+    obj = DinoV2Objective(backbone, _dinov2_cfg(args), total_steps=10_000)
+    groups = build_param_groups(obj.named_parameters(), num_layers=len(backbone.blocks), layer_decay=0.9,
+                                patch_embed_lr_mult=0.2)
+    opt = build_optimizer(groups, (0.9, 0.999), fused=True)
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 1e-4 * g["lr_multiplier"], 0.04 * g["wd_multiplier"]
+    params = [p for g in groups for p in g["params"]]
+    batch = _dinov2_batch(args, obj.patch_size)
+    obj.train()
+
+    def step(i: int) -> None:
+        with autocast(args.precision):
+            out = obj(batch, i)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        obj.on_optimizer_step(i)
+
+    return obj, step, batch
+
+
+def _peft_lora(vit: nn.Module, blocks: list[int], rank: int) -> nn.Module:
+    """peft LoRA on the fused ``attn.qkv`` of ``blocks`` (peft cannot target q/v slices of a fused layer)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+                     target_modules=[f"blocks.{i}.attn.qkv" for i in blocks])
+    return inject_adapter_in_model(cfg, vit)
+
+
+def _baseline_freeze(vit: nn.Module, unfrozen: list[int]) -> None:
+    """Freeze everything, then unfreeze the given blocks and every LayerNorm (LoRA params stay trainable)."""
+    for n, p in vit.named_parameters():
+        p.requires_grad_("lora_" in n)
+    for i in unfrozen:
+        vit.blocks[i].requires_grad_(True)
+    for m in vit.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.requires_grad_(True)
+
+
+def baseline_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
+    """timm + peft LoRA on fused qkv + deepcopy EMA teacher over all parameters + our losses + plain AdamW."""
+    import timm
+
+    from explora.models.masked_forward import forward_tokens
+    from explora.models.registry import get_backbone_spec
+    from explora.objectives.dinov2.centering import EMACenter
+    from explora.objectives.dinov2.heads import DINOHead
+    from explora.objectives.dinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+    from explora.objectives.dinov2.objective import teacher_temperature
+
+    cfg = _dinov2_cfg(args)
+    torch.manual_seed(0)
+    try:
+        spec = get_backbone_spec(args.model)
+        name, kw = spec.timm_name, dict(spec.timm_kwargs)
+    except Exception:  # any timm name
+        name, kw = args.model, {}
+    kw.pop("img_size", None)
+    vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=args.global_size,
+                            dynamic_img_size=True, **kw)
+    depth = len(vit.blocks)
+    vit = _peft_lora(vit, list(range(depth - 1)), args.rank)
+    _baseline_freeze(vit, [depth - 1])
+    student = nn.ModuleDict({"backbone": vit, "head": DINOHead(vit.embed_dim, cfg.n_prototypes, cfg.hidden_dim,
+                                                                 cfg.bottleneck_dim, cfg.head_nlayers)})
+    mask_token = nn.Parameter(torch.zeros(1, vit.embed_dim))
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    s_all, t_all = list(student.parameters()), list(teacher.parameters())
+    params = [p for p in student.parameters() if p.requires_grad] + [mask_token]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.04)
+    dino, ibot, koleo = DINOLoss(cfg.student_temp), iBOTPatchLoss(cfg.student_temp), KoLeoLoss()
+    c_cls, c_patch = EMACenter(cfg.n_prototypes), EMACenter(cfg.n_prototypes)
+    batch = _dinov2_batch(args, vit.patch_embed.patch_size[0])
+    student.train()
+    glob, local, masks = batch["global"], batch["local"], batch["masks"].bool()
+    n_local = args.n_local
+
+    def step(i: int) -> None:
+        temp = teacher_temperature(cfg, i)
+        with autocast(args.precision):
+            with torch.no_grad():
+                t_cls, t_patch = forward_tokens(teacher["backbone"], glob)
+                t_cls = torch.cat(t_cls.chunk(2)[::-1])
+                t_logits, tp_logits = teacher["head"](t_cls), teacher["head"](t_patch[masks])
+                t_probs = c_cls.softmax_centered(t_logits, temp)
+                c_cls.update(t_logits)
+                tp_probs = c_patch.softmax_centered(tp_logits, temp)
+                c_patch.update(tp_logits)
+            s_cls, s_patch = forward_tokens(vit, glob, masks, mask_token)
+            l_cls, _ = forward_tokens(vit, local)
+            n_pairs = 2 * n_local + 2
+            loss = (dino(student["head"](s_cls), t_probs, 1, 1) * 2 / n_pairs
+                    + dino(student["head"](l_cls), t_probs, n_local, 2) / n_pairs
+                    + ibot(student["head"](s_patch[masks]), tp_probs, masks)
+                    + 0.1 * sum(koleo(c) for c in s_cls.chunk(2)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # EMA over every teacher parameter, one tensor at a time
+            m = 0.994
+            for s, t in zip(s_all, t_all):
+                t.mul_(m).add_(s.detach(), alpha=1 - m)
+
+    return nn.ModuleList([student, teacher]), step, batch
+
+
+# -- MAE --------------------------------------------------------------------------------------------------------
+class PlainMAEDecoder(nn.Module):
+    """The decoder of MAE's ``models_mae.py`` (He et al. 2022) as a user writes it: embed, mask tokens,
+    un-shuffle, learned position embeddings, timm ``Block``s, norm, pixel head."""
+
+    def __init__(self, embed_dim: int, n_patches: int, patch: int, chans: int = 3, dim: int = 512, depth: int = 8,
+                 heads: int = 16) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, n_patches + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[Block(dim, heads, 4.0, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, patch * patch * chans)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.embed(latent)  # (B, 1 + K, d)
+        B, N = ids_restore.shape
+        fill = self.mask_token.expand(B, N + 1 - x.shape[1], -1)  # (B, N - K, d)
+        x_ = torch.cat([x[:, 1:], fill], dim=1)  # (B, N, d) shuffled order
+        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # un-shuffle
+        x = torch.cat([x[:, :1], x_], dim=1) + self.pos  # (B, 1 + N, d)
+        return self.pred(self.norm(self.blocks(x)))[:, 1:]  # (B, N, p*p*C)
+
+
+def _mae_batch(args, patch: int) -> dict[str, torch.Tensor]:
+    from explora.objectives.mae.objective import MAEBatchTransform
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.batch_size, 3, args.global_size, args.global_size), dtype=torch.uint8,
+                           generator=g)
+    return MAEBatchTransform(img_size=args.global_size, patch_size=patch)(images, g)
+
+
+def ours_mae(args) -> tuple[nn.Module, Callable[[int], None], dict]:
+    """Our MAE step: apply_explora M-[1,L] (rank from ``--rank``) + MAEObjective + engine fused AdamW + clip."""
+    import warnings
+
+    from explora.adapt import apply_explora, preset_options
+    from explora.engine.optim import build_optimizer, build_param_groups
+    from explora.objectives.mae import MAEConfig, MAEObjective
+
+    torch.manual_seed(0)
+    backbone = _backbone(args, args.global_size)
+    apply_explora(backbone, **preset_options("M-[1,L]-r32", lora_rank=args.rank))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obj = MAEObjective(backbone, MAEConfig(mask_ratio=args.mask_ratio, img_size=args.global_size))
+    groups = build_param_groups(obj.named_parameters(), num_layers=len(backbone.blocks), layer_decay=1.0)
+    opt = build_optimizer(groups, (0.9, 0.95), fused=True)
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 1e-4 * g["lr_multiplier"], 0.05 * g["wd_multiplier"]
+    params = [p for g in groups for p in g["params"]]
+    batch = _mae_batch(args, obj.patch_size)
+    obj.train()
+
+    def step(i: int) -> None:
+        with autocast(args.precision):
+            out = obj(batch, i)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return obj, step, batch
+
+
+def baseline_mae(args) -> tuple[nn.Module, Callable[[int], None], dict]:
+    """timm + peft LoRA on fused qkv (blocks 1..L-2) + first/last block + norms + plain MAE decoder + AdamW."""
+    import timm
+
+    from explora.models.registry import get_backbone_spec
+    from explora.objectives.mae.loss import masked_mse, normalize_patches, patchify
+    from explora.objectives.mae.masking import gather_tokens, random_masking
+
+    torch.manual_seed(0)
+    try:
+        spec = get_backbone_spec(args.model)
+        name, kw = spec.timm_name, dict(spec.timm_kwargs)
+    except Exception:
+        name, kw = args.model, {}
+    kw.pop("img_size", None)
+    vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=args.global_size, **kw)
+    depth, patch = len(vit.blocks), vit.patch_embed.patch_size[0]
+    vit = _peft_lora(vit, list(range(1, depth - 1)), args.rank)
+    _baseline_freeze(vit, [0, depth - 1])
+    n = (args.global_size // patch) ** 2
+    dec = PlainMAEDecoder(vit.embed_dim, n, patch)
+    model = nn.ModuleDict({"encoder": vit, "decoder": dec})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    batch = _mae_batch(args, patch)
+    images, noise = batch["images"], batch["noise"]
+    model.train()
+
+    def step(i: int) -> None:
+        with autocast(args.precision):
+            mask = random_masking(noise, args.mask_ratio)
+            x = vit._pos_embed(vit.patch_embed(images))  # (B, 1 + N, D)
+            x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], mask.ids_keep)], 1)
+            latent = vit.norm(vit.blocks(x))
+            pred = dec(latent, mask.ids_restore)
+            loss = masked_mse(pred, normalize_patches(patchify(images, patch), 1e-6), mask.mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step, batch
+
+
+VARIANTS = {("dinov2", "ours"): ours_dinov2, ("dinov2", "baseline"): baseline_dinov2,
+            ("mae", "ours"): ours_mae, ("mae", "baseline"): baseline_mae}
+
+
+def worker(args) -> dict:
+    """Build one variant, count one step's FLOPs, time ``--steps`` steps after ``--warmup``; report."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    module, step, _ = VARIANTS[(args.objective, args.worker)](args)
+    times = time_steps(step, args.steps, args.warmup)
+    flops = count_flops(lambda: step(10_000))  # counted after timing: FlopCounterMode slows the step it watches
+    return {"times": times, "flops": flops, "peak_rss_mib": peak_rss_mib(), "trainable_params": n_trainable(module)}
+
+
+def items_per_step(args) -> int:
+    return args.batch_size
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--objective", choices=["dinov2", "mae"], default="dinov2")
+    ap.add_argument("--model", default=None, help="registry short name or timm name (default: vit_small_patch14_"
+                    "dinov2 for dinov2, vit_base_patch16_224 for mae)")
+    ap.add_argument("--global-size", type=int, default=None, help="global crop (MAE: image) size; default 112 / 224")
+    ap.add_argument("--local-size", type=int, default=56)
+    ap.add_argument("--n-local", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--prototypes", type=int, default=4096)
+    ap.add_argument("--mask-ratio", type=float, default=0.75)
+    ap.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved ours/baseline rounds (one subprocess each)")
+    ap.add_argument("--variants", nargs="+", default=["ours", "baseline"], choices=["ours", "baseline"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch default)")
+    ap.add_argument("--peak-size", type=int, default=1024, help="matrix side of the matmul-peak measurement")
+    ap.add_argument("--no-peak", action="store_true", help="skip the matmul-peak measurement")
+    ap.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.model is None:
+        args.model = "vit_small_patch14_dinov2" if args.objective == "dinov2" else "vit_base_patch16_224"
+    if args.global_size is None:
+        args.global_size = 112 if args.objective == "dinov2" else 224
+    return args
+
+
+def forward_argv(args) -> list[str]:
+    """The worker's command line: every option except the parent-only ones."""
+    skip = {"worker", "rounds", "variants", "peak_size", "no_peak"}
+    out = []
+    for k, v in vars(args).items():
+        if k in skip or v is None or v is False:
+            continue
+        out += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def main(argv: list[str] | None = None, script: str = __file__, worker_fn=None, items=None) -> dict:
+    """Parent: interleave the variants' subprocesses, then summarise; ``--worker``: run one variant."""
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps((worker_fn or worker)(args)))
+        return {}
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for _ in range(args.rounds):
+        for v in args.variants:
+            runs[v].append(run_worker(script, v, forward_argv(args)))
+    peak = None if args.no_peak else matmul_peak(args.precision, args.peak_size)
+    n_items = (items or items_per_step)(args)
+    results = {v: summarise(r, n_items, peak) for v, r in runs.items()}
+    report = {"benchmark": os.path.basename(script), "args": {k: v for k, v in vars(args).items() if k != "worker"},
+              "machine": machine(), "matmul_peak_gflops": None if peak is None else round(peak, 2), **results}
+    if {"ours", "baseline"} <= set(results):
+        report["comparison"] = compare(results)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
