@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -187,12 +188,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(module: nn.Module, exclude: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """``module.state_dict()`` with every DTensor gathered to a plain tensor (collective under FSDP2).
 
-    Every process must call it; after it, rank 0 may save or export the result.
+    Every process must call it (same module structure, so the all-gathers pair up in order); after it, rank 0 may
+    save or export the result. ``exclude``: names left out and never gathered (the trainer's frozen tensors).
     """
-    return {k: full_tensor(v).detach() for k, v in module.state_dict().items()}
+    return {k: full_tensor(v).detach() for k, v in module.state_dict().items() if k not in exclude}
 
 
 def gather_full_(module: nn.Module) -> nn.Module:

@@ -165,6 +165,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     stats = (tuple(dataset.mean), tuple(dataset.std)) if hasattr(dataset, "mean") else None
     objective = build_objective(cfg, stats)
     result = train(objective, dataset, cfg.optim, cfg.train, out, resume=resume)
+    D.gather_full_(objective)  # every rank (a collective under FSDP2; train() already did it, then a no-op)
     if D.is_main():
         from explora.export import export_backbone, export_wrapped_encoder, is_wrapped
         from explora.models.registry import get_backbone_spec

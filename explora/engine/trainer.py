@@ -126,10 +126,24 @@ def _frozen_ptrs(objective: nn.Module) -> set[int]:
     return {p.data_ptr() for p in objective.parameters() if getattr(p, "_explora_frozen", False)}
 
 
-def training_state(objective: nn.Module) -> dict[str, torch.Tensor]:
-    """The objective's state dict without the frozen pre-trained tensors (identified by storage)."""
+def frozen_names(objective: nn.Module) -> set[str]:
+    """State-dict names of the tagged frozen tensors (both the student's and the teacher's shared copies).
+
+    Take them before wrapping: FSDP2 replaces every parameter by a DTensor (losing the tag) and gives the teacher
+    its own copies, so storage identity no longer finds them afterwards; names do.
+    """
     frozen = _frozen_ptrs(objective)
-    return {k: v for k, v in objective.state_dict().items() if v.data_ptr() not in frozen or v.numel() == 0}
+    return {k for k, v in objective.state_dict().items() if v.numel() and v.data_ptr() in frozen}
+
+
+def training_state(objective: nn.Module, frozen: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The objective's state dict without the frozen pre-trained tensors, as full plain tensors.
+
+    ``frozen``: their names (:func:`frozen_names`, taken before wrapping); None finds them by storage now. Under
+    FSDP2 every rank must call it (each sharded tensor is all-gathered); frozen tensors are never gathered.
+    """
+    names = frozen_names(objective) if frozen is None else frozen
+    return D.full_state_dict(objective, exclude=names)
 
 
 def train(
@@ -152,20 +166,16 @@ def train(
     torch.manual_seed(cfg.seed + rank)
     objective.to(device)
 
-    groups = build_param_groups(
-        objective.named_parameters(),
-        num_layers=_num_layers(objective),
-        layer_decay=optim.layer_decay,
-        patch_embed_lr_mult=optim.patch_embed_lr_mult,
-    )
-    if not groups:
+    if not any(p.requires_grad for p in objective.parameters()):
         raise ConfigError("nothing to train: every parameter is frozen. Check the explora/adapt settings.")
-    optimizer = build_optimizer(groups, optim.betas, fused=optim.fused and device.type in ("cpu", "cuda"))
+    # Names, not tensors: FSDP2 replaces every parameter (and unties the teacher's shared frozen copies).
+    frozen = frozen_names(objective)
+    sharded = D.is_dist() and cfg.strategy == "fsdp2"
     global_batch = cfg.batch_size * world
     peak_lr = scaled_lr(optim.base_lr, global_batch, optim.reference_batch, optim.lr_scaling)
 
     ckpts = CheckpointManager(out_dir / "checkpoints", keep_last=cfg.keep_last)
-    start_step, skipped, skipped_before = 0, 0, 0
+    start_step, skipped, skipped_before, state = 0, 0, 0, None
     if resume:
         state = ckpts.load_latest()
         if state is None and any(ckpts.directory.glob("ckpt-*.pt")):
@@ -178,7 +188,8 @@ def train(
             if D.is_main():
                 print(f"[explora] no intact checkpoint in {ckpts.directory}; starting from step 0.")
         else:
-            _restore(objective, optimizer, state)
+            # Full tensors into the still unsharded model: wrapping below shards (or replicates) what was loaded.
+            _restore_objective(objective, state, frozen)
             start_step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
             skipped_before = int(state.get("skipped_samples", 0))
             if D.is_main():
@@ -221,6 +232,17 @@ def train(
         return skipped_before + count if isinstance(count, int) else None
 
     model = D.wrap_model(objective, "ddp" if cfg.strategy == "auto" else cfg.strategy, device)
+    # The optimiser sees the parameters as wrapped: FSDP2 has replaced each one by a sharded DTensor.
+    groups = build_param_groups(
+        objective.named_parameters(),
+        num_layers=_num_layers(objective),
+        layer_decay=optim.layer_decay,
+        patch_embed_lr_mult=optim.patch_embed_lr_mult,
+    )
+    optimizer = build_optimizer(groups, optim.betas, fused=optim.fused and device.type in ("cpu", "cuda"))
+    if state is not None:
+        _restore_optimizer(objective, optimizer, state, sharded)
+        _restore_rng(state)
     logger = MetricLogger(out_dir, start_step, cfg.steps, enabled=D.is_main(), tensorboard=cfg.tensorboard)
     params = [p for g in groups for p in g["params"]]
     last_layer = [p for g in groups if g["is_last_layer"] for p in g["params"]]
@@ -249,6 +271,7 @@ def train(
                 for p in last_layer:
                     p.grad = None
             grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.clip_grad if optim.clip_grad > 0 else float("inf"))
+            grad_norm = D.full_tensor(grad_norm)  # FSDP2: the norm over all shards (same on every rank)
             if not torch.isfinite(grad_norm):
                 nonfinite_run, skipped = _skip(
                     optimizer, nonfinite_run, skipped, step, out.terms, cfg, what="gradients"
@@ -285,13 +308,16 @@ def train(
             if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 eval_metrics = eval_fn(objective, done)
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                state = _state(objective, optimizer, done, skipped, frozen, sharded)  # collective under FSDP2
                 if D.is_main():
-                    state = _state(objective, optimizer, done, skipped)
                     state["skipped_samples"] = skipped_samples() or 0
                     ckpts.save(state, done)
                     if on_checkpoint is not None:
                         on_checkpoint(objective, done)
+                state = None
                 D.barrier()
+        if sharded:
+            D.gather_full_(objective)  # every rank: from here on rank 0 may evaluate/export as in one process
         if eval_fn is not None:
             eval_metrics = eval_fn(objective, cfg.steps)
     finally:
@@ -323,33 +349,86 @@ def _skip(
     return run, skipped
 
 
-def _state(objective: nn.Module, optimizer: torch.optim.Optimizer, step: int, skipped: int) -> dict[str, Any]:
-    return {
+def _rng_states() -> list[torch.Tensor]:
+    """Every rank's CPU RNG state (dropout/drop-path draw from it with a per-rank seed); a collective."""
+    mine = torch.get_rng_state()
+    if not D.is_dist():
+        return [mine]
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * D.world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _state(
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    skipped: int,
+    frozen: set[str] | None = None,
+    sharded: bool = False,
+) -> dict[str, Any]:
+    """Everything a step changes. Under FSDP2 a collective (every rank gathers; rank 0 saves): the objective and
+    the optimiser state are stored as full tensors, the optimiser keyed by parameter name (torch DCP layout)."""
+    rng = _rng_states()
+    state: dict[str, Any] = {
         "step": step,
         "skipped_steps": skipped,
-        "objective": training_state(objective),
-        "optimizer": optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        "objective": training_state(objective, frozen),
+        "torch_rng": rng[0],
+        "torch_rng_per_rank": rng,
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        state["optimizer"] = get_optimizer_state_dict(objective, optimizer, options=opts)
+        state["optimizer_layout"] = "full_by_name"
+    else:
+        state["optimizer"] = optimizer.state_dict()
+    return state
 
 
-def _restore(objective: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def _restore_objective(objective: nn.Module, state: dict[str, Any], frozen: set[str]) -> None:
+    """Load a checkpoint's tensors into the unwrapped objective (full tensors; frozen ones stay as built)."""
     missing, unexpected = objective.load_state_dict(state["objective"], strict=False)
-    frozen_names = _frozen_names(objective)
-    really_missing = [k for k in missing if k not in frozen_names]
+    really_missing = [k for k in missing if k not in frozen]
     if really_missing or unexpected:
         raise CheckpointError(
             "the checkpoint does not match this run's model: "
             f"missing {really_missing[:5]}, unexpected {list(unexpected)[:5]}. Resume with the same config it was "
             "written with (saved as config.yaml in the run directory)."
         )
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
+
+
+def _restore_optimizer(
+    objective: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], sharded: bool
+) -> None:
+    """Optimiser state into the optimiser built after wrapping; under FSDP2 each rank keeps its shard."""
+    by_name = state.get("optimizer_layout") == "full_by_name"
+    if by_name != sharded:
+        raise CheckpointError(
+            f"the checkpoint's optimiser state was written {'with' if by_name else 'without'} "
+            f"train.strategy=fsdp2 and this run uses {'fsdp2' if sharded else 'another strategy'}; resume with the "
+            "strategy it was written with (saved as config.yaml in the run directory)."
+        )
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(
+            objective, optimizer, optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    per_rank = state.get("torch_rng_per_rank")
+    if per_rank and len(per_rank) == D.world_size():
+        torch.set_rng_state(per_rank[D.rank()])
+    else:  # older checkpoints, or a different world size: rank 0's state
+        torch.set_rng_state(state["torch_rng"])
     if torch.cuda.is_available() and state.get("cuda_rng"):
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-
-
-def _frozen_names(objective: nn.Module) -> set[str]:
-    frozen = _frozen_ptrs(objective)
-    return {k for k, v in objective.state_dict().items() if v.data_ptr() in frozen}
