@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from explora.adapt import PRESETS, ExploraSpec, apply_explora, preset_options
 from explora.errors import CheckpointError, ConfigError
 from explora.export import FORMATS, export_backbone
-from explora.params import memory_estimate, parameter_report
+from explora.params import ParamReport, memory_estimate, parameter_report
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -80,10 +80,43 @@ def memory_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def objective_report(cfg) -> ParamReport:
+    """The parameter report of a pre-training config's objective, built on the meta device (no memory, no weights).
+
+    Heads (DINO/iBOT) or the MAE decoder are reported as ``extra``, outside the paper's backbone count.
+    """
+    from dataclasses import replace
+
+    from explora.engine.pretrain import build_objective
+
+    cfg = replace(cfg, model=replace(cfg.model, weights=None))
+    with torch.device("meta"):
+        objective = build_objective(cfg)
+    if hasattr(objective, "parameter_report"):
+        return objective.parameter_report()
+    student = objective.student
+    return parameter_report(student["backbone"], extra={k: v for k, v in student.items() if k != "backbone"})
+
+
+def objective_params_command(args: argparse.Namespace) -> int:
+    from explora.engine.pretrain import load_config
+
+    cfg = load_config(args.config, list(args.overrides or []))
+    report = objective_report(cfg)
+    if args.json:
+        print(json.dumps({"config": args.config, "objective": cfg.objective, **report.to_dict()}, indent=2))
+    else:
+        print(f"## {cfg.model.name}, {cfg.objective} objective, preset {cfg.adapt.preset}\n")
+        print(report.to_markdown())
+    return 0
+
+
 def params_command(args: argparse.Namespace) -> int:
     """Print the trainable-parameter report of a backbone under a preset (built on the meta device: no memory)."""
     if args.memory and (args.config or args.overrides):
         return memory_command(args)
+    if args.config:
+        return objective_params_command(args)
     if args.model is None:
         raise ConfigError("explora params: give --model NAME (with --preset) or --config CONFIG.yaml --memory")
     model = _build(args.model, "meta")

@@ -1,0 +1,28 @@
+"""`explora params --config`: the objective's report, with heads/decoder counted separately."""
+
+from __future__ import annotations
+
+import json
+
+from explora.cli import main
+
+
+def test_mae_config_reports_decoder_and_its_trainability(capsys):
+    base = ["params", "--json", "--config", "configs/mae_vitb16_fmow_rgb.yaml", "model.name=test_mae"]
+    assert main(base) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["objective"] == "mae" and trained["extra"]["decoder"] > 0
+    assert main([*base, "mae.train_decoder=false"]) == 0
+    frozen = json.loads(capsys.readouterr().out)
+    assert frozen["extra"]["decoder"] == 0
+    assert frozen["trainable_backbone"] == trained["trainable_backbone"]
+
+
+def test_dinov2_config_reports_heads_outside_the_paper_count(capsys):
+    args = ["params", "--config", "configs/dinov2_vits14_cpu.yaml", "model.name=test_dinov2", "dinov2.n_prototypes=64",
+            "dinov2.hidden_dim=32", "dinov2.bottleneck_dim=16", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    head = 64 * 32 + 32 + 32 * 32 + 32 + 32 * 16 + 16 + 16 * 64  # 3-layer MLP + weight-normalised prototypes (g fixed)
+    assert report["extra"]["dino_head"] == head
+    assert report["trainable_total"] == report["trainable_backbone"] + head
