@@ -11,8 +11,12 @@ KoLeo is per-process upstream (nearest neighbours within a rank's batch), so the
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +125,30 @@ def _loop(strategy: str, steps: int) -> tuple[list[float], dict[str, torch.Tenso
     return losses, {k: v.detach().clone() for k, v in merged_state_dict(objective.export_backbone()).items()}
 
 
+def _run_nan(out: Path, strategy: str) -> None:
+    """A run whose loss is NaN on rank 1 only, at step 1: every rank must skip that step (none may hang)."""
+    from explora.engine import distributed as D
+    from explora.engine.pretrain import build_objective, load_config
+    from explora.engine.trainer import train
+
+    cfg = load_config(None, [*TINY, f"train.steps={STEPS}", "train.batch_size=4", f"train.strategy={strategy}"])
+    objective = build_objective(cfg)
+    objective.batch_transform = _PerSampleViews
+    forward = objective.forward
+
+    def poisoned(batch, step):
+        out = forward(batch, step)
+        if step == 1 and D.rank() == 1:
+            out.loss = out.loss * float("nan")
+        return out
+
+    objective.forward = poisoned  # before wrapping: FSDP2/DDP hooks still run around it
+    result = train(objective, _Images(), cfg.optim, cfg.train, out)
+    finite = all(bool(torch.isfinite(v).all()) for v in objective.state_dict().values())
+    (out / f"rank{D.rank()}.json").write_text(json.dumps(
+        {"steps": result.steps_done, "skipped": result.skipped_steps, "finite": finite}))
+
+
 def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str, list[str]]]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -129,7 +157,9 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str, list[st
 
     try:
         for out, strategy, extra in jobs:
-            if out.endswith("loop"):
+            if out.endswith("nan"):
+                _run_nan(Path(out), strategy)
+            elif out.endswith("loop"):
                 result = _loop(strategy, STEPS)
                 if D.is_main():
                     torch.save(result, out + ".pt")
@@ -165,7 +195,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """Single-process 1 x 8 and 2-process 2 x 4 runs (DDP with centering and with Sinkhorn, FSDP2)."""
     root = tmp_path_factory.mktemp("dist")
     names = {"ddp": ("ddp", []), "ddp_sk": ("ddp", ["dinov2.centering=sinkhorn_knopp"]),
-             "ddp_loop": ("ddp", []), "fsdp2_loop": ("fsdp2", [])}
+             "ddp_loop": ("ddp", []), "fsdp2_loop": ("fsdp2", []), "fsdp2_nan": ("fsdp2", [])}
     _spawn2([(str(root / n), s, x) for n, (s, x) in names.items()])
     torch.set_num_threads(1)
     _run(root / "single", "none", 8, [])
@@ -195,3 +225,103 @@ def test_fsdp2_trains_and_matches_ddp(runs):
     assert loss_f[-1] < loss_f[0]  # it trains
     assert w_f.keys() == w_d.keys() and all(type(v) is torch.Tensor for v in w_f.values())  # gathered, no DTensor
     assert _max_abs(w_f, w_d) < WTOL
+
+
+def test_fsdp2_nonfinite_loss_on_one_rank_is_skipped_by_all(runs):
+    """Rank 1 alone produces a NaN loss at step 1; the global loss makes both ranks skip it, then training goes on."""
+    reports = [json.loads((runs["fsdp2_nan"] / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports == [{"steps": STEPS, "skipped": 1, "finite": True}] * 2
+    steps = [int(row["step"]) for row in _metric_rows(runs["fsdp2_nan"])]
+    assert steps == [0, 2, 3]  # the skipped step logs nothing
+
+
+# -- real `torchrun -m explora pretrain` -------------------------------------------------------------------------
+
+CLI_TINY = [
+    "model.name=test_dinov2", "model.weights=null", "data.image_size=32", "dinov2.n_prototypes=64",
+    "dinov2.hidden_dim=32", "dinov2.bottleneck_dim=16", "dinov2.global_size=32", "dinov2.local_size=16",
+    "dinov2.n_local=2", "train.batch_size=4", "train.num_workers=0", "train.log_every=1", "train.tensorboard=false",
+    "train.precision=fp32", "train.steps=4", "train.ckpt_every=2",
+]
+
+
+def _torchrun(idx_dir: Path, out: Path, strategy: str, *extra: str) -> None:
+    """``torchrun --standalone --nproc_per_node 2 -m explora pretrain ...`` (gloo on CPU), must exit 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "explora",
+           "pretrain", *CLI_TINY, f"data.spec=fashion_mnist:{idx_dir}:rgb=true", f"output_dir={out}",
+           f"train.strategy={strategy}", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory) -> Path:
+    from data_fixtures import idx_files
+
+    root = tmp_path_factory.mktemp("fm")
+    idx_files(root, n=64, prefix="train")
+    idx_files(root, n=16, prefix="t10k")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fsdp2_cli_run(idx_dir, tmp_path_factory) -> Path:
+    """One uninterrupted 2-process FSDP2 run of 4 steps, checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("cli") / "fsdp2"
+    _torchrun(idx_dir, out, "fsdp2")
+    return out
+
+
+def _metric_rows(run: Path) -> list[dict[str, float]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items() if k != "images_per_s"} for row in csv.DictReader(f)]
+
+
+def test_torchrun_fsdp2_checkpoint_leaves_out_frozen_weights(fsdp2_cli_run):
+    summary = json.loads((fsdp2_cli_run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 0 and "safetensors" in summary["exports"]
+    state = torch.load(fsdp2_cli_run / "checkpoints" / "ckpt-00000002.pt", weights_only=True)
+    obj = state["objective"]
+    assert all(type(v) is torch.Tensor for v in obj.values())  # gathered full tensors, no DTensor shards
+    for net in ("student", "teacher"):  # D-[L]-r64 on depth 4: blocks 0-2 LoRA only, block 3 unfrozen
+        pre = f"{net}.backbone.blocks"
+        assert f"{pre}.0.attn.qkv.weight" not in obj and f"{pre}.2.mlp.fc1.weight" not in obj
+        assert f"{pre}.0.attn.qkv.lora_A" in obj and f"{pre}.0.norm1.weight" in obj
+        assert obj[f"{pre}.3.attn.qkv.weight"].shape == (192, 64)  # full (3D, D), not a (96, 64) shard
+        assert f"{net}.backbone.patch_embed.proj.weight" not in obj
+    assert state["optimizer_layout"] == "full_by_name" and len(state["torch_rng_per_rank"]) == 2
+    exp_avg = {k: v["exp_avg"] for k, v in state["optimizer"]["state"].items()}  # AdamW state keyed by name
+    # every trainable student tensor, plus the mask token; the head's fixed weight-norm g (frozen, not pre-trained:
+    # it is saved) has no optimiser state
+    fixed_g = "student.dino_head.last_layer.parametrizations.weight.original0"
+    assert set(exp_avg) == {k for k in obj if k.startswith("student.") and k != fixed_g} | {"mask_token"}
+    assert all(exp_avg[k].shape == obj[k].shape for k in exp_avg)  # full moments, not a rank's shard
+
+
+def test_torchrun_fsdp2_resume_equals_uninterrupted(idx_dir, fsdp2_cli_run, tmp_path):
+    """Cut after the step-2 checkpoint, resumed to step 4 under FSDP2: the export is bitwise the uninterrupted one
+    (tolerance 0: same reduction order, full optimiser state and per-rank RNG restored; measured max diff 0.0)."""
+    run = tmp_path / "run"
+    shutil.copytree(fsdp2_cli_run, run)
+    for p in [*(run / "checkpoints").glob("ckpt-00000004.*"), run / "summary.json"]:
+        p.unlink()
+    shutil.rmtree(run / "export")
+    _torchrun(idx_dir, run, "fsdp2", "--resume")
+    a = load_file(fsdp2_cli_run / "export" / "model.safetensors")
+    b = load_file(run / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _metric_rows(run) == _metric_rows(fsdp2_cli_run)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_torchrun_ddp_completes_and_matches_fsdp2(idx_dir, fsdp2_cli_run, tmp_path):
+    """Same data, crops and masks (seeded per step and rank), DDP instead of FSDP2: same run up to float order."""
+    _torchrun(idx_dir, tmp_path / "ddp", "ddp")
+    rows_d, rows_f = _metric_rows(tmp_path / "ddp"), _metric_rows(fsdp2_cli_run)
+    assert len(rows_d) == 4
+    for d, f in zip(rows_d, rows_f):
+        assert d == pytest.approx(f, rel=RTOL, abs=ATOL)
+    wd = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
+    wf = load_file(fsdp2_cli_run / "export" / "model.safetensors")
+    assert wd.keys() == wf.keys() and _max_abs(wd, wf) < WTOL
