@@ -50,7 +50,7 @@ class DemoConfig:
     variants: tuple[str, ...] = ("explora", "lora_only", "unfreeze_only")
     seed: int = 0
     num_workers: int = 1
-    precision: str = "bf16"
+    precision: str = "auto"  # bf16 where the hardware is fast at it, else fp32 (explora/engine/precision.py)
     dinov2: dict[str, Any] = field(default_factory=dict)  # extra DinoV2 objective overrides
 
     @classmethod
@@ -132,13 +132,14 @@ def _eval_subset(dataset, n: int, seed: int):
 
 def _evaluate(backbone, name: str, cfg: DemoConfig, train_set, test_set, stats_source, num_classes: int, out: Path):
     """Linear probe (DinoV2 protocol on cached features) and kNN of a frozen backbone -> metrics dict."""
+    from explora.engine.precision import autocast_dtype
     from explora.eval.features import eval_transform_for, extract_features
     from explora.eval.knn import knn_classify
     from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
     from explora.eval.metrics import save_metrics
 
     transform = eval_transform_for(stats_source, cfg.image_size, crop_pct=1.0)
-    autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+    autocast = autocast_dtype(cfg.precision, torch.device("cpu"))
     feats = {
         split: extract_features(
             backbone,

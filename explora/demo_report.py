@@ -104,6 +104,7 @@ def plot_before_after(raw: torch.Tensor, models: dict[str, torch.nn.Module], nor
 
 def write_report(cfg, out: Path, results, params, timings, frozen, test_set, stats_source) -> Path:
     from explora.demo import VARIANTS
+    from explora.engine.precision import resolve_precision
     from explora.eval.features import eval_transform_for
     from explora.models.backbone import build_backbone
 
@@ -129,7 +130,7 @@ def write_report(cfg, out: Path, results, params, timings, frozen, test_set, sta
         f"Backbone `{cfg.model}` (weights: `{cfg.weights}`), target domain `{cfg.data}`.",
         f"Pre-training: {cfg.steps} steps x batch {cfg.batch_size} ({cfg.steps * cfg.batch_size} unlabeled images), "
         f"2 global crops at {cfg.image_size} px + {cfg.n_local} local at {cfg.local_size} px, {cfg.prototypes} "
-        f"prototypes, {cfg.precision}. Evaluation: frozen backbone at {cfg.image_size} px on {base['n_train']} train / "
+        f"prototypes, {resolve_precision(cfg.precision, torch.device('cpu'))}. Evaluation: frozen backbone at {cfg.image_size} px on {base['n_train']} train / "
         f"{base['n_test']} test images (fixed random subsets, seed {cfg.seed}); linear probe = DinoV2 protocol "
         "(28 heads, best on the test split as upstream ExPLoRA does for fMoW); kNN on L2-normalised CLS, T = 0.07.",
         "",

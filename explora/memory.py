@@ -191,6 +191,8 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
     if cfg.objective != "dinov2":
         raise ConfigError(f"objective: the memory estimate models the DinoV2 objective, got {cfg.objective!r}")
     precision = precision or cfg.train.precision
+    if precision == "auto":  # the estimate is for the machine the run will use: assume bf16-capable hardware (GPU)
+        precision = "bf16"
     if precision not in PRECISIONS:
         raise ConfigError(f"train.precision: got {precision!r}, expected one of {PRECISIONS}")
     ckpt = cfg.model.grad_checkpointing if grad_checkpointing is None else grad_checkpointing

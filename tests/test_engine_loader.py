@@ -40,3 +40,13 @@ def test_schedules():
     assert scaled_lr(4e-3, 256, 1024, "sqrt") == pytest.approx(2e-3)
     assert scaled_lr(1.5e-4, 512, 256, "linear") == pytest.approx(3e-4)
     assert torch.tensor(1.0).item() == 1.0
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    from explora.engine import precision as P
+
+    monkeypatch.setattr(P, "cpu_has_fast_bf16", lambda: False)
+    assert P.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(P, "cpu_has_fast_bf16", lambda: True)
+    assert P.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert P.resolve_precision("fp32", torch.device("cpu")) == "fp32"

@@ -9,7 +9,6 @@ optimiser, torch RNG) is in the checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ class TrainConfig:
     batch_size: int = 32  # per process
     steps_per_epoch: int | None = None  # None: dataset size // global batch
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware is fast at it (precision.py)
     num_workers: int = 2
     log_every: int = 10
     ckpt_every: int = 200
@@ -94,9 +93,9 @@ class TrainResult:
 
 
 def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    from explora.engine.precision import autocast
+
+    return autocast(precision, device)
 
 
 def _num_layers(objective: nn.Module) -> int:

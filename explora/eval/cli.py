@@ -200,7 +200,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mixup", type=float, default=0.8)
     p.add_argument("--cutmix", type=float, default=1.0)
     p.add_argument("--smoothing", type=float, default=0.1)
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 where the hardware is fast at it (GPU, AMX/AVX512-BF16 CPU), else fp32")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: one epoch)")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
