@@ -21,7 +21,8 @@ PY
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
 for VARIANT in plain ckpt compile; do
-  VARIANT="$VARIANT" STEPS="$STEPS" PEAK_TFLOPS="$PEAK_TFLOPS" timeout 240 python - <<'PY' || echo "{\"variant\": \"$VARIANT\", \"error\": \"failed or timed out (exit $?)\"}"
+  case "$VARIANT" in compile) LIMIT=200 ;; *) LIMIT=120 ;; esac  # 120 + 120 + 200 s < 8 minutes
+  VARIANT="$VARIANT" STEPS="$STEPS" PEAK_TFLOPS="$PEAK_TFLOPS" timeout "$LIMIT" python - <<'PY' || echo "{\"variant\": \"$VARIANT\", \"error\": \"failed or timed out (exit $?)\"}"
 import json, os, statistics, time
 
 import torch
