@@ -28,7 +28,7 @@ SMALL = {
                       "--n-local", "4", "--batch-size", "8", "--prototypes", "1024", "--precision", "bf16",
                       "--steps", "2", "--rounds", "2", "--peak-size", "512"],
     "pretrain_mae_bf16": ["pretrain_step.py", "--objective", "mae", "--model", "test_mae", "--global-size", "32",
-                          "--batch-size", "8", "--precision", "bf16", "--steps", "2", "--rounds", "2",
+                          "--batch-size", "8", "--precision", "bf16", "--steps", "1", "--rounds", "1",
                           "--peak-size", "512"],
     "finetune_fp32": ["finetune_step.py", "--model", "test_dinov2", "--img-size", "32", "--batch-size", "16",
                       "--steps", "3", "--rounds", "2", "--peak-size", "512"],
