@@ -19,21 +19,20 @@ Every file is written atomically (temp file in the same directory, fsync, ``os.r
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import timm
 import torch
 from torch import Tensor, nn
 
+from explora.atomic import atomic_write
 from explora.errors import CheckpointError, ConfigError
 from explora.lora import merged_state_dict
 
@@ -41,30 +40,6 @@ FORMATS = ("safetensors", "encoder", "teacher")
 FILE_NAMES = {"safetensors": "model.safetensors", "encoder": "encoder_only.pth", "teacher": "teacher.pth"}
 SIDECAR = "model.json"
 _QKV = re.compile(r"^(blocks\.\d+\.attn\.)qkv\.(weight|bias)$")
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """``write(f)`` into a temp file next to ``path``, fsync, ``os.replace``: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise CheckpointError(f"could not write {path}: {err.strerror or err}") from err
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def _plain(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:

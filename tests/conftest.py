@@ -43,3 +43,31 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present on this machine")
     return path
+
+
+def simulate_disk_full(monkeypatch, writes_that_fit: int = 0) -> None:
+    """Every atomic write after the first ``writes_that_fit`` fails with ENOSPC, as on a full disk."""
+    import errno
+
+    import explora.atomic as atomic
+
+    real_fdopen, opened = atomic.os.fdopen, []
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fdopen(fd, mode):
+        opened.append(fd)
+        return real_fdopen(fd, mode) if len(opened) <= writes_that_fit else Full(real_fdopen(fd, mode))
+
+    monkeypatch.setattr(atomic.os, "fdopen", fdopen)

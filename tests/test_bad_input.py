@@ -4,7 +4,6 @@ thing and says what was expected, and harms nothing already saved. Plus safe loa
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import simulate_disk_full
 from data_fixtures import idx_files, image_folder, truncate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -147,28 +147,7 @@ def _copy(done: Path, tmp_path: Path) -> Path:
 
 
 def test_no_space_left_while_saving_keeps_the_previous_checkpoint(m, tmp_path, monkeypatch, capsys):
-    import explora.engine.checkpoint as ck
-
-    real_fdopen, opened = ck.os.fdopen, []
-
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    def fdopen(fd, mode):  # the first checkpoint (.pt + manifest) fits, the second does not
-        opened.append(fd)
-        return real_fdopen(fd, mode) if len(opened) <= 2 else Full(real_fdopen(fd, mode))
-
-    monkeypatch.setattr(ck.os, "fdopen", fdopen)
+    simulate_disk_full(monkeypatch, writes_that_fit=2)  # the first checkpoint (.pt + manifest) fits
     run = tmp_path / "run"
     assert main(_pre(m, f"output_dir={run}", "train.ckpt_every=1", "train.keep_last=1")) == 2
     err = " ".join(capsys.readouterr().err.split())

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-import errno
-
 import pytest
 import torch
+from conftest import simulate_disk_full
 
 from explora.engine.checkpoint import CheckpointManager
 from explora.errors import CheckpointError
@@ -42,24 +41,7 @@ def test_no_space_left_is_a_clear_error_and_harms_nothing(tmp_path, monkeypatch)
     m = CheckpointManager(tmp_path, keep_last=2)
     m.save(_state(1), 1)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    import explora.engine.checkpoint as ck
-
-    real_fdopen = ck.os.fdopen
-
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(ck.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    simulate_disk_full(monkeypatch)
     with pytest.raises(CheckpointError, match="No space left on device.*Nothing already saved was changed"):
         m.save(_state(2), 2)
     monkeypatch.undo()

@@ -12,58 +12,19 @@ frozen pre-trained weights are rebuilt from the source checkpoint on resume (for
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from explora.errors import CheckpointError
+from explora.atomic import atomic_write_bytes
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointError(
-                f"could not write {path}: {e.strerror or e}. Nothing already saved was changed; free disk space "
-                "or choose another output directory, then resume."
-            ) from None
-        raise
-    _fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> str:

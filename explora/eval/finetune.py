@@ -328,7 +328,7 @@ def _save_best(model: nn.Module, out_dir: Path, metrics: dict[str, Any], step: i
 
     from safetensors.torch import save as save_safetensors
 
-    from explora.engine.checkpoint import atomic_write_bytes
+    from explora.atomic import atomic_write_bytes
     from explora.lora import merged_state_dict
 
     state = {k: v.detach().cpu().contiguous() for k, v in merged_state_dict(model).items()}
