@@ -140,6 +140,8 @@ def main(argv=None) -> dict:
     for _ in range(args.rounds):
         for v in runs:
             runs[v].append(run_worker(__file__, v, fwd))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = None if args.no_peak else matmul_peak(args.precision, args.peak_size)
     results = {v: summarise(r, args.batch_size, peak) for v, r in runs.items()}
     report = {"benchmark": "finetune_step.py", "args": {k: v for k, v in vars(args).items() if k != "worker"},

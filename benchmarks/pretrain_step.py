@@ -426,7 +426,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved ours/baseline rounds (one subprocess each)")
     ap.add_argument("--variants", nargs="+", default=["ours", "baseline"], choices=["ours", "baseline"])
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch default; use 1 "
+                    "on a shared machine: with 2 threads on 2 busy cores every op waits for a descheduled thread)")
     ap.add_argument("--peak-size", type=int, default=1024, help="matrix side of the matmul-peak measurement")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul-peak measurement")
     ap.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
@@ -459,6 +460,8 @@ def main(argv: list[str] | None = None, script: str = __file__, worker_fn=None, 
     for _ in range(args.rounds):
         for v in args.variants:
             runs[v].append(run_worker(script, v, forward_argv(args)))
+    if args.threads:  # the roofline at the workers' thread count
+        torch.set_num_threads(args.threads)
     peak = None if args.no_peak else matmul_peak(args.precision, args.peak_size)
     n_items = (items or items_per_step)(args)
     results = {v: summarise(r, n_items, peak) for v, r in runs.items()}
