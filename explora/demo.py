@@ -36,16 +36,19 @@ class DemoConfig:
     weights: str | None = "default"
     data: str = "fashion_mnist:/usr/share/datasets/fashion-mnist:rgb=true"
     out: str = "demo-out"
-    image_size: int = 112  # global crop and evaluation size (8x8 patches of 14 px)
-    local_size: int = 56
-    n_local: int = 4
+    image_size: int = 56  # global crop and evaluation size (4x4 patches of 14 px; Fashion-MNIST is 28 px)
+    local_size: int = 28
+    n_local: int = 2
     prototypes: int = 4096
-    steps: int = 100
+    steps: int | None = None  # per variant; None: as many as fit in budget_minutes (measured on this machine)
+    budget_minutes: float = 20.0
+    min_steps: int = 5
+    max_steps: int = 300
     batch_size: int = 32
     base_lr: float = 2e-4
     warmup_steps: int = 10
-    n_train_eval: int = 5000
-    n_test_eval: int = 2000
+    n_train_eval: int = 1000
+    n_test_eval: int = 500
     n_show: int = 6  # images in the PCA / attention figures
     variants: tuple[str, ...] = ("explora", "lora_only", "unfreeze_only")
     seed: int = 0
@@ -101,7 +104,7 @@ def _pretrain_config(cfg: DemoConfig, variant: str):
         optim=OptimConfig(
             base_lr=cfg.base_lr,
             lr_scaling="none",
-            warmup_steps=cfg.warmup_steps,
+            warmup_steps=min(cfg.warmup_steps, max(1, cfg.steps // 5)),
             weight_decay=0.04,
             weight_decay_end=0.04,
             layer_decay=1.0,
@@ -181,6 +184,40 @@ def _evaluate(backbone, name: str, cfg: DemoConfig, train_set, test_set, stats_s
     return metrics
 
 
+def plan_steps(cfg: DemoConfig, elapsed_s: float, eval_s: float, step_s: float) -> int:
+    """Steps per variant so that the whole demo fits ``budget_minutes``: what is left after the elapsed time, one
+    evaluation per variant (timed on the frozen model) and a reserve for figures, shared by the variants."""
+    n = len(cfg.variants)
+    reserve = 60.0
+    left = cfg.budget_minutes * 60.0 - elapsed_s - n * eval_s - reserve
+    steps = int(left / max(n * step_s, 1e-9))
+    return max(cfg.min_steps, min(cfg.max_steps, steps))
+
+
+def measure_step_seconds(cfg: DemoConfig, dataset) -> float:
+    """Seconds of one ExPLoRA optimisation step at the demo's settings (the second of two timed steps)."""
+    from explora.engine.precision import autocast
+    from explora.engine.pretrain import build_objective
+
+    pcfg = _pretrain_config(cfg, "explora")
+    objective = build_objective(pcfg, (tuple(dataset.mean), tuple(dataset.std)))
+    images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(cfg.batch_size)])
+    batch = objective.batch_transform()(images, torch.Generator().manual_seed(cfg.seed))
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    seconds = 0.0
+    for step in range(2):
+        t = time.perf_counter()
+        with autocast(cfg.precision, torch.device("cpu")):
+            loss = objective(batch, step).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.on_optimizer_step(step)
+        seconds = time.perf_counter() - t
+    return seconds * 1.1  # data loading and logging
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the whole demo; returns the path of ``report.md``. Finished stages are reused on a rerun."""
     from explora.adapt import apply_preset
@@ -212,6 +249,24 @@ def run_demo(cfg: DemoConfig) -> Path:
     )
     timings["eval_frozen_s"] = time.perf_counter() - t
     params["frozen"] = {"trainable": 0, "total": sum(p.numel() for p in frozen.parameters())}
+
+    plan_path = out / "plan.json"
+    if cfg.steps is None:
+        if plan_path.is_file():  # a rerun keeps the plan, so interrupted runs resume with the same config
+            cfg = replace(cfg, steps=int(json.loads(plan_path.read_text())["steps"]))
+        else:
+            stage("timing one pre-training step to fit the budget")
+            step_s = measure_step_seconds(cfg, train_full)
+            steps = plan_steps(cfg, time.perf_counter() - t0, timings["eval_frozen_s"], step_s)
+            plan = {
+                "steps": steps,
+                "step_seconds": round(step_s, 2),
+                "budget_minutes": cfg.budget_minutes,
+                "eval_seconds": round(timings["eval_frozen_s"], 1),
+            }
+            plan_path.write_text(json.dumps(plan, indent=2))
+            cfg = replace(cfg, steps=steps)
+            print(f"[demo] {step_s:.1f} s per step here: {steps} steps per variant fit {cfg.budget_minutes:g} minutes")
 
     for variant in cfg.variants:
         pcfg = _pretrain_config(cfg, variant)

@@ -124,15 +124,25 @@ def write_report(cfg, out: Path, results, params, timings, frozen, test_set, sta
     plot_before_after(raw, shown, transform, figs / "before_after.png")
 
     base = results["frozen"]
+    precision = resolve_precision(cfg.precision, torch.device("cpu"))
+    plan_path = out / "plan.json"
+    plan_line = ""
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        plan_line = (
+            f" The step count was chosen to fit the {plan['budget_minutes']:g}-minute budget on this machine: one "
+            f"step took {plan['step_seconds']} s and one evaluation {plan['eval_seconds']} s (`plan.json`)."
+        )
     lines = [
         "# ExPLoRA demo report",
         "",
         f"Backbone `{cfg.model}` (weights: `{cfg.weights}`), target domain `{cfg.data}`.",
         f"Pre-training: {cfg.steps} steps x batch {cfg.batch_size} ({cfg.steps * cfg.batch_size} unlabeled images), "
         f"2 global crops at {cfg.image_size} px + {cfg.n_local} local at {cfg.local_size} px, {cfg.prototypes} "
-        f"prototypes, {resolve_precision(cfg.precision, torch.device('cpu'))}. Evaluation: frozen backbone at {cfg.image_size} px on {base['n_train']} train / "
+        f"prototypes, {precision}. Evaluation: frozen backbone at {cfg.image_size} px on {base['n_train']} train / "
         f"{base['n_test']} test images (fixed random subsets, seed {cfg.seed}); linear probe = DinoV2 protocol "
-        "(28 heads, best on the test split as upstream ExPLoRA does for fMoW); kNN on L2-normalised CLS, T = 0.07.",
+        "(28 heads, best on the test split as upstream ExPLoRA does for fMoW); kNN on L2-normalised CLS, T = 0.07."
+        + plan_line,
         "",
         "| model | trainable backbone params | linear top-1 | kNN top-1 | linear vs frozen | kNN vs frozen |",
         "|---|---|---|---|---|---|",

@@ -70,3 +70,14 @@ def test_rerun_reuses_finished_stages(demo_run, capsys):
     run_demo(cfg)
     out = capsys.readouterr().out
     assert "pre-training:" not in out  # every variant had finished
+
+
+def test_step_plan_fits_the_budget():
+    from explora.demo import plan_steps
+
+    cfg = DemoConfig(budget_minutes=20)
+    steps = plan_steps(cfg, elapsed_s=120, eval_s=90, step_s=10)
+    used = 120 + 3 * 90 + 60 + 3 * steps * 10
+    assert steps == 25 and used <= 20 * 60
+    assert plan_steps(cfg, elapsed_s=1190, eval_s=90, step_s=10) == cfg.min_steps
+    assert plan_steps(cfg, elapsed_s=0, eval_s=0, step_s=0.01) == cfg.max_steps
