@@ -68,7 +68,9 @@ class DemoConfig:
             local_size=16,
             n_local=2,
             prototypes=64,
-            steps=3,
+            steps=None,  # exercise the budget planner: it times a step, then clamps to [min_steps, max_steps]
+            min_steps=2,
+            max_steps=3,
             batch_size=4,
             warmup_steps=1,
             n_train_eval=40,
@@ -199,7 +201,7 @@ def measure_step_seconds(cfg: DemoConfig, dataset) -> float:
     from explora.engine.precision import autocast
     from explora.engine.pretrain import build_objective
 
-    pcfg = _pretrain_config(cfg, "explora")
+    pcfg = _pretrain_config(replace(cfg, steps=cfg.steps or cfg.max_steps), "explora")
     objective = build_objective(pcfg, (tuple(dataset.mean), tuple(dataset.std)))
     images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(cfg.batch_size)])
     batch = objective.batch_transform()(images, torch.Generator().manual_seed(cfg.seed))
