@@ -159,8 +159,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     if bands is not None and cfg.objective == "dinov2" and bands != cfg.model.in_chans:
         raise DataError(
             f"dataset {cfg.data.spec!r} has {bands} band(s) but the model takes model.in_chans={cfg.model.in_chans}. "
-            "Set model.in_chans to the band count (RGB weights are adapted to it), or for grayscale data add ':rgb=true' "
-            "to the dataset spec to replicate the band."
+            "Set model.in_chans to the band count (RGB weights are adapted to it), or for grayscale data add "
+            "':rgb=true' to the dataset spec to replicate the band."
         )
     stats = (tuple(dataset.mean), tuple(dataset.std)) if hasattr(dataset, "mean") else None
     objective = build_objective(cfg, stats)
