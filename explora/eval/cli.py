@@ -50,7 +50,7 @@ def _backbone(args: argparse.Namespace, in_chans: int):
     from explora.models.backbone import build_backbone
 
     if is_wrapped_export(args.weights):  # group-channel / temporal MAE export: the sidecar describes the model
-        return load_encoder(args.weights)
+        return load_encoder(args.weights)  # its base architecture comes from the sidecar, not --backbone
     return build_backbone(args.backbone, weights=args.weights, img_size=args.image_size, in_chans=in_chans)
 
 
@@ -191,7 +191,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="supervised fine-tuning: LoRA-r8 (default), full, or head only")
     _common(p)
     p.add_argument("--mode", choices=("lora", "full", "head"), default="lora")
-    p.add_argument("--pool", choices=("cls", "avg", "cls+avg"), default="cls")
+    p.add_argument("--pool", choices=("auto", "cls", "avg", "cls+avg"), default="auto",
+                   help="head input; auto: mean over all tokens for group-channel/temporal exports, else CLS")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--base-lr", type=float, default=1e-3, help="per 256 images (linear scaling)")

@@ -8,10 +8,17 @@ mixup 0.8 / cutmix 1.0 (switch 0.5), label smoothing 0.1, head weight trunc-norm
 
 The training loop is the engine's (:func:`explora.engine.trainer.train`); this module provides the model, the
 objective and the evaluation it calls.
+
+Group-channel (multispectral) and temporal encoders (:mod:`explora.models.group_channel`,
+:mod:`explora.models.temporal`) fine-tune exactly like RGB ViTs: LoRA goes into their shared timm blocks, the head
+reads the mean over all their tokens (every group / frame and position, SatMAE's fine-tuning pooling, the same
+feature as :func:`explora.objectives.mae.objective.build_feature_extractor`), and frame ``timestamps`` (B, T, 3)
+travel from the dataset's third element through the batch transform, the model and the evaluation.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,31 +36,60 @@ from explora.eval.features import EvalTransform, eval_transform_for
 from explora.eval.metrics import classification_metrics, save_metrics
 from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
 
-Pool = Literal["cls", "avg", "cls+avg"]
+Pool = Literal["cls", "avg", "cls+avg", "auto"]
 Mode = Literal["lora", "full", "head"]
+
+
+def is_wrapped_encoder(backbone: nn.Module) -> bool:
+    """True for the group-channel / temporal wrappers (they describe themselves with ``wrapper_config``)."""
+    return callable(getattr(backbone, "wrapper_config", None))
+
+
+def takes_timestamps(backbone: nn.Module) -> bool:
+    """True when the backbone's ``forward_features`` has a ``timestamps`` argument (the temporal wrapper)."""
+    fn = getattr(backbone, "forward_features", None)
+    if fn is None:
+        return False
+    try:
+        return "timestamps" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def resolve_pool(backbone: nn.Module, pool: Pool) -> str:
+    """``auto``: the mean over all non-prefix tokens (``avg``) for group-channel / temporal wrappers, as SatMAE
+    fine-tunes them and as their pre-training export pools; the final-norm CLS token for plain ViTs."""
+    if pool == "auto":
+        return "avg" if is_wrapped_encoder(backbone) else "cls"
+    if pool not in ("cls", "avg", "cls+avg"):
+        raise ConfigError(f"pool: got {pool!r}, expected 'cls', 'avg', 'cls+avg' or 'auto'")
+    return pool
 
 
 class ClassifierModel(nn.Module):
     """A backbone and one linear head on the final-norm CLS token, the mean patch token, or both concatenated.
 
-    ``backbone`` is a timm ViT (uses ``forward_features``), or any module mapping images to pooled (B, D) features
-    (then ``pool`` is ignored and ``in_dim`` must be given).
+    ``backbone`` is a timm ViT or a group-channel / temporal wrapper (uses ``forward_features``; the wrappers
+    return all G*L or T*L tokens after the prefix, so ``avg`` pools over every group/frame and position), or any
+    module mapping images to pooled (B, D) features (then ``pool`` is ignored and ``in_dim`` must be given).
+    ``pool='auto'``: ``avg`` for wrappers, ``cls`` otherwise (:func:`resolve_pool`). ``forward(images,
+    timestamps=None)``: temporal backbones need the (B, T, 3) frame timestamps; others ignore them.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
         num_classes: int,
-        pool: Pool = "cls",
+        pool: Pool = "auto",
         in_dim: int | None = None,
         head_init_std: float = 2e-5,
     ):
         super().__init__()
-        if pool not in ("cls", "avg", "cls+avg"):
-            raise ConfigError(f"pool: got {pool!r}, expected 'cls', 'avg' or 'cls+avg'")
+        pool = resolve_pool(backbone, pool)
         self.backbone = backbone
         self.pool = pool
         self.is_vit = hasattr(backbone, "forward_features") and hasattr(backbone, "num_prefix_tokens")
+        self.needs_timestamps = takes_timestamps(backbone)
         dim = in_dim or getattr(backbone, "num_features", None) or getattr(backbone, "embed_dim", None)
         if dim is None:
             raise ConfigError(f"cannot infer the feature size of {type(backbone).__name__}; pass in_dim")
@@ -63,23 +99,47 @@ class ClassifierModel(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=head_init_std)  # MAE main_finetune.py
         nn.init.zeros_(self.head.bias)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.is_vit:
-            return self.backbone(images)  # (B, D) already pooled
-        tokens = self.backbone.forward_features(images)  # (B, prefix + N, D), through the final norm
+    def features(self, images: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) [+ timestamps (B, T, 3)] -> pooled (B, D) (2D for ``cls+avg``)."""
+        if not self.is_vit:  # a pooling callable; like extract_features, extra inputs go positionally
+            return self.backbone(images) if timestamps is None else self.backbone(images, timestamps)  # (B, D)
+        if self.needs_timestamps:
+            if timestamps is None:
+                raise DataError(
+                    f"{type(self.backbone).__name__} needs frame timestamps (B, T, 3) = (year, month, hour); the "
+                    "dataset gave none (expected each sample as (image, label, timestamps), e.g. fmow_temporal)"
+                )
+            tokens = self.backbone.forward_features(images, timestamps)  # (B, prefix + T*L, D)
+        else:
+            tokens = self.backbone.forward_features(images)  # (B, prefix + N, D), through the final norm
         cls = tokens[:, 0]  # (B, D)
-        patch = tokens[:, self.backbone.num_prefix_tokens :].mean(dim=1)  # (B, D)
+        patch = tokens[:, self.backbone.num_prefix_tokens :].mean(dim=1)  # (B, D): every group/frame + position
         return {"cls": cls, "avg": patch, "cls+avg": torch.cat([cls, patch], dim=1)}[self.pool]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))  # (B, K)
+    def forward(self, images: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(images, timestamps))  # (B, K)
+
+
+def lora_target(backbone: nn.Module) -> nn.Module:
+    """The module whose ``blocks`` get LoRA: the backbone itself when it exposes timm ``blocks`` (timm ViTs and
+    the group-channel / temporal wrappers, whose ``blocks`` are the inner ViT's), else an inner ViT attribute."""
+    if hasattr(backbone, "blocks"):
+        return backbone
+    for name in ("vit", "encoder", "backbone", "model"):
+        inner = getattr(backbone, name, None)
+        if isinstance(inner, nn.Module) and hasattr(inner, "blocks"):
+            return inner
+    raise ConfigError(
+        f"LoRA fine-tuning needs timm ViT blocks: {type(backbone).__name__} has no `blocks` and no inner ViT "
+        "(`vit`/`encoder`/`backbone`/`model` with `blocks`); use --mode full or head"
+    )
 
 
 def prepare_classifier(
     backbone: nn.Module,
     num_classes: int,
     mode: Mode = "lora",
-    pool: Pool = "cls",
+    pool: Pool = "auto",
     lora_rank: int = 8,
     lora_targets: tuple[str, ...] = ("q", "v"),
     **head_kwargs: Any,
@@ -87,12 +147,15 @@ def prepare_classifier(
     """Freeze/unfreeze ``backbone`` for ``mode`` and add the head (always trainable).
 
     ``lora``: the paper's LoRA-r8 (``explora.adapt`` preset ``LoRA-r8``: rank 8 on Q,V of every block, norms frozen);
-    ``full``: every backbone parameter trains; ``head``: the backbone is frozen (a linear probe trained end to end).
+    on a group-channel / temporal wrapper everything else (group projections, position/time encodings) stays frozen
+    too. ``full``: every backbone parameter trains; ``head``: the backbone is frozen (a linear probe trained end to
+    end).
     """
     if mode == "lora":
         from explora.adapt import apply_preset
 
-        apply_preset(backbone, "LoRA-r8", lora_rank=lora_rank, lora_targets=tuple(lora_targets))
+        backbone.requires_grad_(False)  # a wrapper's own embeddings, outside the ViT apply_explora freezes
+        apply_preset(lora_target(backbone), "LoRA-r8", lora_rank=lora_rank, lora_targets=tuple(lora_targets))
     elif mode == "full":
         backbone.requires_grad_(True)
     elif mode == "head":
@@ -165,14 +228,27 @@ class FinetuneTransform:
     """Picklable batch transform: batched RandomResizedCrop (``roi_align``: bilinear, averaged over each output
     bin) + horizontal flip + per-band normalisation + mixup/cutmix against the batch reversed (timm ``Mixup``,
     mode 'batch'). Labels are not visible here (the engine adds them), so it returns the per-sample mixing weight
-    ``mix_lam`` (1 = unmixed) and the objective mixes the targets with ``labels.flip(0)``."""
+    ``mix_lam`` (1 = unmixed) and the objective mixes the targets with ``labels.flip(0)``.
+
+    Temporal batches are (B, T*C, H, W) with ``timestamps`` (B, T, 3): the crop box and flip are drawn per sample
+    and applied to all its channels, so every frame of a sample gets the same crop/flip; the timestamps are
+    returned unchanged. Mixup/cutmix act on the pixels only (timm ``Mixup`` knows no timestamps), so a mixed
+    sample keeps its own frames' timestamps."""
 
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], aug: AugConfig):
         self.image_size, self.mean, self.std, self.aug = int(image_size), tuple(mean), tuple(std), aug
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator,
+        timestamps: torch.Tensor | None = None,
+        **extras: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()  # (B, C, H, W) in [0, 1]
         b, c, h, w = x.shape
+        if timestamps is not None and (timestamps.ndim != 3 or timestamps.shape[0] != b or timestamps.shape[2] != 3):
+            raise DataError(f"timestamps must be (B, T, 3) = ({b}, T, 3), got {tuple(timestamps.shape)}")
         if c != len(self.mean):
             raise DataError(f"images have {c} bands but the dataset statistics have {len(self.mean)}")
         a = self.aug
@@ -185,7 +261,10 @@ class FinetuneTransform:
         std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
         x = (x - mean) / std  # (B, C, S, S)
         x, lam = self._mix(x, generator)
-        return {"images": x.contiguous(), "mix_lam": torch.full((b,), lam)}
+        out = {"images": x.contiguous(), "mix_lam": torch.full((b,), lam)}
+        if timestamps is not None:
+            out["timestamps"] = timestamps  # (B, T, 3), the same frames in the same order
+        return out | {k: v for k, v in extras.items() if k not in out}
 
     def _mix(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, float]:
         a = self.aug
@@ -247,7 +326,7 @@ class FinetuneObjective(Objective):
         labels = batch["labels"]
         if (labels < 0).any():
             raise DataError("fine-tuning got unlabeled samples (label -1); use a labeled split")
-        logits = self.model(batch["images"])  # (B, K)
+        logits = self.model(batch["images"], timestamps=batch.get("timestamps"))  # (B, K)
         lam = batch.get("mix_lam", torch.ones(labels.shape[0], device=labels.device))
         targets = mixed_targets(labels, lam, self.num_classes, self.aug.label_smoothing)  # (B, K)
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -267,18 +346,33 @@ def predict(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) logits and (N,) labels of ``dataset`` under the eval transform, model in eval mode."""
+    """(N, K) logits and (N,) labels of ``dataset`` under the eval transform, model in eval mode.
+
+    A sample's third element (frame timestamps (T, 3), or a dict holding ``timestamps``) is passed to the model
+    as ``timestamps=``."""
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     logits, labels = [], []
     try:
-        for images, y in loader:
-            logits.append(model(transform(images.to(device))).float().cpu())
+        for batch in loader:
+            images, y = batch[0], batch[1]
+            x = transform(images.to(device))  # (B, C, S, S)
+            ts = _batch_timestamps(batch)
+            out = model(x) if ts is None else model(x, timestamps=ts.to(device))  # (B, K)
+            logits.append(out.float().cpu())
             labels.append(torch.as_tensor(y).long())
     finally:
         model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
+
+
+def _batch_timestamps(batch: list | tuple) -> torch.Tensor | None:
+    """The (B, T, 3) timestamps of a default-collated batch: its third element, bare or under ``timestamps``."""
+    if len(batch) < 3:
+        return None
+    extra = batch[2]
+    return extra.get("timestamps") if isinstance(extra, dict) else extra
 
 
 def evaluate(
@@ -339,6 +433,11 @@ def _save_best(model: nn.Module, out_dir: Path, metrics: dict[str, Any], step: i
     atomic_write_bytes(out_dir / "best" / "metrics.json", buf.getvalue().encode())
 
 
+def _backbone_kind(backbone: nn.Module) -> str:
+    """``vit`` for a plain ViT, else the wrapper's kind (``group_channel`` / ``temporal``) for metrics.json."""
+    return str(backbone.wrapper_config().get("kind", "wrapped")) if is_wrapped_encoder(backbone) else "vit"
+
+
 def run_finetune(
     backbone: nn.Module,
     train_set,
@@ -347,7 +446,7 @@ def run_finetune(
     *,
     image_size: int,
     mode: Mode = "lora",
-    pool: Pool = "cls",
+    pool: Pool = "auto",
     lora_rank: int = 8,
     aug: AugConfig | None = None,
     optim=None,
@@ -357,6 +456,8 @@ def run_finetune(
 ) -> dict[str, Any]:
     """Fine-tune with the engine's loop, evaluating on ``val_set`` every epoch.
 
+    ``backbone`` may be a timm ViT or a group-channel / temporal wrapper (e.g. ``explora.export.load_encoder`` of
+    a wrapped MAE export); temporal datasets' timestamps reach the model in training and evaluation.
     ``train_cfg.eval_every`` defaults to one pass over ``train_set``. The best model by validation top-1 is kept in
     ``<out>/best/``; ``metrics.json`` and the confusion matrix describe the final model, ``eval_history.json`` every
     evaluation. ``resume`` continues a killed run from its newest intact checkpoint.
@@ -372,6 +473,7 @@ def run_finetune(
     if num_classes < 2:
         raise DataError(f"train dataset {type(train_set).__name__} has num_classes={num_classes}; expected >= 2")
     model = prepare_classifier(backbone, num_classes, mode=mode, pool=pool, lora_rank=lora_rank)
+    model.train()  # exports load in eval mode; the engine trains what it is given
     mark_frozen(model)
     objective = FinetuneObjective(model, num_classes, image_size, train_set.mean, train_set.std, aug)
     transform = EvalTransform(image_size, tuple(val_set.mean), tuple(val_set.std))
@@ -412,7 +514,8 @@ def run_finetune(
     metrics.update(
         protocol=f"finetune-{mode}",
         mode=mode,
-        pool=pool,
+        pool=model.pool,
+        backbone_kind=_backbone_kind(backbone),
         steps=result.steps_done,
         trainable=trainable_counts(model),
         device=str(device),
