@@ -34,7 +34,7 @@ class DemoConfig:
 
     model: str = "dinov2_vits14"
     weights: str | None = "default"
-    data: str = "fashion_mnist:/usr/share/datasets/fashion-mnist:rgb=true"
+    data: str = ""  # "": Fashion-MNIST from Debian's dataset-fashion-mnist, else downloaded (default_data())
     out: str = "demo-out"
     image_size: int = 56  # global crop and evaluation size (4x4 patches of 14 px; Fashion-MNIST is 28 px)
     local_size: int = 28
@@ -80,6 +80,17 @@ class DemoConfig:
             precision="fp32",
             dinov2={"hidden_dim": 32, "bottleneck_dim": 16},
         )
+
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def default_data() -> str:
+    """Fashion-MNIST where Debian's ``dataset-fashion-mnist`` puts it, else torchvision's download into the cache."""
+    if DEBIAN_FASHION_MNIST.is_dir():
+        return f"fashion_mnist:{DEBIAN_FASHION_MNIST}:rgb=true"
+    cache = Path.home() / ".cache" / "explora" / "fashion-mnist"
+    return f"fashion_mnist:{cache}:rgb=true,download=true"
 
 
 def _pretrain_config(cfg: DemoConfig, variant: str):
@@ -228,6 +239,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     from explora.models.backbone import build_backbone
     from explora.params import parameter_report
 
+    if not cfg.data:
+        cfg = replace(cfg, data=default_data())
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -38,7 +38,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
     p.add_argument("--weights", help="DinoV2 ViT-S/14 file (default: the torch hub cache, else download)")
-    p.add_argument("--data", help="dataset spec (default: Fashion-MNIST from /usr/share/datasets/fashion-mnist)")
+    p.add_argument(
+        "--data", help="dataset spec (default: Fashion-MNIST from /usr/share/datasets/fashion-mnist, else downloaded)"
+    )
     p.add_argument("--model", help="backbone name (default: dinov2_vits14)")
     p.add_argument("--steps", type=int, help="pre-training steps per variant (default: as many as fit the budget)")
     p.add_argument("--budget-minutes", type=float, help="time budget of the whole demo (default: 20)")
