@@ -80,20 +80,28 @@ def test_pretrain_trains_exports_and_resumes_exactly(idx_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(idx_dir, tmp_path):
-    """A real process, killed with SIGKILL while training (possibly inside a checkpoint write)."""
+    """A real process, killed with SIGKILL while training (possibly inside a checkpoint write).
+
+    All three runs are fresh processes, so no state left in the test process by other tests (thread count, attention
+    kernels) can make the reference differ from the resumed run.
+    """
     ref, run = tmp_path / "ref", tmp_path / "run"
     steps = ["train.steps=12", "train.ckpt_every=2", "train.keep_last=1"]
-    assert main(_args(idx_dir, ref, *steps)) == 0
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    cmd = [sys.executable, "-m", "explora", *_args(idx_dir, run, *steps)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def explora(out: Path, *extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "explora", *_args(idx_dir, out, *steps), *extra]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    assert explora(ref).wait() == 0
+    proc = explora(run)
     deadline = time.time() + 120
     while time.time() < deadline and not list((run / "checkpoints").glob("ckpt-0000000[4-9].json")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "summary.json").exists(), "the run finished before it could be killed"
-    assert main([*_args(idx_dir, run, *steps), "--resume"]) == 0
+    assert explora(run, "--resume").wait() == 0
     a = load_file(ref / "export" / "model.safetensors")
     b = load_file(run / "export" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
