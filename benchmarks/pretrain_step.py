@@ -121,9 +121,10 @@ def matmul_peak(precision: str, size: int = 1024, budget_s: float = 6.0) -> floa
 
 
 def autocast(precision: str):
-    """The engine's autocast: bf16 on the CPU/GPU, nothing for fp32."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """The engine's autocast (``explora.engine.precision``) on this run's device."""
+    from explora.engine.precision import autocast as engine_autocast
+
+    return engine_autocast(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def n_trainable(module: nn.Module) -> int:
@@ -160,34 +161,45 @@ def _backbone(args, img_size: int) -> nn.Module:
     return build_backbone(args.model, img_size=img_size)
 
 
+def _engine_step(obj: nn.Module, batch: dict, precision: str, *, depth: int, layer_decay: float,
+                 patch_embed_lr_mult: float, betas: tuple[float, float], weight_decay: float,
+                 ema: bool) -> Callable[[int], None]:
+    """One optimisation step as the engine takes it: DinoV2-style groups, fused AdamW, clip 3.0 (+ EMA update)."""
+    from explora.engine.optim import build_optimizer, build_param_groups
+
+    groups = build_param_groups(obj.named_parameters(), num_layers=depth, layer_decay=layer_decay,
+                                patch_embed_lr_mult=patch_embed_lr_mult)
+    opt = build_optimizer(groups, betas, fused=True)
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 1e-4 * g["lr_multiplier"], weight_decay * g["wd_multiplier"]
+    params = [p for g in groups for p in g["params"]]
+    obj.train()
+
+    def step(i: int) -> None:
+        with autocast(precision):
+            out = obj(batch, i)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema:
+            obj.on_optimizer_step(i)
+
+    return step
+
+
 def ours_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
     """Our step: apply_explora + DinoV2Objective + engine param groups + fused AdamW + clip + EMA."""
     from explora.adapt import apply_explora, preset_options
-    from explora.engine.optim import build_optimizer, build_param_groups
     from explora.objectives.dinov2 import DinoV2Objective
 
     torch.manual_seed(0)
     backbone = _backbone(args, args.global_size)
     apply_explora(backbone, **preset_options("D-[L]-r64", lora_rank=args.rank))
     obj = DinoV2Objective(backbone, _dinov2_cfg(args), total_steps=10_000)
-    groups = build_param_groups(obj.named_parameters(), num_layers=len(backbone.blocks), layer_decay=0.9,
-                                patch_embed_lr_mult=0.2)
-    opt = build_optimizer(groups, (0.9, 0.999), fused=True)
-    for g in opt.param_groups:
-        g["lr"], g["weight_decay"] = 1e-4 * g["lr_multiplier"], 0.04 * g["wd_multiplier"]
-    params = [p for g in groups for p in g["params"]]
     batch = _dinov2_batch(args, obj.patch_size)
-    obj.train()
-
-    def step(i: int) -> None:
-        with autocast(args.precision):
-            out = obj(batch, i)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        obj.on_optimizer_step(i)
-
+    step = _engine_step(obj, batch, args.precision, depth=len(backbone.blocks), layer_decay=0.9,
+                        patch_embed_lr_mult=0.2, betas=(0.9, 0.999), weight_decay=0.04, ema=True)
     return obj, step, batch
 
 
@@ -320,7 +332,6 @@ def ours_mae(args) -> tuple[nn.Module, Callable[[int], None], dict]:
     import warnings
 
     from explora.adapt import apply_explora, preset_options
-    from explora.engine.optim import build_optimizer, build_param_groups
     from explora.objectives.mae import MAEConfig, MAEObjective
 
     torch.manual_seed(0)
@@ -329,22 +340,9 @@ def ours_mae(args) -> tuple[nn.Module, Callable[[int], None], dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         obj = MAEObjective(backbone, MAEConfig(mask_ratio=args.mask_ratio, img_size=args.global_size))
-    groups = build_param_groups(obj.named_parameters(), num_layers=len(backbone.blocks), layer_decay=1.0)
-    opt = build_optimizer(groups, (0.9, 0.95), fused=True)
-    for g in opt.param_groups:
-        g["lr"], g["weight_decay"] = 1e-4 * g["lr_multiplier"], 0.05 * g["wd_multiplier"]
-    params = [p for g in groups for p in g["params"]]
     batch = _mae_batch(args, obj.patch_size)
-    obj.train()
-
-    def step(i: int) -> None:
-        with autocast(args.precision):
-            out = obj(batch, i)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = _engine_step(obj, batch, args.precision, depth=len(backbone.blocks), layer_decay=1.0,
+                        patch_embed_lr_mult=1.0, betas=(0.9, 0.95), weight_decay=0.05, ema=False)
     return obj, step, batch
 
 

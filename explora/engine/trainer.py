@@ -107,10 +107,6 @@ def _num_layers(objective: nn.Module) -> int:
     return max(depths) if depths else 0
 
 
-def _frozen_ids(module: nn.Module) -> set[int]:
-    return {id(p) for p in module.parameters() if not p.requires_grad}
-
-
 def mark_frozen(module: nn.Module) -> None:
     """Tag the parameters frozen now as pre-trained weights: they are rebuilt from the source on resume.
 
