@@ -91,6 +91,22 @@ def test_photometric_ops_match_torchvision(name):
         assert torch.allclose(got, ref, atol=1e-5), name
 
 
+def test_hue_matches_torchvision_over_the_full_factor_range():
+    # the closed form handles rotations beyond one sextant (whole thirds permute channels), grey pixels and ties
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 6, 6, generator=g)
+    x[0, :, :2] = 0.5  # grey
+    x[1, 0], x[2, 1] = x[1, 1], x[2, 2]  # ties between max / min channels
+    x[3] = x[3].round()  # saturated primaries and secondaries
+    f = torch.rand(64, generator=g) - 0.5
+    f[:8] = torch.tensor([0.0, 0.5, -0.5, 1 / 6, -1 / 6, 1 / 3, -1 / 3, 1 / 12])
+    got = adjust_hue(x, f)
+    for i in range(64):
+        assert torch.allclose(got[i], TF.adjust_hue(x[i], float(f[i])), atol=1e-5), i
+    y = x.clone()
+    assert torch.equal(adjust_hue(y, f, out=y), got)  # in place
+
+
 def test_multispectral_and_errors():
     mc = MultiCrop(global_size=16, local_size=8, n_local=2, photometric="multispectral", mean=(0.5,) * 6,
                    std=(0.2,) * 6, band_dropout_p=0.5)

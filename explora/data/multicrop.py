@@ -197,24 +197,36 @@ def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 def adjust_hue(x: torch.Tensor, f: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate hue by ``f`` (n,) turns in HSV space; matches torchvision's adjust_hue with a per-sample factor.
 
-    HSV -> RGB uses the closed form ``c_k = v - (v - min) * clamp(min(k, 4 - k), 0, 1)``, ``k = (n_c + 6h) mod 6``
-    with ``n_c = 5, 3, 1`` for R, G, B, which avoids a per-sextant table; the max channel is found by comparisons
-    (``max`` with indices is several times slower than ``amax``). ``out`` may be ``x`` itself (in place).
+    Closed form without the hue angle (no division, no ``where``, no ``remainder``; every op is a cheap streaming
+    pass). With ``v``/``m`` the max/min channel, ``delta = v - m`` and a rotation by ``s`` sextants, ``|s| <= 1``,
+    output channel ``k`` is ``clamp(min(v + W + 2 x_k, v - W - 2 x_j), m, v)`` with ``W = |s| delta + m - sum(x)``
+    and ``j`` the next channel (R -> G -> B -> R) for ``s >= 0``, the previous one for ``s < 0``. (On the hexagon
+    of normalised chroma, the circular distance from the hue to each primary/secondary vertex is linear in the
+    channels; the HSV -> RGB trapezoid of a rotated hue is a clamped maximum of two such distances.) Larger
+    rotations first move whole thirds of a turn, which permute the channels. ``out`` may be ``x`` (in place).
     """
-    r, g, b = x.unbind(1)  # each (n, H, W)
-    maxc = x.amax(1)  # (n, H, W)
-    delta = maxc - x.amin(1)
-    d = delta.clamp_min(1e-12)  # grey pixels: every numerator below is 0
-    # hue in sextants: r max -> (g-b)/d, g max -> 2 + (b-r)/d, else 4 + (r-g)/d (torchvision's tie order)
-    num = torch.where(maxc == r, g - b,
-                      torch.where(maxc == g, torch.add(b - r, d, alpha=2.0), torch.add(r - g, d, alpha=4.0)))
-    h6 = torch.addcdiv((6.0 * f).view(-1, 1, 1).to(x.dtype), num, d)  # (n, H, W) rotated hue, in sextants
+    n, c = x.shape[:2]
+    s = (6.0 * f).to(x.dtype)  # (n,) rotation in sextants
+    thirds = torch.round(s / 2)  # whole 120-degree steps: channel k takes channel k - thirds
+    s = s - 2 * thirds  # (n,) in [-1, 1]
+    v, m = x.amax(1, keepdim=True), x.amin(1, keepdim=True)  # (n, 1, H, W)
+    w = torch.addcmul(m - x.sum(1, keepdim=True), v - m, s.abs().view(n, 1, 1, 1))  # |s| delta + m - sum
+    ch = torch.arange(3)
+    step = torch.where(s >= 0, 1, 2).view(n, 1)  # +1 (next) or -1 (previous) channel, mod 3
+    rows = torch.arange(n).view(n, 1) * 3
+    planes = x.reshape(n * 3, -1)
+    if bool((thirds != 0).any()):
+        shift = thirds.long().view(n, 1)
+        a = planes.index_select(0, (rows + (ch - shift) % 3).view(-1)).view_as(x)
+        b = planes.index_select(0, (rows + (ch - shift + step) % 3).view(-1)).view_as(x)
+    else:
+        a, b = x, planes.index_select(0, (rows + (ch + step) % 3).view(-1)).view_as(x)
+    hi = torch.add(v, w)  # v + W
+    b = torch.add(torch.sub(v, w), b, alpha=-2.0)  # v - W - 2 x_j
+    a = torch.add(hi, a, alpha=2.0)  # v + W + 2 x_k
     out = torch.empty_like(x) if out is None else out
-    for ch, n_c in enumerate((5.0, 3.0, 1.0)):
-        k = torch.remainder(h6 + n_c, 6.0)
-        t = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        torch.addcmul(maxc, delta, t, value=-1.0, out=out[:, ch])
-    return out  # (n, 3, H, W)
+    torch.minimum(a, b, out=out)
+    return out.clamp_(m, v)  # (n, 3, H, W)
 
 
 def solarize(x: torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
