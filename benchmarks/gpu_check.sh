@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ExPLoRA DinoV2 pre-training step on one GPU at the paper's settings: ViT-L/14 (dinov2_vitl14 architecture,
 # random weights: no hub access), preset D-[L]-r64, 2 x 224 px global + 8 x 98 px local crops, batch 32, bf16
-# autocast, 65,536 prototypes, fused AdamW + clip 3.0 + EMA, exactly as benchmarks/pretrain_step.py's OURS step.
+# autocast, 65,536 prototypes, split backward (the default), fused AdamW + clip 3.0 + EMA, exactly as
+# benchmarks/pretrain_step.py's OURS step.
 # Three variants, each in its own process (separate peak memory):
 #   plain        - eager
 #   ckpt         - per-block activation checkpointing (vit.grad_checkpointing = True, non-reentrant)
@@ -31,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from explora.adapt import apply_explora, preset_options
 from explora.data.multicrop import MultiCrop
 from explora.engine.optim import build_optimizer, build_param_groups
+from explora.engine.step import forward_backward
 from explora.models.backbone import build_backbone
 from explora.objectives.dinov2 import DinoV2Config, DinoV2Objective
 from explora.objectives.dinov2.masking import BlockMaskSampler
@@ -64,9 +66,7 @@ batch = {k: v.to(dev) for k, v in transform(images, gen).items()}  # pre-made cr
 obj.train()
 
 def step(i):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = obj(batch, i)
-    out.loss.backward()
+    forward_backward(obj, obj, batch, i, "bf16", dev)  # split backward: local crops, then global crops
     torch.nn.utils.clip_grad_norm_(params, 3.0)
     opt.step()
     opt.zero_grad(set_to_none=True)

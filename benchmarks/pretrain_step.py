@@ -164,7 +164,8 @@ def _backbone(args, img_size: int) -> nn.Module:
 def _engine_step(obj: nn.Module, batch: dict, precision: str, *, depth: int, layer_decay: float,
                  patch_embed_lr_mult: float, betas: tuple[float, float], weight_decay: float,
                  ema: bool) -> Callable[[int], None]:
-    """One optimisation step as the engine takes it: DinoV2-style groups, fused AdamW, clip 3.0 (+ EMA update)."""
+    """One optimisation step as the engine takes it: the objective's backward stages, DinoV2-style groups, fused
+    AdamW, clip 3.0 (+ EMA update)."""
     from explora.engine.optim import build_optimizer, build_param_groups
 
     groups = build_param_groups(obj.named_parameters(), num_layers=depth, layer_decay=layer_decay,
@@ -175,10 +176,12 @@ def _engine_step(obj: nn.Module, batch: dict, precision: str, *, depth: int, lay
     params = [p for g in groups for p in g["params"]]
     obj.train()
 
+    from explora.engine.step import forward_backward
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
     def step(i: int) -> None:
-        with autocast(precision):
-            out = obj(batch, i)
-        out.loss.backward()
+        forward_backward(obj, obj, batch, i, precision, device)  # the objective's stages (split backward)
         torch.nn.utils.clip_grad_norm_(params, 3.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -188,15 +191,21 @@ def _engine_step(obj: nn.Module, batch: dict, precision: str, *, depth: int, lay
     return step
 
 
-def ours_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
-    """Our step: apply_explora + DinoV2Objective + engine param groups + fused AdamW + clip + EMA."""
+def ours_dinov2(args, split_backward: bool = True) -> tuple[nn.Module, Callable[[int], None], dict]:
+    """Our step: apply_explora + DinoV2Objective + engine param groups + fused AdamW + clip + EMA.
+
+    ``split_backward`` (the library default) back-propagates the local crops before the global crops run; the
+    ``ours_joint`` variant turns it off to show what it alone changes.
+    """
     from explora.adapt import apply_explora, preset_options
     from explora.objectives.dinov2 import DinoV2Objective
 
     torch.manual_seed(0)
     backbone = _backbone(args, args.global_size)
     apply_explora(backbone, **preset_options("D-[L]-r64", lora_rank=args.rank))
-    obj = DinoV2Objective(backbone, _dinov2_cfg(args), total_steps=10_000)
+    cfg = _dinov2_cfg(args)
+    cfg.split_backward = split_backward
+    obj = DinoV2Objective(backbone, cfg, total_steps=10_000)
     batch = _dinov2_batch(args, obj.patch_size)
     step = _engine_step(obj, batch, args.precision, depth=len(backbone.blocks), layer_decay=0.9,
                         patch_embed_lr_mult=0.2, betas=(0.9, 0.999), weight_decay=0.04, ema=True)
@@ -390,7 +399,13 @@ def baseline_mae(args) -> tuple[nn.Module, Callable[[int], None], dict]:
     return model, step, batch
 
 
+def ours_joint_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
+    """Our step with one joint backward over all crops (``dinov2.split_backward: false``)."""
+    return ours_dinov2(args, split_backward=False)
+
+
 VARIANTS = {("dinov2", "ours"): ours_dinov2, ("dinov2", "baseline"): baseline_dinov2,
+            ("dinov2", "ours_joint"): ours_joint_dinov2,
             ("mae", "ours"): ours_mae, ("mae", "baseline"): baseline_mae}
 
 
@@ -423,12 +438,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved ours/baseline rounds (one subprocess each)")
-    ap.add_argument("--variants", nargs="+", default=["ours", "baseline"], choices=["ours", "baseline"])
+    ap.add_argument("--variants", nargs="+", default=["ours", "baseline"], choices=["ours", "baseline", "ours_joint"],
+                    help="ours_joint (dinov2): ours without the split backward")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch default; use 1 "
                     "on a shared machine: with 2 threads on 2 busy cores every op waits for a descheduled thread)")
     ap.add_argument("--peak-size", type=int, default=1024, help="matrix side of the matmul-peak measurement")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul-peak measurement")
-    ap.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "baseline", "ours_joint"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model is None:
         args.model = "vit_small_patch14_dinov2" if args.objective == "dinov2" else "vit_base_patch16_224"
@@ -467,6 +483,8 @@ def main(argv: list[str] | None = None, script: str = __file__, worker_fn=None, 
               "machine": machine(), "matmul_peak_gflops": None if peak is None else round(peak, 2), **results}
     if {"ours", "baseline"} <= set(results):
         report["comparison"] = compare(results)
+    if {"ours_joint", "baseline"} <= set(results):
+        report["comparison_ours_joint"] = compare(results, ours="ours_joint")
     print(json.dumps(report, indent=2))
     return report
 

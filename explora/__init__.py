@@ -22,6 +22,7 @@ from explora.adapt import PRESETS, ExploraSpec, apply_explora, apply_preset
 from explora.data import build_dataset, check_dataset, compute_stats
 from explora.data.multicrop import MultiCrop
 from explora.engine.pretrain import PretrainConfig, load_config, run_pretrain
+from explora.engine.step import StepOutput, forward_backward
 from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, train
 from explora.errors import CheckpointError, ConfigError, DataError, DivergenceError, ExploraError
 from explora.eval.features import extract_features
@@ -65,6 +66,7 @@ __all__ = [
     "OptimConfig",
     "ParamReport",
     "PretrainConfig",
+    "StepOutput",
     "TemporalViT",
     "TrainConfig",
     "TrainResult",
@@ -77,6 +79,7 @@ __all__ = [
     "convert_checkpoint",
     "export_backbone",
     "extract_features",
+    "forward_backward",
     "inject_lora",
     "knn_classify",
     "load_checkpoint_file",

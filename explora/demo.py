@@ -209,8 +209,8 @@ def plan_steps(cfg: DemoConfig, elapsed_s: float, eval_s: float, step_s: float) 
 
 def measure_step_seconds(cfg: DemoConfig, dataset) -> float:
     """Seconds of one ExPLoRA optimisation step at the demo's settings (the second of two timed steps)."""
-    from explora.engine.precision import autocast
     from explora.engine.pretrain import build_objective
+    from explora.engine.step import forward_backward
 
     pcfg = _pretrain_config(replace(cfg, steps=cfg.steps or cfg.max_steps), "explora")
     objective = build_objective(pcfg, (tuple(dataset.mean), tuple(dataset.std)))
@@ -221,9 +221,7 @@ def measure_step_seconds(cfg: DemoConfig, dataset) -> float:
     seconds = 0.0
     for step in range(2):
         t = time.perf_counter()
-        with autocast(cfg.precision, torch.device("cpu")):
-            loss = objective(batch, step).loss
-        loss.backward()
+        forward_backward(objective, objective, batch, step, cfg.precision, torch.device("cpu"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         objective.on_optimizer_step(step)

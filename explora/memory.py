@@ -211,25 +211,24 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
     if dcfg.n_local:
         groups.append(("local", dcfg.n_local * B, t_local, _stem_trains(vit)))
 
-    act_bytes, call_bytes, ckpt_inputs, largest_block = {}, 0, 0, 0
+    per_group: dict[str, dict[str, int]] = {}  # kept activations, with checkpointing, per-call copies, largest block
     cache: dict[tuple, tuple[int, int]] = {}
     for gname, n_img, tokens, needs_grad in groups:
-        total = 0
+        g = per_group[gname] = dict.fromkeys(("acts", "acts_ckpt", "calls", "largest_block"), 0)
         for blk in vit.blocks:
             needs_grad = needs_grad or any(p.requires_grad for p in blk.parameters())
             key = (_signature(blk), tokens, needs_grad)
             if key not in cache:
                 cache[key] = per_image_and_call(blk, _call, lambda n, t=tokens: (n, t, D), precision, needs_grad)
             per_img, per_call = cache[key]
-            total += per_img * n_img
-            call_bytes += per_call
-            largest_block = max(largest_block, per_img * n_img + per_call)
+            g["acts"] += per_img * n_img
+            g["calls"] += per_call
+            g["largest_block"] = max(g["largest_block"], per_img * n_img + per_call)
             if needs_grad:
-                ckpt_inputs += n_img * tokens * D * 4  # a checkpointed block keeps only its fp32 input
+                g["acts_ckpt"] += n_img * tokens * D * 4  # a checkpointed block keeps only its fp32 input
         norm_img, _ = per_image_and_call(vit.norm, _call, lambda n, t=tokens: (n, t, D), precision, needs_grad)
-        norm_out = n_img * tokens * D * 4  # kept: the heads/KoLeo save views of it
-        act_bytes[gname] = total + (norm_img + 4 * tokens * D) * n_img
-        act_bytes[gname + "_norm_only"] = (norm_img * n_img) + norm_out
+        g["acts"] += (norm_img + 4 * tokens * D) * n_img
+        g["acts_ckpt"] += norm_img * n_img + n_img * tokens * D * 4  # the final norm's output: heads/KoLeo views
 
     # heads: per row (MLP inputs, GELU inputs, logits, fp32 log-softmax) and per call (weight-normalised prototypes)
     head = objective.student["dino_head"]
@@ -242,27 +241,39 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
     n_tokens = (dcfg.global_size // patch) ** 2
     n_masked_imgs = int(2 * B * dcfg.mask_probability)
     masked = int(n_masked_imgs * sum(dcfg.mask_ratio_min_max) / 2 * n_tokens)  # expected masked patches M
-    dino_rows = 2 * B + dcfg.n_local * B
-    head_calls = 3 if dcfg.n_local else 2  # global cls, local cls, masked patches (shared or separate head)
     K = dcfg.n_prototypes
     K_ibot = (dcfg.ibot_n_prototypes or K) if dcfg.separate_head else K
+    # head rows, head calls and fp32 logit-gradient bytes of each crop group
+    heads = {"global": (2 * B + masked, 2, (2 * B * K + masked * K_ibot) * 4),
+             "local": (dcfg.n_local * B, 1, dcfg.n_local * B * K * 4)}
+    # split_backward: local crops (stage 0) and global crops (stage 1) back-propagate one after the other, so the
+    # peak is that of the larger stage; otherwise everything is alive at once (one head call per network)
+    split = objective.backward_stages() > 1
+    stages = [["local"], ["global"]] if split else [[name for name, *_ in groups]]
 
-    if ckpt:
-        student_acts = sum(v for k, v in act_bytes.items() if k.endswith("_norm_only")) + ckpt_inputs
-        comps["student_activations"] = student_acts
-        comps["recompute_one_block"] = largest_block
-        comps["autocast_weight_copies"] = 0
-    else:
-        comps["student_activations"] = sum(v for k, v in act_bytes.items() if not k.endswith("_norm_only"))
-        comps["autocast_weight_copies"] = call_bytes
-    comps["head_activations"] = row * (dino_rows + masked) + per_head_call * head_calls
-    comps["teacher_outputs"] = (2 * B * t_global * D * 4  # teacher tokens (the patch view keeps them alive)
-                                + (2 * B * K + masked * K_ibot) * 4)  # fp32 teacher targets (probabilities)
+    def stage_components(names: list[str]) -> dict[str, int]:
+        rows = sum(heads[n][0] for n in names)
+        calls = 2 if split else len(names) + 1  # joint: the global CLS, local CLS and masked patches in one call
+        c = {"head_activations": row * rows + per_head_call * min(calls, sum(heads[n][1] for n in names)),
+             "loss_transient": sum(heads[n][2] for n in names)}
+        largest = max(per_group[n]["largest_block"] for n in names)
+        if ckpt:
+            c["student_activations"] = sum(per_group[n]["acts_ckpt"] for n in names)
+            c["recompute_one_block"] = largest
+            c["autocast_weight_copies"] = 0
+        else:
+            c["student_activations"] = sum(per_group[n]["acts"] for n in names)
+            c["autocast_weight_copies"] = sum(per_group[n]["calls"] for n in names)
+        c["backward_working_set"] = largest  # grads w.r.t. one block's activations while it back-propagates
+        return c
+
+    per_stage = [stage_components(names) for names in stages]
+    peak_stage = max(range(len(stages)), key=lambda i: sum(per_stage[i].values()))
+    comps.update(per_stage[peak_stage])
+    comps["teacher_outputs"] = (2 * B * K + masked * K_ibot) * 4  # fp32 teacher targets, kept for the whole step
     comps["batch"] = 4 * (2 * B * cfg.model.in_chans * dcfg.global_size ** 2
                           + dcfg.n_local * B * cfg.model.in_chans * dcfg.local_size ** 2) + 2 * B * n_tokens
-    comps["loss_transient"] = (dino_rows * K + masked * K_ibot) * 4  # fp32 grad of the logits over K prototypes
-    comps["backward_working_set"] = largest_block  # grads w.r.t. one block's activations while it back-propagates
-    comps["teacher_forward_transient"] = largest_block  # no-grad working set of one teacher block (own phase)
+    comps["teacher_forward_transient"] = max(g["largest_block"] for g in per_group.values())  # own phase
     # the transients do not coexist: the loss buffers are freed before the blocks back-propagate
     block_phase = ["backward_working_set"] + (["recompute_one_block"] if ckpt else [])
     loss_phase = ["loss_transient"]
@@ -286,6 +297,8 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
             "fused_attention": bool(getattr(vit.blocks[0].attn, "fused_attn", False)),
             "trainable_params": n_trainable,
             "expected_masked_patches": masked,
+            "split_backward": split,
+            "peak_stage": "+".join(stages[peak_stage]),
             "n_prototypes": K,
         },
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import pytest
 import torch
 
 from explora.objectives.dinov2 import DinoV2Config, DinoV2Objective
@@ -120,3 +121,51 @@ def test_total_loss_falls_on_fixed_batch(tiny_dinov2):
         obj.on_optimizer_step(step)
         losses.append(out.loss.item())
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def _grads(obj) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in obj.named_parameters() if p.grad is not None}
+
+
+def test_split_backward_gives_the_joint_gradients(tiny_dinov2):
+    """Local crops then global crops, back-propagated one after the other: same loss, terms and gradients."""
+    import copy
+
+    from explora.engine.step import forward_backward
+
+    torch.manual_seed(0)
+    with torch.no_grad():  # move off the initialisation so that no term is trivially zero
+        for p in tiny_dinov2.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    joint = _objective(copy.deepcopy(tiny_dinov2), split_backward=False).train()
+    split = _objective(tiny_dinov2, split_backward=True).train()
+    split.load_state_dict(joint.state_dict())
+    assert joint.backward_stages() == 1 and split.backward_stages() == 2
+    batch = _batch(joint)
+    cpu = torch.device("cpu")
+    a = forward_backward(joint, joint, batch, 3, "fp32", cpu)
+    b = forward_backward(split, split, batch, 3, "fp32", cpu)
+    assert a.finite and b.finite
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-6, atol=1e-6)
+    assert a.terms.keys() == b.terms.keys()
+    for k in a.terms:
+        torch.testing.assert_close(b.terms[k], a.terms[k], rtol=1e-6, atol=1e-6)
+    ga, gb = _grads(joint), _grads(split)
+    assert ga.keys() == gb.keys() and any(k.startswith("student.backbone.blocks.3") for k in ga)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(split.dino_center.center, joint.dino_center.center)  # the teacher ran once
+
+
+def test_split_backward_stage_order_and_off_switches(tiny_dinov2):
+    obj = _objective(tiny_dinov2).train()
+    batch = _batch(obj)
+    with pytest.raises(RuntimeError, match="without stage 0"):
+        obj(batch, 0, stage=1)
+    with pytest.raises(ValueError, match="stage"):
+        obj(batch, 0, stage=2)
+    obj(batch, 0, stage=0)
+    with pytest.raises(RuntimeError, match="without stage 0"):  # targets belong to their step
+        obj(batch, 1, stage=1)
+    assert DinoV2Objective(tiny_dinov2, DinoV2Config(**{**TINY, "n_local": 0})).backward_stages() == 1
+    assert DinoV2Objective(tiny_dinov2, DinoV2Config(**{**TINY, "split_backward": False})).backward_stages() == 1

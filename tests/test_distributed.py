@@ -136,8 +136,8 @@ def _run_nan(out: Path, strategy: str) -> None:
     objective.batch_transform = _PerSampleViews
     forward = objective.forward
 
-    def poisoned(batch, step):
-        out = forward(batch, step)
+    def poisoned(batch, step, stage=None):
+        out = forward(batch, step, stage)
         if step == 1 and D.rank() == 1:
             out.loss = out.loss * float("nan")
         return out
@@ -242,6 +242,7 @@ CLI_TINY = [
     "dinov2.hidden_dim=32", "dinov2.bottleneck_dim=16", "dinov2.global_size=32", "dinov2.local_size=16",
     "dinov2.n_local=2", "train.batch_size=4", "train.num_workers=0", "train.log_every=1", "train.tensorboard=false",
     "train.precision=fp32", "train.steps=4", "train.ckpt_every=2",
+    "dinov2.koleo_loss_weight=0",  # near-duplicate images: KoLeo's 1/distance gradient would swamp the comparison
 ]
 
 
@@ -321,6 +322,9 @@ def test_torchrun_ddp_completes_and_matches_fsdp2(idx_dir, fsdp2_cli_run, tmp_pa
     rows_d, rows_f = _metric_rows(tmp_path / "ddp"), _metric_rows(fsdp2_cli_run)
     assert len(rows_d) == 4
     for d, f in zip(rows_d, rows_f):
+        # the logged KoLeo value is -log(nearest-neighbour distance) of near-duplicate CLS tokens (~1e-10 apart on
+        # these images): float-order differences of the weights (~1e-6) move it by ~1%; it is not trained here
+        d.pop("koleo"), f.pop("koleo")
         assert d == pytest.approx(f, rel=RTOL, abs=ATOL)
     wd = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
     wf = load_file(fsdp2_cli_run / "export" / "model.safetensors")

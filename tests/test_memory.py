@@ -87,7 +87,7 @@ MEASURE = textwrap.dedent('''
     torch.set_num_threads(1)
     from explora.engine.pretrain import load_config, build_objective
     from explora.engine.optim import build_optimizer, build_param_groups
-    from explora.engine.trainer import _autocast
+    from explora.engine.step import forward_backward
 
     def kib(field):
         for line in open("/proc/self/status"):
@@ -103,36 +103,34 @@ MEASURE = textwrap.dedent('''
     size = cfg.dinov2["global_size"]
     imgs = torch.rand(cfg.train.batch_size, 3, size, size, generator=g)
     batch, small = tf(imgs, g), tf(imgs[:2], g)
-    with _autocast(cfg.train.precision, torch.device("cpu")):  # warm-up: kernels, thread pools, autograd engine
-        out = obj(small, 0)
-    out.loss.backward()
+    cpu = torch.device("cpu")
+    forward_backward(obj, obj, small, 0, cfg.train.precision, cpu)  # warm-up: kernels, thread pools, autograd
     opt.zero_grad(set_to_none=True)
-    del out
     base = kib("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
     for step in range(2):
-        with _autocast(cfg.train.precision, torch.device("cpu")):
-            out = obj(batch, step)
-        out.loss.backward()
+        forward_backward(obj, obj, batch, step, cfg.train.precision, cpu)
         opt.step()
         opt.zero_grad(set_to_none=True)
         obj.on_optimizer_step(step)
-        del out
     print(json.dumps({"increase": (kib("VmHWM:") - base) * 1024}))
 ''')
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
-def test_predicted_peak_matches_measured_rss(tmp_path):
+@pytest.mark.parametrize("split", [True, False], ids=["split_backward", "joint_backward"])
+def test_predicted_peak_matches_measured_rss(tmp_path, split):
     script = tmp_path / "measure.py"
     script.write_text(MEASURE)
+    args = [*TINY, f"dinov2.split_backward={str(split).lower()}"]
     # a fixed mmap threshold makes glibc return every freed large buffer, so RSS follows live tensor memory
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), *TINY], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["increase"]
-    r = estimate_pretrain_memory(load_config(None, TINY))
+    r = estimate_pretrain_memory(load_config(None, args))
+    assert r.details["split_backward"] is split
     present_before = ("frozen_weights", "trainable_weights", "head_weights", "teacher_ema_copies", "buffers", "batch")
     predicted = r.peak - sum(r.components[k] for k in present_before)
     assert r.components["student_activations"] > 0.5 * predicted  # activations dominate this run

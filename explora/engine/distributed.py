@@ -7,9 +7,10 @@ what is all-reduced and the tolerances measured against single-process runs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -116,6 +117,31 @@ def _ddp_class():
             return global_output(super().forward(*args, **kwargs))
 
     return GlobalLossDDP
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Let backward passes inside the block all-reduce gradients (``enabled``) or only accumulate them locally.
+
+    DDP: ``no_sync()``; FSDP2: ``set_requires_gradient_sync(False)`` on the sharded module; one process: nothing.
+    The last backward of a step must run with sync enabled; it then reduces the gradients accumulated before it.
+    """
+    if enabled:
+        yield
+        return
+    if hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+        return
+    sharded = getattr(model, "module", model)
+    if not hasattr(sharded, "set_requires_gradient_sync"):  # not wrapped: gradients are local anyway
+        yield
+        return
+    sharded.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        sharded.set_requires_gradient_sync(True)
 
 
 # -- FSDP2 -------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from explora.engine.loader import make_loader, resilient_batches
 from explora.engine.logs import MetricLogger
 from explora.engine.optim import build_optimizer, build_param_groups
 from explora.engine.schedules import scaled_lr, warmup_cosine
+from explora.engine.step import forward_backward
 from explora.errors import CheckpointError, ConfigError, DivergenceError
 from explora.objectives.base import Objective
 
@@ -90,12 +91,6 @@ class TrainResult:
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     skipped_samples: int = 0  # unreadable samples replaced under data.on_error=skip (incl. before a resume)
     loader_restarts: int = 0  # data-loader rebuilds after a worker crash (this process)
-
-
-def _autocast(precision: str, device: torch.device):
-    from explora.engine.precision import autocast
-
-    return autocast(precision, device)
 
 
 def _num_layers(objective: nn.Module) -> int:
@@ -255,13 +250,11 @@ def train(
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_multiplier"]
                 g["weight_decay"] = wd * g["wd_multiplier"]
-            with _autocast(cfg.precision, device):
-                out = model(batch, step)
+            out = forward_backward(model, objective, batch, step, cfg.precision, device)
             loss = out.loss
-            if not torch.isfinite(loss.detach()).all():
+            if not out.finite:
                 nonfinite_run, skipped = _skip(optimizer, nonfinite_run, skipped, step, out.terms, cfg)
                 continue
-            loss.backward()
             if step < optim.freeze_last_layer_steps:
                 for p in last_layer:
                     p.grad = None
@@ -289,7 +282,7 @@ def train(
                 logger.log(
                     step,
                     {
-                        "loss": float(loss.detach()),
+                        "loss": float(loss),
                         **last_terms,
                         "lr": lr,
                         "wd": wd,

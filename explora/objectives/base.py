@@ -32,8 +32,20 @@ class Objective(nn.Module):
         """A picklable callable run in data-loader workers: ``(images (B,C,H,W), generator) -> batch dict``."""
         raise NotImplementedError
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:  # type: ignore[override]
+    def forward(self, batch: dict[str, torch.Tensor], step: int,  # type: ignore[override]
+                stage: int | None = None) -> ObjectiveOutput:
+        """The step's loss; with ``stage=k`` only the part of stage ``k`` of :meth:`backward_stages`."""
         raise NotImplementedError
+
+    def backward_stages(self) -> int:
+        """How many forward/backward passes one step takes (``explora.engine.step.forward_backward``).
+
+        1: one loss, one backward. ``n > 1``: the loss is a sum of ``n`` parts whose graphs share only parameters;
+        the engine runs ``forward(batch, step, stage=k)`` then its backward for ``k = 0..n-1`` (gradients add up),
+        so only one part's activations are alive at a time. Stage 0 runs first; later stages may reuse what it
+        computed (e.g. teacher targets). ``stage=None`` always returns the whole loss.
+        """
+        return 1
 
     def on_optimizer_step(self, step: int) -> None:
         """Called after every optimiser step (EMA teacher update, schedules that live in the objective)."""

@@ -45,6 +45,9 @@ class DinoV2Config:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # augmentations.py: ImageNet normalisation
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # augmentations.py GaussianBlur p (see docs: upstream quirk)
+    # not upstream (DinoV2 back-propagates the whole loss at once): back-propagate the local-crop DINO term, then the
+    # global-crop terms, so only one crop size's activations are alive; same gradients up to summation order
+    split_backward: bool = True
 
     def __post_init__(self) -> None:
         if self.centering not in ("centering", "sinkhorn_knopp"):

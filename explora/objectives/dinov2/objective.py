@@ -150,53 +150,92 @@ class DinoV2Objective(Objective):
         center.update(logits)
         return probs
 
-    def _heads(self, net: nn.ModuleDict, cls: list[torch.Tensor], patch: torch.Tensor
-               ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """DINO head on each CLS batch and the iBOT head on the masked patch tokens (M, D).
+    def _heads(self, net: nn.ModuleDict, cls: list[torch.Tensor], patch: torch.Tensor | None
+               ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """DINO head on each CLS batch and the iBOT head on the masked patch tokens (M, D), if any.
 
         With the shared head (DinoV2's default) all rows go through ONE call: the head is row-wise, so this equals
         separate calls (up to matmul rounding) while its weights are read and cast once and the matmuls are larger.
         """
         sizes = [c.shape[0] for c in cls]
         if self.cfg.separate_head:
-            return list(net["dino_head"](torch.cat(cls)).split(sizes)), net["ibot_head"](patch)
-        out = net["dino_head"](torch.cat([*cls, patch.to(cls[0].dtype)])).split([*sizes, patch.shape[0]])
-        return list(out[:-1]), out[-1]
+            return (list(net["dino_head"](torch.cat(cls)).split(sizes)),
+                    None if patch is None else net["ibot_head"](patch))
+        rows = cls if patch is None else [*cls, patch.to(cls[0].dtype)]
+        out = net["dino_head"](torch.cat(rows)).split([r.shape[0] for r in rows])
+        return list(out[:len(cls)]), None if patch is None else out[-1]
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:  # type: ignore[override]
+    def backward_stages(self) -> int:
+        """2 with ``split_backward`` and local crops: stage 0 = teacher + local crops, stage 1 = global crops.
+
+        The global crops come last because they use every trainable tensor (the mask token, the iBOT head): the
+        last stage is the one DDP synchronises, and DDP expects a gradient for every parameter it manages.
+        """
+        return 2 if self.cfg.split_backward and self.cfg.n_local else 1
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int,  # type: ignore[override]
+                stage: int | None = None) -> ObjectiveOutput:
+        if stage is not None and not 0 <= stage < self.backward_stages():
+            raise ValueError(f"stage must be None or in [0, {self.backward_stages()}), got {stage}")
         with self._cast_cache:
-            return self._forward(batch, step)
+            return self._forward(batch, step, stage)
 
-    def _forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:
+    @torch.no_grad()
+    def _teacher_targets(self, glob: torch.Tensor, masks: torch.Tensor, temp: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher probabilities for the CLS of each global crop, views swapped (2B, K), and masked patches (M, K).
+
+        Only the targets leave this function: the teacher's tokens are freed before the student runs.
+        """
+        t_cls, t_patch = forward_tokens(self.teacher["backbone"], glob)  # (2B, D), (2B, N, D)
+        t_cls = torch.cat(t_cls.chunk(2)[::-1])  # swap views: student view v learns from teacher view 1-v
+        (t_cls_logits,), t_patch_logits = self._heads(self.teacher, [t_cls], t_patch[masks])  # (2B, K), (M, K)
+        return (self._targets(t_cls_logits, self.dino_center, temp),
+                self._targets(t_patch_logits, self.ibot_center, temp))
+
+    def _forward(self, batch: dict[str, torch.Tensor], step: int, stage: int | None) -> ObjectiveOutput:
         cfg = self.cfg
         glob, local, masks = batch["global"], batch["local"], batch["masks"].bool()  # (2B,C,G,G) (nB,C,L,L) (2B,N)
         n_img = glob.shape[0]
         n_local = local.shape[0] // (n_img // 2) if n_img else 0
         temp = teacher_temperature(cfg, step)
+        split = stage is not None and self.backward_stages() > 1
+        do_local = bool(n_local) and (not split or stage == 0)
+        do_global = not split or stage == 1
 
-        with torch.no_grad():  # teacher on unmasked global crops
-            t_cls, t_patch = forward_tokens(self.teacher["backbone"], glob)  # (2B, D), (2B, N, D)
-            t_cls = torch.cat(t_cls.chunk(2)[::-1])  # swap views: student view v learns from teacher view 1-v
-            t_cls_logits, t_patch_logits = self._heads(self.teacher, [t_cls], t_patch[masks])  # (2B, K), (M, K)
-            t_cls_probs = self._targets(t_cls_logits[0], self.dino_center, temp)  # (2B, K)
-            t_patch_probs = self._targets(t_patch_logits, self.ibot_center, temp)  # (M, K)
+        if not split or stage == 0:  # the teacher runs once per step, on the unmasked global crops
+            t_cls_probs, t_patch_probs = self._teacher_targets(glob, masks, temp)
+            self._stage_targets = (step, t_cls_probs, t_patch_probs) if split else None
+        else:  # a later stage of the same step reuses the targets of stage 0
+            kept, self._stage_targets = getattr(self, "_stage_targets", None), None
+            if kept is None or kept[0] != step:
+                raise RuntimeError(f"DinoV2Objective: stage {stage} of step {step} called without stage 0 first")
+            _, t_cls_probs, t_patch_probs = kept
 
-        s_cls, s_patch = forward_tokens(self.student["backbone"], glob, masks, self.mask_token)
-        l_cls = forward_tokens(self.student["backbone"], local)[0] if n_local else None  # (nB, D)
-        (s_cls_logits, *l_logits), s_patch_logits = self._heads(
-            self.student, [s_cls] + ([l_cls] if n_local else []), s_patch[masks])  # (2B, K), [(nB, K)], (M, K)
+        cls_batches, patch = [], None
+        if do_global:
+            s_cls, s_patch = forward_tokens(self.student["backbone"], glob, masks, self.mask_token)
+            cls_batches.append(s_cls)
+            patch = s_patch[masks]  # (M, D)
+        if do_local:
+            cls_batches.append(forward_tokens(self.student["backbone"], local)[0])  # (nB, D)
+        logits, s_patch_logits = self._heads(self.student, cls_batches, patch)  # [(2B, K)], [(nB, K)], (M, K)
         n_pairs = 2 * n_local + 2 * 1  # (student crop, other teacher view) pairs
-        dino_global = self.dino_loss(s_cls_logits, t_cls_probs, 1, 1) * 2 / n_pairs
-        if n_local:
-            dino_local = self.dino_loss(l_logits[0], t_cls_probs, n_local, 2) / n_pairs
-        else:
-            dino_local = s_cls_logits.new_zeros(())
-        ibot = self.ibot_loss(s_patch_logits, t_patch_probs, masks)
-        koleo = sum(self.koleo_loss(c) for c in s_cls.chunk(2))
-        loss = (cfg.dino_loss_weight * (dino_local + dino_global) + cfg.ibot_loss_weight * ibot
-                + cfg.koleo_loss_weight * koleo)
-        terms = {"dino_local": dino_local, "dino_global": dino_global, "ibot": ibot, "koleo": koleo,
-                 "teacher_temp": torch.tensor(temp),
-                 "momentum": torch.tensor(teacher_momentum(cfg, step, self.total_steps)),
-                 "masked_tokens": torch.tensor(float(masks.sum()))}
+        terms: dict[str, torch.Tensor] = {}
+        loss = logits[0].new_zeros((), dtype=torch.float32)
+        if do_local:
+            terms["dino_local"] = self.dino_loss(logits[-1], t_cls_probs, n_local, 2) / n_pairs
+            loss = loss + cfg.dino_loss_weight * terms["dino_local"]
+        elif not n_local:
+            terms["dino_local"] = loss.new_zeros(())
+        if do_global:
+            terms["dino_global"] = self.dino_loss(logits[0], t_cls_probs, 1, 1) * 2 / n_pairs
+            terms["ibot"] = self.ibot_loss(s_patch_logits, t_patch_probs, masks)
+            terms["koleo"] = sum(self.koleo_loss(c) for c in s_cls.chunk(2))
+            loss = loss + (cfg.dino_loss_weight * terms["dino_global"] + cfg.ibot_loss_weight * terms["ibot"]
+                           + cfg.koleo_loss_weight * terms["koleo"])
+        if not split or stage == 0:
+            terms.update(teacher_temp=torch.tensor(temp),
+                         momentum=torch.tensor(teacher_momentum(cfg, step, self.total_steps)),
+                         masked_tokens=torch.tensor(float(masks.sum())))
         return ObjectiveOutput(loss=loss, terms={k: v.detach().float() for k, v in terms.items()})
