@@ -50,6 +50,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 _HUE = 3  # index of hue among the jitter ops (brightness, contrast, saturation, hue)
+_CHUNK = 1 << 18  # floats per chunk of crops processed together (~1 MiB: stays in a core's L2/L3 share)
 
 
 def _rand(n: int, generator: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
@@ -117,12 +118,16 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, s
     copy of the input); uint8 inputs stay uint8 (rounded like PIL). ``out`` (n, C, size, size), any dtype, receives
     the crops converted to its dtype.
     """
-    n = boxes.shape[0]
     images = _channels_last(images)
     if out is None:
-        out = images.new_empty(n, images.shape[1], size, size)
-    src = range(n) if source is None else source.tolist()
-    for i, (s, (top, left, h, w), f) in enumerate(zip(src, boxes.long().tolist(), flip.tolist(), strict=True)):
+        out = images.new_empty(boxes.shape[0], images.shape[1], size, size)
+    src = range(boxes.shape[0]) if source is None else source.tolist()
+    return _resample(images, list(zip(src, boxes.long().tolist(), flip.tolist(), strict=True)), size, mode, out)
+
+
+def _resample(images: torch.Tensor, windows: list, size: int, mode: str, out: torch.Tensor) -> torch.Tensor:
+    """``crop_resize`` on channels-last ``images`` for ``windows`` [(source, (top, left, h, w), flip), ...]."""
+    for i, (s, (top, left, h, w), f) in enumerate(windows):
         window = images[s:s + 1, :, top:top + h, left:left + w]  # (1, C, h, w) view
         crop = F.interpolate(window, size=(size, size), mode=mode, antialias=True)[0]  # (C, size, size)
         out[i].copy_(crop.flip(-1) if f else crop)
@@ -205,28 +210,49 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor, out: torch.Tensor | None = None
     channels; the HSV -> RGB trapezoid of a rotated hue is a clamped maximum of two such distances.) Larger
     rotations first move whole thirds of a turn, which permute the channels. ``out`` may be ``x`` (in place).
     """
-    n, c = x.shape[:2]
-    s = (6.0 * f).to(x.dtype)  # (n,) rotation in sextants
+    s_abs, src_a, src_b = _hue_params(f)
+    return _hue(x, s_abs, src_a, src_b, out)
+
+
+def _hue_params(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-sample constants of ``adjust_hue`` for factors ``f`` (n,): ``|s|`` (n,) and, per output channel, the
+    channel read by the ``x_k`` term (None: itself) and by the ``x_j`` term, as (n, 3) channel indices."""
+    s = 6.0 * f.float()  # (n,) rotation in sextants
     thirds = torch.round(s / 2)  # whole 120-degree steps: channel k takes channel k - thirds
     s = s - 2 * thirds  # (n,) in [-1, 1]
-    v, m = x.amax(1, keepdim=True), x.amin(1, keepdim=True)  # (n, 1, H, W)
-    w = torch.addcmul(m - x.sum(1, keepdim=True), v - m, s.abs().view(n, 1, 1, 1))  # |s| delta + m - sum
-    ch = torch.arange(3)
-    step = torch.where(s >= 0, 1, 2).view(n, 1)  # +1 (next) or -1 (previous) channel, mod 3
-    rows = torch.arange(n).view(n, 1) * 3
+    ch = torch.arange(3).view(1, 3)
+    shift = thirds.long().view(-1, 1)
+    step = torch.where(s >= 0, 1, 2).view(-1, 1)  # +1 (next) or -1 (previous) channel, mod 3
+    src_a = (ch - shift) % 3 if bool((thirds != 0).any()) else None
+    return s.abs(), src_a, (ch - shift + step) % 3
+
+
+def _hue(x: torch.Tensor, s_abs: torch.Tensor, src_a: torch.Tensor | None, src_b: torch.Tensor,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``adjust_hue`` on x (n, 3, H, W) from ``_hue_params``; max/min/sum as pairwise plane ops (faster than the
+    ``amax``/``sum`` reductions over the channel dim)."""
+    n = x.shape[0]
+    r, g, b = x.unbind(1)  # each (n, H, W)
+    v = torch.maximum(r, g)
+    torch.maximum(v, b, out=v)
+    m = torch.minimum(r, g)
+    torch.minimum(m, b, out=m)
+    w = torch.add(r, g)
+    w.add_(b)
+    torch.sub(m, w, out=w)  # m - sum
+    hi = torch.sub(v, m)  # delta
+    torch.addcmul(w, hi, s_abs.to(x.dtype).view(n, 1, 1), out=w)  # W = |s| delta + m - sum
+    torch.add(v, w, out=hi)  # v + W
+    torch.sub(v, w, out=w)  # v - W
+    rows = (torch.arange(n) * 3).view(n, 1)
     planes = x.reshape(n * 3, -1)
-    if bool((thirds != 0).any()):
-        shift = thirds.long().view(n, 1)
-        a = planes.index_select(0, (rows + (ch - shift) % 3).view(-1)).view_as(x)
-        b = planes.index_select(0, (rows + (ch - shift + step) % 3).view(-1)).view_as(x)
-    else:
-        a, b = x, planes.index_select(0, (rows + (ch + step) % 3).view(-1)).view_as(x)
-    hi = torch.add(v, w)  # v + W
-    b = torch.add(torch.sub(v, w), b, alpha=-2.0)  # v - W - 2 x_j
-    a = torch.add(hi, a, alpha=2.0)  # v + W + 2 x_k
+    xb = planes.index_select(0, (rows + src_b).view(-1)).view_as(x)
+    torch.add(w.unsqueeze(1), xb, alpha=-2.0, out=xb)  # v - W - 2 x_j
+    xa = x if src_a is None else planes.index_select(0, (rows + src_a).view(-1)).view_as(x)
     out = torch.empty_like(x) if out is None else out
-    torch.minimum(a, b, out=out)
-    return out.clamp_(m, v)  # (n, 3, H, W)
+    torch.add(hi.unsqueeze(1), xa, alpha=2.0, out=out)  # v + W + 2 x_k (x itself is no longer needed)
+    torch.minimum(out, xb, out=out)
+    return out.clamp_(m.unsqueeze(1), v.unsqueeze(1))  # (n, 3, H, W)
 
 
 def solarize(x: torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
@@ -307,35 +333,58 @@ class MultiCrop:
         return {"apply": apply, "fb": fb, "fc": fc, "keep": keep, "hue_pos": torch.full((n,), 4)}
 
     # -- photometric -----------------------------------------------------------------------------------------
+    def _jitter_plan(self, p: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+        """Per-crop constants of the jitter passes, for all crops at once: at position ``pos`` crop ``i`` computes
+        ``y = a x + s1 gray(x) + c1 mean(gray(x))`` (then clamps), ``a``, ``s1``, ``c1`` (n, 4); ``scale`` folds into
+        position 0. Plus the hue constants (``_hue_params``)."""
+        n = p["apply"].shape[0]
+        op = torch.where(p["apply"][:, None], p["order"], -1)  # (n, 4) op at each position, -1: none
+        bri, con, sat = (torch.where(op == k, p["factors"][:, k:k + 1], 1.0) for k in range(3))  # each (n, 4)
+        sc = torch.ones(4)
+        sc[0] = scale
+        s_abs, src_a, src_b = _hue_params(p["factors"][:, _HUE])
+        plan = {"a": bri * con * sat * sc, "s1": (1 - sat) * sc, "c1": (1 - con) * sc, "hue_abs": s_abs,
+                "hue_b": src_b}
+        if src_a is not None:
+            plan["hue_a"] = src_a
+        return {k: v.reshape(n, *v.shape[1:]) for k, v in plan.items()}
+
     def _jitter_rgb(self, x: torch.Tensor, p: dict[str, torch.Tensor], hue_runs: list[tuple[int, int]],
                     scale: float) -> torch.Tensor:
-        """Colour jitter in each crop's own op order: per position one colour-matrix pass + clamp over all crops
-        (identity where the crop does hue or nothing there), then hue on the crops whose hue is at this position
-        (contiguous: two runs, blurred and not). Scales by ``scale`` and clamps even where no jitter applies."""
+        """Colour jitter in each crop's own op order, in place on ``x`` (n, 3, H, W): per position one pass
+        ``y = a x + (s1 gray(x) + c1 mean(gray(x)))`` + clamp over all crops (identity where the crop does hue or
+        nothing there), then hue on the crops whose hue is at this position (``hue_runs``: contiguous (start, end)
+        pairs, as from ``_ranges``). Scales by ``scale`` (folded into the first pass) and clamps even where no
+        jitter applies. ``p`` may carry the ``_jitter_plan`` entries (then ``scale`` must match them)."""
         n = x.shape[0]
-        flat, other = x.flatten(2), torch.empty_like(x).flatten(2)  # (n, 3, HW) ping-pong buffers
-        one, wts = torch.ones(n), torch.tensor(_GRAY)
+        if "a" not in p:
+            p = {**p, **self._jitter_plan(p, scale)}
+        flat = x.flatten(2)  # (n, 3, HW) view
+        wts = torch.tensor(_GRAY)
+        any_sat, any_con = (p["s1"] != 0).any(0).tolist(), (p["c1"] != 0).any(0).tolist()
         for pos in range(4 if bool(p["apply"].any()) else 1):
-            op = torch.where(p["apply"], p["order"][:, pos], torch.full_like(p["order"][:, pos], -1))
-            bri, con, sat = (torch.where(op == k, p["factors"][:, k], one) for k in range(3))
-            any_contrast = bool((op == 1).any())
-            gray_mean = flat.mean(2) @ wts if any_contrast else torch.zeros(n)  # (n,)
-            m, c = colour_matrices(bri, con, sat, gray_mean, scale if pos == 0 else 1.0)
-            torch.bmm(m, flat, out=other)  # (n, 3, HW); baddbmm would first copy the broadcast offset
-            if any_contrast:
-                other.add_(c)
-            other.clamp_(0.0, 1.0)
-            flat, other = other, flat
-            for s, e in (hue_runs[pos], hue_runs[5 + pos]):
+            a = p["a"][:, pos].view(n, 1, 1)
+            if any_sat[pos]:  # every channel adds s1 gray(x) (+ the contrast offset)
+                g = torch.bmm(p["s1"][:, pos, None, None] * wts.view(1, 1, 3), flat)  # (n, 1, HW)
+                if any_con[pos]:
+                    g.add_((p["c1"][:, pos] * (flat.mean(2) @ wts)).view(n, 1, 1))
+                torch.addcmul(g, flat, a, out=flat)
+            elif any_con[pos]:
+                off = (p["c1"][:, pos] * (flat.mean(2) @ wts)).view(n, 1, 1)
+                flat.mul_(a).add_(off)
+            else:
+                flat.mul_(a)
+            flat.clamp_(0.0, 1.0)
+            for s, e in hue_runs[pos::5]:
                 if e > s:
-                    y = flat[s:e].view(e - s, *x.shape[1:])
-                    adjust_hue(y, p["factors"][s:e, _HUE], out=y)
-        return flat.view_as(x)
+                    y = x[s:e]
+                    _hue(y, p["hue_abs"][s:e], p["hue_a"][s:e] if "hue_a" in p else None, p["hue_b"][s:e], out=y)
+        return x
 
     def _final_affine(self, x: torch.Tensor, p: dict[str, torch.Tensor], scale: float) -> tuple[torch.Tensor, ...]:
         """Per-crop ``out = M x + b`` (M (n, C, C), b (n, C, 1)) that folds normalisation with grayscale (RGB) or with
         the per-band jitter and band dropout (multispectral; both commute with the blur, which runs before)."""
-        n, c = x.shape[:2]
+        n, c = p["gray"].shape[0] if x is None else x.shape[0], len(self.mean)
         mean, inv_std = torch.tensor(self.mean), 1.0 / torch.tensor(self.std)  # (C,)
         if self.photometric == "rgb":
             gray = torch.tensor(_GRAY).expand(3, 3)  # every row = luma weights
@@ -351,7 +400,12 @@ class MultiCrop:
     # -- one kind of crop (globals or locals) ------------------------------------------------------------------
     def _crop_set(self, images: torch.Tensor, out: torch.Tensor, scale_range: tuple[float, float],
                   blur_p: torch.Tensor, solarize_p: torch.Tensor, g: torch.Generator) -> None:
-        """Fill ``out`` (n, C, S, S) with crop ``j`` of image ``j % B`` (view-major ordering)."""
+        """Fill ``out`` (n, C, S, S) with crop ``j`` of image ``j % B`` (view-major ordering).
+
+        Crops are generated in an order sorted by (not blurred, hue position) and processed in chunks of about
+        ``_CHUNK`` floats: resample, jitter and (unblurred crops) the final affine run on one chunk while it is in
+        the CPU cache. The blurred crops (a prefix of the order) are blurred together afterwards.
+        """
         n, c, size = out.shape[0], images.shape[1], out.shape[-1]
         b, _, height, width = images.shape
         boxes = random_resized_crop_boxes(n, height, width, scale_range, self.ratio, g)  # (n, 4)
@@ -366,23 +420,44 @@ class MultiCrop:
         perm = torch.argsort(key, stable=True)
         p = {k: v[perm] for k, v in p.items()}
         sigma, runs, n_blur = sigma[perm], _ranges(key[perm], 10), int(p["blur"].sum())
-        x = torch.empty(n, c, size, size)  # (n, C, S, S) float, sorted order
-        crop_resize(images, boxes[perm], flip[perm], size, self.interpolation, source=perm % b, out=x)
+        boxes, flip, source, rows = boxes[perm], flip[perm], perm % b, perm.tolist()
         scale = 1 / 255 if images.dtype == torch.uint8 else 1.0
         if rgb:
-            x = self._jitter_rgb(x, p, runs, scale)
-            scale = 1.0
-        m, bias = self._final_affine(x, p, scale)  # before the blur (band means)
-        blurred = gaussian_blur(x[:n_blur], sigma[:n_blur], self.blur_kernel) if n_blur else x[:0]
-        inv_std = 1.0 / torch.tensor(self.std).view(c, 1)
-        for i, (j, sol) in enumerate(zip(perm.tolist(), p["solarize"].tolist(), strict=True)):
-            src = (blurred[i] if i < n_blur else x[i]).view(c, -1)  # (C, S*S), crop i (sorted) -> output row j
-            dst = out[j].view(c, -1)
-            if sol:  # grayscale, solarize, then normalise
-                src = solarize(m[i] @ src / inv_std)
-                torch.addcmul(bias[i], src, inv_std, out=dst)
+            p.update(self._jitter_plan(p, scale))
+            m, bias = self._final_affine(None, p, 1.0)  # (n, 3, 3), (n, 3, 1): no dependence on the pixels
+        x = torch.empty(n, c, size, size)  # (n, C, S, S) float, sorted order
+        solar = p["solarize"].tolist()
+        windows = list(zip(source.tolist(), boxes.long().tolist(), flip.tolist(), strict=True))
+        step = max(1, _CHUNK // (c * size * size))
+        ms, biases = [], []
+        for cs in range(0, n, step):
+            ce = min(n, cs + step)
+            xc, pc = x[cs:ce], {k: v[cs:ce] for k, v in p.items()}
+            _resample(images, windows[cs:ce], size, self.interpolation, xc)
+            if rgb:
+                self._jitter_rgb(xc, pc, [(min(max(s, cs), ce) - cs, min(max(e, cs), ce) - cs) for s, e in runs],
+                                 scale)
             else:
-                torch.addmm(bias[i], m[i], src, out=dst)
+                mc, bc = self._final_affine(xc, pc, scale)  # before the blur (band means)
+                ms.append(mc)
+                biases.append(bc)
+                m, bias = torch.cat(ms), torch.cat(biases)
+            for i in range(max(cs, n_blur), ce):
+                self._write(out[rows[i]], x[i], m[i], bias[i], solar[i])
+        if n_blur:
+            blurred = gaussian_blur(x[:n_blur], sigma[:n_blur], self.blur_kernel)
+            for i in range(n_blur):
+                self._write(out[rows[i]], blurred[i], m[i], bias[i], solar[i])
+
+    def _write(self, dst: torch.Tensor, src: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, sol: bool) -> None:
+        """``dst`` (C, S, S) = ``m @ src + bias`` per pixel; solarized crops: gray -> solarize -> normalise."""
+        c = src.shape[0]
+        src, dst = src.reshape(c, -1), dst.view(c, -1)
+        if sol:
+            inv_std = 1.0 / torch.tensor(self.std).view(c, 1)
+            torch.addcmul(bias, solarize(m @ src / inv_std), inv_std, out=dst)
+        else:
+            torch.addmm(bias, m, src, out=dst)
 
     def __call__(self, images: torch.Tensor | np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x = _channels_last(_as_batch(images))
