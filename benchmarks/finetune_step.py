@@ -26,6 +26,7 @@ from pretrain_step import (  # noqa: E402
     autocast,
     compare,
     count_flops,
+    import_runtime,
     machine,
     matmul_peak,
     n_trainable,
@@ -34,6 +35,7 @@ from pretrain_step import (  # noqa: E402
     summarise,
     time_steps,
 )
+from targets import FINETUNE_TARGETS, step_targets  # noqa: E402
 
 
 def _batch(args) -> dict[str, torch.Tensor]:
@@ -105,10 +107,13 @@ def baseline(args):
 def worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    runtime = import_runtime()
     module, step = {"ours": ours, "baseline": baseline}[args.worker](args)
     times = time_steps(step, args.steps, args.warmup)
+    peak = peak_rss_mib()
     flops = count_flops(lambda: step(10_000))
-    return {"times": times, "flops": flops, "peak_rss_mib": peak_rss_mib(), "trainable_params": n_trainable(module)}
+    return {"times": times, "flops": flops, "peak_rss_mib": peak, "runtime_rss_mib": runtime,
+            "trainable_params": n_trainable(module)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -147,6 +152,7 @@ def main(argv=None) -> dict:
     report = {"benchmark": "finetune_step.py", "args": {k: v for k, v in vars(args).items() if k != "worker"},
               "machine": machine(), "matmul_peak_gflops": None if peak is None else round(peak, 2), **results,
               "comparison": compare(results)}
+    report["targets"] = step_targets(FINETUNE_TARGETS, results, report["comparison"], args.precision)
     print(json.dumps(report, indent=2))
     return report
 

@@ -35,11 +35,37 @@ from torch.utils.flop_counter import FlopCounterMode
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from targets import PRETRAIN_TARGETS, step_targets  # noqa: E402
+
 
 # -- shared helpers (finetune_step.py and features.py import these) ---------------------------------------------
 def peak_rss_mib() -> float:
     """Peak resident set size of this process in MiB (Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    """Resident set size now (``VmRSS``), in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
+
+
+def import_runtime() -> float:
+    """Import every library any variant uses (torch, timm, peft, explora), then return the RSS.
+
+    Both variants then start from the same runtime, and ``peak - runtime`` is the memory the step itself needs
+    (the CPU analogue of ``torch.cuda.max_memory_allocated``, which leaves out the CUDA context and libraries).
+    """
+    import peft  # noqa: F401
+    import timm  # noqa: F401
+
+    import explora.adapt  # noqa: F401
+    import explora.engine.optim  # noqa: F401
+    import explora.objectives.dinov2  # noqa: F401
+    import explora.objectives.mae  # noqa: F401
+
+    return current_rss_mib()
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -80,6 +106,8 @@ def summarise(runs: list[dict], items_per_step: int, peak_gflops: float | None) 
         "s_per_step_rounds": [round(statistics.median(r["times"]), 4) for r in runs],
         "images_per_s": round(items_per_step / s, 3),
         "peak_rss_mib": round(max(r["peak_rss_mib"] for r in runs), 1),
+        "runtime_rss_mib": round(max(r.get("runtime_rss_mib", 0.0) for r in runs), 1),
+        "step_memory_mib": round(max(r["peak_rss_mib"] - r.get("runtime_rss_mib", 0.0) for r in runs), 1),
         "gflop_per_step": round(flops / 1e9, 3),
         "achieved_gflops": round(flops / s / 1e9, 3),
     }
@@ -97,6 +125,7 @@ def compare(results: dict[str, dict], ours: str = "ours", base: str = "baseline"
         "speedup": round(b["s_per_step"] / a["s_per_step"], 3),
         "speedup_per_round": [round(y / x, 3) for x, y in zip(a["s_per_step_rounds"], b["s_per_step_rounds"])],
         "peak_rss_ratio": round(a["peak_rss_mib"] / b["peak_rss_mib"], 3),
+        "step_memory_ratio": round(a["step_memory_mib"] / b["step_memory_mib"], 3),
     }
 
 
@@ -412,10 +441,13 @@ VARIANTS = {("dinov2", "ours"): ours_dinov2, ("dinov2", "baseline"): baseline_di
 def worker(args) -> dict:
     """Build one variant, count one step's FLOPs, time ``--steps`` steps after ``--warmup``; report."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    runtime = import_runtime()
     module, step, _ = VARIANTS[(args.objective, args.worker)](args)
     times = time_steps(step, args.steps, args.warmup)
+    peak = peak_rss_mib()  # before the FLOP count, whose dispatch mode keeps its own bookkeeping
     flops = count_flops(lambda: step(10_000))  # counted after timing: FlopCounterMode slows the step it watches
-    return {"times": times, "flops": flops, "peak_rss_mib": peak_rss_mib(), "trainable_params": n_trainable(module)}
+    return {"times": times, "flops": flops, "peak_rss_mib": peak, "runtime_rss_mib": runtime,
+            "trainable_params": n_trainable(module)}
 
 
 def items_per_step(args) -> int:
@@ -483,6 +515,9 @@ def main(argv: list[str] | None = None, script: str = __file__, worker_fn=None, 
               "machine": machine(), "matmul_peak_gflops": None if peak is None else round(peak, 2), **results}
     if {"ours", "baseline"} <= set(results):
         report["comparison"] = compare(results)
+        if args.objective == "dinov2":  # the issue's targets are set for the DinoV2 step
+            report["targets"] = step_targets(PRETRAIN_TARGETS[args.precision], results, report["comparison"],
+                                             args.precision)
     if {"ours_joint", "baseline"} <= set(results):
         report["comparison_ours_joint"] = compare(results, ours="ours_joint")
     print(json.dumps(report, indent=2))

@@ -79,10 +79,11 @@ def summary_markdown(results: dict[str, dict], commands: dict[str, list[str]]) -
     if peak:
         lines += [f"Matmul peak (GFLOP/s): {', '.join(f'{k} {v}' for k, v in peak.items())}", ""]
     lines += ["| benchmark | ours s/step | baseline s/step | speed-up | ours img/s | peak RSS ours/base (MiB) "
-              "| RSS ratio | ours GFLOP/s | fraction of peak |", "|---|---|---|---|---|---|---|---|---|"]
+              "| RSS ratio | step memory ratio | ours GFLOP/s | fraction of peak |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error'].splitlines()[-1][:80] if r['error'] else ''} |||||||| ")
+            lines.append(f"| {name} | error: {r['error'].splitlines()[-1][:80] if r['error'] else ''} ||||||||| ")
             continue
         o, b, c = r.get("ours", {}), r.get("baseline", {}), r.get("comparison", {})
         if name == "matmul_peak":
@@ -90,12 +91,20 @@ def summary_markdown(results: dict[str, dict], commands: dict[str, list[str]]) -
         if name == "multicrop":
             lines.append(f"| multicrop | — | — | {_fmt(r.get('speedup', r.get('ratio')))} | "
                          f"{_fmt(r.get('ours', {}).get('images_per_s') if isinstance(r.get('ours'), dict) else None)}"
-                         " | — | — | — | — |")
+                         " | — | — | — | — | — |")
             continue
         lines.append(f"| {name} | {_fmt(o.get('s_per_step'))} | {_fmt(b.get('s_per_step'))} | "
                      f"{_fmt(c.get('speedup'))} | {_fmt(o.get('images_per_s'))} | "
                      f"{_fmt(o.get('peak_rss_mib'))} / {_fmt(b.get('peak_rss_mib'))} | {_fmt(c.get('peak_rss_ratio'))}"
-                     f" | {_fmt(o.get('achieved_gflops'))} | {_fmt(o.get('fraction_of_matmul_peak'))} |")
+                     f" | {_fmt(c.get('step_memory_ratio'))} | {_fmt(o.get('achieved_gflops'))} | "
+                     f"{_fmt(o.get('fraction_of_matmul_peak'))} |")
+    targets = [(name, t, v) for name, r in results.items() for t, v in (r.get("targets") or {}).items()
+               if isinstance(v, dict)]
+    if targets:
+        lines += ["", "## Targets", "", "| benchmark | target | measured | met | shortfall | why (if missed) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {t} {v['target']} | {_fmt(v['measured'])} | {_fmt(v['met'])} | "
+                  f"{_fmt(v.get('shortfall'))} | {v.get('why', '')} |" for name, t, v in targets]
     lines += ["", "Commands (from the repository root):", ""]
     lines += [f"- {name}: `python benchmarks/{' '.join(cmd)}`" for name, cmd in commands.items()]
     return "\n".join(lines) + "\n"
