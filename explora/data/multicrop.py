@@ -50,7 +50,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 _HUE = 3  # index of hue among the jitter ops (brightness, contrast, saturation, hue)
-_CHUNK = 1 << 18  # floats per chunk of crops processed together (~1 MiB: stays in a core's L2/L3 share)
+_CHUNK = 5 << 16  # floats per chunk of crops processed together (1.25 MiB: 2 global or 11 local crops)
 
 
 def _rand(n: int, generator: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
@@ -403,8 +403,8 @@ class MultiCrop:
         """Fill ``out`` (n, C, S, S) with crop ``j`` of image ``j % B`` (view-major ordering).
 
         Crops are generated in an order sorted by (not blurred, hue position) and processed in chunks of about
-        ``_CHUNK`` floats: resample, jitter and (unblurred crops) the final affine run on one chunk while it is in
-        the CPU cache. The blurred crops (a prefix of the order) are blurred together afterwards.
+        ``_CHUNK`` floats: resample, jitter, blur and the final affine run on one chunk while it is in the CPU cache
+        (each op streaming over the whole batch from memory was ~2-3x slower per element).
         """
         n, c, size = out.shape[0], images.shape[1], out.shape[-1]
         b, _, height, width = images.shape
@@ -425,29 +425,24 @@ class MultiCrop:
         if rgb:
             p.update(self._jitter_plan(p, scale))
             m, bias = self._final_affine(None, p, 1.0)  # (n, 3, 3), (n, 3, 1): no dependence on the pixels
-        x = torch.empty(n, c, size, size)  # (n, C, S, S) float, sorted order
         solar = p["solarize"].tolist()
         windows = list(zip(source.tolist(), boxes.long().tolist(), flip.tolist(), strict=True))
         step = max(1, _CHUNK // (c * size * size))
-        ms, biases = [], []
+        buf = torch.empty(min(step, n), c, size, size)  # one chunk of float crops, reused (stays in cache)
         for cs in range(0, n, step):
             ce = min(n, cs + step)
-            xc, pc = x[cs:ce], {k: v[cs:ce] for k, v in p.items()}
-            _resample(images, windows[cs:ce], size, self.interpolation, xc)
+            x, pc = buf[:ce - cs], {k: v[cs:ce] for k, v in p.items()}
+            _resample(images, windows[cs:ce], size, self.interpolation, x)
             if rgb:
-                self._jitter_rgb(xc, pc, [(min(max(s, cs), ce) - cs, min(max(e, cs), ce) - cs) for s, e in runs],
+                self._jitter_rgb(x, pc, [(min(max(s, cs), ce) - cs, min(max(e, cs), ce) - cs) for s, e in runs],
                                  scale)
+                mc, bc = m[cs:ce], bias[cs:ce]
             else:
-                mc, bc = self._final_affine(xc, pc, scale)  # before the blur (band means)
-                ms.append(mc)
-                biases.append(bc)
-                m, bias = torch.cat(ms), torch.cat(biases)
-            for i in range(max(cs, n_blur), ce):
-                self._write(out[rows[i]], x[i], m[i], bias[i], solar[i])
-        if n_blur:
-            blurred = gaussian_blur(x[:n_blur], sigma[:n_blur], self.blur_kernel)
-            for i in range(n_blur):
-                self._write(out[rows[i]], blurred[i], m[i], bias[i], solar[i])
+                mc, bc = self._final_affine(x, pc, scale)  # before the blur (band means)
+            nb = max(0, min(ce, n_blur) - cs)  # the chunk's first nb crops are blurred
+            blurred = gaussian_blur(x[:nb], sigma[cs:cs + nb], self.blur_kernel) if nb else x[:0]
+            for i in range(ce - cs):
+                self._write(out[rows[cs + i]], blurred[i] if i < nb else x[i], mc[i], bc[i], solar[cs + i])
 
     def _write(self, dst: torch.Tensor, src: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, sol: bool) -> None:
         """``dst`` (C, S, S) = ``m @ src + bias`` per pixel; solarized crops: gray -> solarize -> normalise."""
