@@ -220,11 +220,11 @@ def _engine_step(obj: nn.Module, batch: dict, precision: str, *, depth: int, lay
     return step
 
 
-def ours_dinov2(args, split_backward: bool = True) -> tuple[nn.Module, Callable[[int], None], dict]:
+def ours_dinov2(args, split_backward: str | None = None) -> tuple[nn.Module, Callable[[int], None], dict]:
     """Our step: apply_explora + DinoV2Objective + engine param groups + fused AdamW + clip + EMA.
 
-    ``split_backward`` (the library default) back-propagates the local crops before the global crops run; the
-    ``ours_joint`` variant turns it off to show what it alone changes.
+    ``split_backward``: None keeps the library default (``view``: crops back-propagated view by view); the
+    ``ours_joint`` variant passes ``none`` (one backward over all crops) to show what the split alone changes.
     """
     from explora.adapt import apply_explora, preset_options
     from explora.objectives.dinov2 import DinoV2Objective
@@ -233,7 +233,8 @@ def ours_dinov2(args, split_backward: bool = True) -> tuple[nn.Module, Callable[
     backbone = _backbone(args, args.global_size)
     apply_explora(backbone, **preset_options("D-[L]-r64", lora_rank=args.rank))
     cfg = _dinov2_cfg(args)
-    cfg.split_backward = split_backward
+    if split_backward is not None:
+        cfg.split_backward = split_backward
     obj = DinoV2Objective(backbone, cfg, total_steps=10_000)
     batch = _dinov2_batch(args, obj.patch_size)
     step = _engine_step(obj, batch, args.precision, depth=len(backbone.blocks), layer_decay=0.9,
@@ -429,8 +430,8 @@ def baseline_mae(args) -> tuple[nn.Module, Callable[[int], None], dict]:
 
 
 def ours_joint_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
-    """Our step with one joint backward over all crops (``dinov2.split_backward: false``)."""
-    return ours_dinov2(args, split_backward=False)
+    """Our step with one joint backward over all crops (``dinov2.split_backward: none``)."""
+    return ours_dinov2(args, split_backward="none")
 
 
 VARIANTS = {("dinov2", "ours"): ours_dinov2, ("dinov2", "baseline"): baseline_dinov2,

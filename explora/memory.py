@@ -211,24 +211,26 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
     if dcfg.n_local:
         groups.append(("local", dcfg.n_local * B, t_local, _stem_trains(vit)))
 
-    per_group: dict[str, dict[str, int]] = {}  # kept activations, with checkpointing, per-call copies, largest block
+    # per crop group: kept activations per image (without / with checkpointing), per-call copies, largest block
+    per_group: dict[str, dict[str, int]] = {}
     cache: dict[tuple, tuple[int, int]] = {}
-    for gname, n_img, tokens, needs_grad in groups:
-        g = per_group[gname] = dict.fromkeys(("acts", "acts_ckpt", "calls", "largest_block"), 0)
+    for gname, _, tokens, needs_grad in groups:
+        g = per_group[gname] = dict.fromkeys(("acts", "acts_ckpt", "calls", "block_img", "block_call"), 0)
         for blk in vit.blocks:
             needs_grad = needs_grad or any(p.requires_grad for p in blk.parameters())
             key = (_signature(blk), tokens, needs_grad)
             if key not in cache:
                 cache[key] = per_image_and_call(blk, _call, lambda n, t=tokens: (n, t, D), precision, needs_grad)
             per_img, per_call = cache[key]
-            g["acts"] += per_img * n_img
+            g["acts"] += per_img
             g["calls"] += per_call
-            g["largest_block"] = max(g["largest_block"], per_img * n_img + per_call)
+            if per_img + per_call > g["block_img"] + g["block_call"]:
+                g["block_img"], g["block_call"] = per_img, per_call
             if needs_grad:
-                g["acts_ckpt"] += n_img * tokens * D * 4  # a checkpointed block keeps only its fp32 input
+                g["acts_ckpt"] += tokens * D * 4  # a checkpointed block keeps only its fp32 input
         norm_img, _ = per_image_and_call(vit.norm, _call, lambda n, t=tokens: (n, t, D), precision, needs_grad)
-        g["acts"] += (norm_img + 4 * tokens * D) * n_img
-        g["acts_ckpt"] += norm_img * n_img + n_img * tokens * D * 4  # the final norm's output: heads/KoLeo views
+        g["acts"] += norm_img + 4 * tokens * D
+        g["acts_ckpt"] += norm_img + tokens * D * 4  # the final norm's output: heads/KoLeo keep views of it
 
     # heads: per row (MLP inputs, GELU inputs, logits, fp32 log-softmax) and per call (weight-normalised prototypes)
     head = objective.student["dino_head"]
@@ -243,37 +245,40 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
     masked = int(n_masked_imgs * sum(dcfg.mask_ratio_min_max) / 2 * n_tokens)  # expected masked patches M
     K = dcfg.n_prototypes
     K_ibot = (dcfg.ibot_n_prototypes or K) if dcfg.separate_head else K
-    # head rows, head calls and fp32 logit-gradient bytes of each crop group
-    heads = {"global": (2 * B + masked, 2, (2 * B * K + masked * K_ibot) * 4),
-             "local": (dcfg.n_local * B, 1, dcfg.n_local * B * K * 4)}
-    # split_backward: local crops (stage 0) and global crops (stage 1) back-propagate one after the other, so the
-    # peak is that of the larger stage; otherwise everything is alive at once (one head call per network)
-    split = objective.backward_stages() > 1
-    stages = [["local"], ["global"]] if split else [[name for name, *_ in groups]]
 
-    def stage_components(names: list[str]) -> dict[str, int]:
-        rows = sum(heads[n][0] for n in names)
-        calls = 2 if split else len(names) + 1  # joint: the global CLS, local CLS and masked patches in one call
-        c = {"head_activations": row * rows + per_head_call * min(calls, sum(heads[n][1] for n in names)),
-             "loss_transient": sum(heads[n][2] for n in names)}
-        largest = max(per_group[n]["largest_block"] for n in names)
+    # the stages of dinov2.split_backward (DinoV2Objective.stage_plan): each stage's crops back-propagate before
+    # the next stage runs, so the peak is that of the largest stage; "none" is one stage with every crop
+    plan = objective.stage_plan()
+
+    def stage_components(kind: str, n_views: int) -> dict[str, int]:
+        parts = [("global", 2), ("local", dcfg.n_local)] if kind == "all" else [(kind, n_views)]
+        parts = [(name, n) for name, n in parts if n]
+        rows = calls = loss_bytes = 0
+        for name, n in parts:
+            m = masked * n // 2 if name == "global" else 0  # masked patches of n global views
+            rows += n * B + m
+            calls += 2 if name == "global" else 1  # (CLS, masked patches) or CLS
+            loss_bytes += (n * B * K + m * K_ibot) * 4  # fp32 gradient of the logits
+        c = {"head_activations": row * rows + per_head_call * calls, "loss_transient": loss_bytes}
+        largest = max(per_group[name]["block_img"] * n * B + per_group[name]["block_call"] for name, n in parts)
         if ckpt:
-            c["student_activations"] = sum(per_group[n]["acts_ckpt"] for n in names)
+            c["student_activations"] = sum(per_group[name]["acts_ckpt"] * n * B for name, n in parts)
             c["recompute_one_block"] = largest
             c["autocast_weight_copies"] = 0
         else:
-            c["student_activations"] = sum(per_group[n]["acts"] for n in names)
-            c["autocast_weight_copies"] = sum(per_group[n]["calls"] for n in names)
+            c["student_activations"] = sum(per_group[name]["acts"] * n * B for name, n in parts)
+            c["autocast_weight_copies"] = sum(per_group[name]["calls"] for name, _ in parts)
         c["backward_working_set"] = largest  # grads w.r.t. one block's activations while it back-propagates
         return c
 
-    per_stage = [stage_components(names) for names in stages]
-    peak_stage = max(range(len(stages)), key=lambda i: sum(per_stage[i].values()))
+    per_stage = [stage_components(kind, n) for kind, _, n in plan]
+    peak_stage = max(range(len(plan)), key=lambda i: sum(per_stage[i].values()))
     comps.update(per_stage[peak_stage])
     comps["teacher_outputs"] = (2 * B * K + masked * K_ibot) * 4  # fp32 teacher targets, kept for the whole step
     comps["batch"] = 4 * (2 * B * cfg.model.in_chans * dcfg.global_size ** 2
                           + dcfg.n_local * B * cfg.model.in_chans * dcfg.local_size ** 2) + 2 * B * n_tokens
-    comps["teacher_forward_transient"] = max(g["largest_block"] for g in per_group.values())  # own phase
+    comps["teacher_forward_transient"] = (per_group["global"]["block_img"] * 2 * B  # own phase, no grad
+                                          + per_group["global"]["block_call"])
     # the transients do not coexist: the loss buffers are freed before the blocks back-propagate
     block_phase = ["backward_working_set"] + (["recompute_one_block"] if ckpt else [])
     loss_phase = ["loss_transient"]
@@ -297,8 +302,10 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
             "fused_attention": bool(getattr(vit.blocks[0].attn, "fused_attn", False)),
             "trainable_params": n_trainable,
             "expected_masked_patches": masked,
-            "split_backward": split,
-            "peak_stage": "+".join(stages[peak_stage]),
+            "split_backward": dcfg.split_backward,
+            "backward_stages": len(plan),
+            "peak_stage": "{} views {}..{}".format(*plan[peak_stage][:2], sum(plan[peak_stage][1:]) - 1)
+            if plan[peak_stage][0] != "all" else "all crops",
             "n_prototypes": K,
         },
     )

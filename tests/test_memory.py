@@ -119,18 +119,18 @@ MEASURE = textwrap.dedent('''
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
-@pytest.mark.parametrize("split", [True, False], ids=["split_backward", "joint_backward"])
+@pytest.mark.parametrize("split", ["view", "crop_size", "none"])
 def test_predicted_peak_matches_measured_rss(tmp_path, split):
     script = tmp_path / "measure.py"
     script.write_text(MEASURE)
-    args = [*TINY, f"dinov2.split_backward={str(split).lower()}"]
+    args = [*TINY, f"dinov2.split_backward={split}"]
     # a fixed mmap threshold makes glibc return every freed large buffer, so RSS follows live tensor memory
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["increase"]
     r = estimate_pretrain_memory(load_config(None, args))
-    assert r.details["split_backward"] is split
+    assert r.details["split_backward"] == split
     present_before = ("frozen_weights", "trainable_weights", "head_weights", "teacher_ema_copies", "buffers", "batch")
     predicted = r.peak - sum(r.components[k] for k in present_before)
     assert r.components["student_activations"] > 0.5 * predicted  # activations dominate this run

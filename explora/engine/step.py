@@ -20,7 +20,7 @@ from explora.engine.precision import autocast
 
 @dataclass
 class StepOutput:
-    """The summed loss value (detached), the terms of all stages, and whether every stage's loss was finite.
+    """The summed loss value (detached), the terms summed over stages, and whether every stage's loss was finite.
 
     When ``finite`` is False the stages after the non-finite one did not run and gradients may be partial: the
     caller drops the update (``optimizer.zero_grad``).
@@ -42,7 +42,8 @@ def forward_backward(model: nn.Module, objective: nn.Module, batch: dict[str, to
                 out = model(batch, step) if stages == 1 else model(batch, step, stage=k)
             value = out.loss.detach().float()
             loss = value if loss is None else loss + value
-            terms.update(out.terms)
+            for name, v in out.terms.items():  # a term split over stages comes back in parts that add up
+                terms[name] = v if name not in terms else terms[name] + v
             if not torch.isfinite(value).all():
                 return StepOutput(loss, terms, finite=False)
             out.loss.backward()

@@ -45,11 +45,17 @@ class DinoV2Config:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # augmentations.py: ImageNet normalisation
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # augmentations.py GaussianBlur p (see docs: upstream quirk)
-    # not upstream (DinoV2 back-propagates the whole loss at once): back-propagate the local-crop DINO term, then the
-    # global-crop terms, so only one crop size's activations are alive; same gradients up to summation order
-    split_backward: bool = True
+    # not upstream (DinoV2 back-propagates the whole loss at once): back-propagate the loss in parts so that only one
+    # part's activations are alive; same gradients up to summation order. "none" | "crop_size" | "view"
+    # (DinoV2Objective.stage_plan); true/false mean "view"/"none"
+    split_backward: str = "view"
 
     def __post_init__(self) -> None:
+        if isinstance(self.split_backward, bool):
+            self.split_backward = "view" if self.split_backward else "none"
+        if self.split_backward not in ("none", "crop_size", "view"):
+            raise ConfigError(f"dinov2.split_backward must be one of none, crop_size, view (or true/false), "
+                              f"got {self.split_backward!r}")
         if self.centering not in ("centering", "sinkhorn_knopp"):
             raise ConfigError(f"dinov2.centering must be 'centering' or 'sinkhorn_knopp', got {self.centering!r}")
         lo, hi = self.mask_ratio_min_max

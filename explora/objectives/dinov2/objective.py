@@ -165,13 +165,31 @@ class DinoV2Objective(Objective):
         out = net["dino_head"](torch.cat(rows)).split([r.shape[0] for r in rows])
         return list(out[:len(cls)]), None if patch is None else out[-1]
 
-    def backward_stages(self) -> int:
-        """2 with ``split_backward`` and local crops: stage 0 = teacher + local crops, stage 1 = global crops.
+    def stage_plan(self) -> list[tuple[str, int, int]]:
+        """The crops of each backward stage as ``(kind, first_view, n_views)``; kind is ``all``, ``local``, ``global``.
 
-        The global crops come last because they use every trainable tensor (the mask token, the iBOT head): the
-        last stage is the one DDP synchronises, and DDP expects a gradient for every parameter it manages.
+        ``split_backward``: ``none`` -> one stage with every crop; ``crop_size`` -> all local crops, then both
+        global crops; ``view`` -> local views packed evenly into stages of at most one global view's tokens, then
+        each global view alone. Local stages come first and the teacher runs in stage 0; the global crops come last
+        because they use every trainable tensor (the mask token, the iBOT head): the last stage is the one DDP
+        synchronises, and DDP expects a gradient for every parameter it manages.
         """
-        return 2 if self.cfg.split_backward and self.cfg.n_local else 1
+        mode, n_local = self.cfg.split_backward, self.cfg.n_local
+        if mode == "none" or (mode == "crop_size" and not n_local):
+            return [("all", 0, 0)]
+        if mode == "crop_size":
+            return [("local", 0, n_local), ("global", 0, 2)]
+        prefix = getattr(self.student["backbone"], "num_prefix_tokens", 1)
+        t_global = (self.cfg.global_size // self.patch_size) ** 2 + prefix
+        t_local = (self.cfg.local_size // self.patch_size) ** 2 + prefix
+        n_stages = -(-n_local // max(1, t_global // t_local)) if n_local else 0  # ceil
+        sizes = [n_local // n_stages + (i < n_local % n_stages) for i in range(n_stages)]
+        starts = [sum(sizes[:i]) for i in range(n_stages)]
+        return [("local", a, n) for a, n in zip(starts, sizes)] + [("global", 0, 1), ("global", 1, 1)]
+
+    def backward_stages(self) -> int:
+        """Number of forward/backward passes per step (:meth:`stage_plan`); 1 with ``split_backward: none``."""
+        return len(self.stage_plan())
 
     def forward(self, batch: dict[str, torch.Tensor], step: int,  # type: ignore[override]
                 stage: int | None = None) -> ObjectiveOutput:
@@ -193,48 +211,61 @@ class DinoV2Objective(Objective):
         return (self._targets(t_cls_logits, self.dino_center, temp),
                 self._targets(t_patch_logits, self.ibot_center, temp))
 
+    def _stage_targets_for(self, batch: dict[str, torch.Tensor], step: int, stage: int | None, n_stages: int,
+                           temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher targets: computed in the first stage of a step, kept until its last stage."""
+        if stage is None or stage == 0:  # the teacher runs once per step, on the unmasked global crops
+            targets = self._teacher_targets(batch["global"], batch["masks"].bool(), temp)
+            self._kept_targets = (step, *targets) if stage is not None and n_stages > 1 else None
+            return targets
+        kept = getattr(self, "_kept_targets", None)
+        if kept is None or kept[0] != step:
+            raise RuntimeError(f"DinoV2Objective: stage {stage} of step {step} called without stage 0 first")
+        if stage == n_stages - 1:
+            self._kept_targets = None
+        return kept[1], kept[2]
+
     def _forward(self, batch: dict[str, torch.Tensor], step: int, stage: int | None) -> ObjectiveOutput:
         cfg = self.cfg
         glob, local, masks = batch["global"], batch["local"], batch["masks"].bool()  # (2B,C,G,G) (nB,C,L,L) (2B,N)
         n_img = glob.shape[0]
-        n_local = local.shape[0] // (n_img // 2) if n_img else 0
+        B = n_img // 2
+        n_local = local.shape[0] // B if n_img else 0
         temp = teacher_temperature(cfg, step)
-        split = stage is not None and self.backward_stages() > 1
-        do_local = bool(n_local) and (not split or stage == 0)
-        do_global = not split or stage == 1
-
-        if not split or stage == 0:  # the teacher runs once per step, on the unmasked global crops
-            t_cls_probs, t_patch_probs = self._teacher_targets(glob, masks, temp)
-            self._stage_targets = (step, t_cls_probs, t_patch_probs) if split else None
-        else:  # a later stage of the same step reuses the targets of stage 0
-            kept, self._stage_targets = getattr(self, "_stage_targets", None), None
-            if kept is None or kept[0] != step:
-                raise RuntimeError(f"DinoV2Objective: stage {stage} of step {step} called without stage 0 first")
-            _, t_cls_probs, t_patch_probs = kept
+        plan = self.stage_plan()
+        kind, first, n_views = plan[stage] if stage is not None else ("all", 0, 0)
+        t_cls_probs, t_patch_probs = self._stage_targets_for(batch, step, stage, len(plan), temp)
 
         cls_batches, patch = [], None
-        if do_global:
-            s_cls, s_patch = forward_tokens(self.student["backbone"], glob, masks, self.mask_token)
+        if kind in ("all", "global"):  # global views [first, first + n_views) of the 2 (view-major rows)
+            g0, g1 = (0, n_img) if kind == "all" else (first * B, (first + n_views) * B)
+            g_masks = masks[g0:g1]
+            m0 = int(masks[:g0].sum())
+            g_patch_probs = t_patch_probs[m0:m0 + int(g_masks.sum())]  # masked rows are in image order
+            s_cls, s_patch = forward_tokens(self.student["backbone"], glob[g0:g1], g_masks, self.mask_token)
             cls_batches.append(s_cls)
-            patch = s_patch[masks]  # (M, D)
-        if do_local:
-            cls_batches.append(forward_tokens(self.student["backbone"], local)[0])  # (nB, D)
-        logits, s_patch_logits = self._heads(self.student, cls_batches, patch)  # [(2B, K)], [(nB, K)], (M, K)
+            patch = s_patch[g_masks]  # (M_stage, D)
+        l_views = n_local if kind == "all" else n_views if kind == "local" else 0
+        if l_views:
+            l0 = 0 if kind == "all" else first * B
+            cls_batches.append(forward_tokens(self.student["backbone"], local[l0:l0 + l_views * B])[0])
+        logits, s_patch_logits = self._heads(self.student, cls_batches, patch)  # [(g, K)], [(l, K)], (M, K)
         n_pairs = 2 * n_local + 2 * 1  # (student crop, other teacher view) pairs
         terms: dict[str, torch.Tensor] = {}
         loss = logits[0].new_zeros((), dtype=torch.float32)
-        if do_local:
-            terms["dino_local"] = self.dino_loss(logits[-1], t_cls_probs, n_local, 2) / n_pairs
+        if l_views:  # each local crop against both teacher views
+            terms["dino_local"] = self.dino_loss(logits[-1], t_cls_probs, l_views, 2) / n_pairs
             loss = loss + cfg.dino_loss_weight * terms["dino_local"]
         elif not n_local:
             terms["dino_local"] = loss.new_zeros(())
-        if do_global:
-            terms["dino_global"] = self.dino_loss(logits[0], t_cls_probs, 1, 1) * 2 / n_pairs
-            terms["ibot"] = self.ibot_loss(s_patch_logits, t_patch_probs, masks)
-            terms["koleo"] = sum(self.koleo_loss(c) for c in s_cls.chunk(2))
+        if patch is not None:  # every term is a sum over global views; a view's share is 1/2 of a mean over both
+            g_views = s_cls.shape[0] // B
+            terms["dino_global"] = self.dino_loss(logits[0], t_cls_probs[g0:g1], 1, 1) * g_views / n_pairs
+            terms["ibot"] = self.ibot_loss(s_patch_logits, g_patch_probs, g_masks) * (g_views / 2)
+            terms["koleo"] = sum(self.koleo_loss(c) for c in s_cls.chunk(g_views))
             loss = loss + (cfg.dino_loss_weight * terms["dino_global"] + cfg.ibot_loss_weight * terms["ibot"]
                            + cfg.koleo_loss_weight * terms["koleo"])
-        if not split or stage == 0:
+        if not stage:
             terms.update(teacher_temp=torch.tensor(temp),
                          momentum=torch.tensor(teacher_momentum(cfg, step, self.total_steps)),
                          masked_tokens=torch.tensor(float(masks.sum())))
