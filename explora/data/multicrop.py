@@ -50,6 +50,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 _HUE = 3  # index of hue among the jitter ops (brightness, contrast, saturation, hue)
+_AA_OPS = {"bicubic": torch.ops.aten._upsample_bicubic2d_aa, "bilinear": torch.ops.aten._upsample_bilinear2d_aa}
 _JITTER_KEYS = ("apply", "a", "s1w", "c1w", "hue_abs", "hue_a", "hue_b")  # _jitter_plan's, per crop
 _CHUNK = 5 << 16  # floats per chunk of crops processed together (1.25 MiB: 2 global or 11 local crops)
 
@@ -127,11 +128,18 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, s
 
 
 def _resample(images: torch.Tensor, windows: list, size: int, mode: str, out: torch.Tensor) -> torch.Tensor:
-    """``crop_resize`` on channels-last ``images`` for ``windows`` [(source, (top, left, h, w), flip), ...]."""
-    for i, (s, (top, left, h, w), f) in enumerate(windows):
-        window = images[s:s + 1, :, top:top + h, left:left + w]  # (1, C, h, w) view
-        crop = F.interpolate(window, size=(size, size), mode=mode, antialias=True)[0]  # (C, size, size)
-        out[i].copy_(crop.flip(-1) if f else crop)
+    """``crop_resize`` on channels-last ``images`` for ``windows`` [(source, (top, left, h, w), flip), ...].
+
+    Per crop this is one ``as_strided`` window view and the aten antialiased resample op (what ``F.interpolate``
+    calls, without its per-call Python argument handling: ~15 us of ~50-300 us per crop)."""
+    resample = _AA_OPS[mode]
+    sb, sc, sh, sw = images.stride()
+    c, base = images.shape[1], images.storage_offset()
+    outs = out.unbind(0)
+    for o, (s, (top, left, h, w), f) in zip(outs, windows, strict=True):
+        window = images.as_strided((1, c, h, w), (sb, sc, sh, sw), base + s * sb + top * sh + left * sw)
+        crop = resample(window, [size, size], False)[0]  # (C, size, size)
+        o.copy_(crop.flip(-1) if f else crop)
     return out
 
 
@@ -434,6 +442,7 @@ class MultiCrop:
         keys = [k for k in p if k in _JITTER_KEYS] if rgb else list(p)  # what the chunk steps read
         windows = list(zip(source.tolist(), boxes.long().tolist(), flip.tolist(), strict=True))
         step = max(1, _CHUNK // (c * size * size))
+        outs = out.unbind(0)
         buf = torch.empty(min(step, n), c, size, size)  # one chunk of float crops, reused (stays in cache)
         for cs in range(0, n, step):
             ce = min(n, cs + step)
@@ -449,10 +458,9 @@ class MultiCrop:
             blurred = gaussian_blur(x[:nb], sigma[cs:cs + nb], self.blur_kernel) if nb else x[:0]
             d = torch.diagonal(mc, dim1=1, dim2=2)  # (k, C)
             is_diag = (mc == torch.diag_embed(d)).flatten(1).all(1).tolist()
-            d = d.unsqueeze(2)
-            for i in range(ce - cs):
-                self._write(out[rows[cs + i]], blurred[i] if i < nb else x[i], mc[i], bc[i], solar[cs + i],
-                            d[i] if is_diag[i] else None)
+            srcs = [*blurred.unbind(0), *x[nb:].unbind(0)]
+            for i, (src, mi, di, bi) in enumerate(zip(srcs, mc.unbind(0), d.unsqueeze(2).unbind(0), bc.unbind(0))):
+                self._write(outs[rows[cs + i]], src, mi, bi, solar[cs + i], di if is_diag[i] else None)
 
     def _write(self, dst: torch.Tensor, src: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, sol: bool,
                diag: torch.Tensor | None) -> None:
