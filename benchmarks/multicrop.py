@@ -8,9 +8,11 @@ then float conversion + ImageNet normalisation. Inputs are the same ``size``-px 
 
 Throughput is images/s PER CORE: ``torch.set_num_threads(1)`` and one process. The two pipelines are timed
 interleaved (ours, torchvision, ours, ...) in the same run so that load from other processes on a shared machine
-hits both alike; the JSON reports medians over ``repeats`` and the ratio of the medians.
+hits both alike; the JSON reports medians over all timed calls and the ratio of the medians. With ``--rounds R``
+the ``repeats`` interleaved pairs are timed R times (fresh random draws each call); each round's ratio of medians
+is reported too (``round_ratios``, their median ``ratio_median_of_rounds``), to show the spread under load.
 
-Run: ``python benchmarks/multicrop.py [--batch 16] [--repeats 7] [--size 512]`` -> JSON on stdout.
+Run: ``python benchmarks/multicrop.py [--batch 16] [--repeats 7] [--rounds 1] [--size 512]`` -> JSON on stdout.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def run_torchvision(pils: list[Image.Image], pipes: tuple, n_local: int) -> dict
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=16, help="images per call")
-    ap.add_argument("--repeats", type=int, default=7, help="timed calls of each pipeline (interleaved)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed calls of each pipeline (interleaved) per round")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of --repeats interleaved calls; a ratio per round")
     ap.add_argument("--size", type=int, default=512, help="input side in pixels")
     ap.add_argument("--global-size", type=int, default=224)
     ap.add_argument("--local-size", type=int, default=98)
@@ -102,10 +105,15 @@ def main(argv: list[str] | None = None) -> dict:
         return time.perf_counter() - t
 
     time_ours(-1), time_tv()  # warm-up (allocator, kernel selection)
-    t_ours, t_tv = [], []
-    for r in range(args.repeats):
-        t_ours.append(time_ours(r))
-        t_tv.append(time_tv())
+    t_ours, t_tv, round_ratios = [], [], []
+    for rnd in range(args.rounds):
+        r_ours, r_tv = [], []
+        for r in range(args.repeats):
+            r_ours.append(time_ours(rnd * args.repeats + r))
+            r_tv.append(time_tv())
+        round_ratios.append(statistics.median(r_tv) / statistics.median(r_ours))
+        t_ours += r_ours
+        t_tv += r_tv
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -120,9 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_images_per_s_per_core": round(ips_ours, 2),
         "torchvision_images_per_s_per_core": round(ips_tv, 2),
         "ratio": round(ips_ours / ips_tv, 3),
+        "round_ratios": [round(r, 3) for r in round_ratios],
+        "ratio_median_of_rounds": round(statistics.median(round_ratios), 3),
         "ours_s_per_call": [round(t, 4) for t in t_ours],
         "torchvision_s_per_call": [round(t, 4) for t in t_tv],
-        "settings": {"batch": args.batch, "repeats": args.repeats, "input": f"{args.size}x{args.size} uint8 RGB",
+        "settings": {"batch": args.batch, "repeats": args.repeats, "rounds": args.rounds,
+                     "input": f"{args.size}x{args.size} uint8 RGB",
                      "global": f"2x{args.global_size}", "local": f"{args.n_local}x{args.local_size}",
                      "threads": args.threads, "torch": torch.__version__, "cpu_capability":
                      torch.backends.cpu.get_cpu_capability(), "machine": platform.processor() or platform.machine()},
