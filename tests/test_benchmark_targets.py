@@ -24,7 +24,8 @@ def test_speed_miss_is_explained_by_the_matmul_ceiling():
     assert speedup_ceiling(ours, base) == round(1.01 / 0.85, 3)
     out = step_targets(PRETRAIN_TARGETS["fp32"], {"ours": ours, "baseline": base},
                        {"speedup": 1.01, "peak_rss_ratio": 0.85, "step_memory_ratio": 0.7}, "fp32")
-    assert out["speedup"]["met"] is False and "at most 1.188x" in out["speedup"]["why"]
+    why = out["speedup"]["why"]
+    assert out["speedup"]["met"] is False and "105% of the peak" in why and "1.188x" in why
     assert out["peak_rss_ratio"]["met"] is False and "800 MiB runtime" in out["peak_rss_ratio"]["why"]
     assert out["step_memory_ratio"]["met"] is True and "why" not in out["step_memory_ratio"]
     assert out["speedup_ceiling_at_equal_flops"] == 1.188
