@@ -8,17 +8,19 @@ crop 2, then mean/std normalisation.
 
 How it is fast (numbers in ``docs/multicrop-performance.md``, ``benchmarks/multicrop.py``):
 - Crop + resize is a separable antialiased bicubic resample of the crop window straight from the uint8 input,
-  the same filter as PIL's ``Image.resize`` (``F.interpolate(..., antialias=True)``, whose uint8 kernel is fixed
-  point and vectorised). A dense per-crop matmul resample and a gathered-taps resample were both measured 5-20x
-  slower on one core; see the performance notes.
-- The photometric ops run on the small float crops, vectorised over all crops of a kind at once (2B globals, then
-  n_local*B locals). Crops are generated in an order sorted by (blur?, position of hue in the jitter order), so the
-  ops that only some crops get (hue, blur) act on contiguous slices: no ``index``/``index_put`` copies.
-- Brightness, contrast and saturation are per-crop 3x3 colour matrices plus offsets (one ``baddbmm`` + clamp per
-  jitter position); the uint8 -> [0, 1] scale folds into the first. Grayscale, band dropout, the multispectral
-  jitter and the normalisation fold into one per-crop ``addmm`` that writes each crop into its place in the output
+  the same filter as PIL's ``Image.resize`` (aten's antialiased resample, what ``F.interpolate(...,
+  antialias=True)`` calls; its uint8 kernel is fixed point and vectorised on channels-last input). A dense per-crop
+  matmul resample and a gathered-taps resample were both measured 5-20x slower on one core.
+- Crops are generated in an order sorted by (blur?, position of hue in the jitter order), so the ops that only some
+  crops get (hue, blur) act on contiguous slices, and are processed in chunks of ~1.25 MiB of float pixels (2 global
+  or 11 local crops): resample, colour jitter, hue, blur and the final affine all run on one chunk while it is in
+  the CPU cache (streaming each op over the whole batch was 2-3x slower per element).
+- Brightness, contrast and saturation are per-crop ``y = a x + s1 gray(x) + c1 mean(gray(x))`` (one in-place
+  multiply-add + clamp per jitter position, the luma by a tiny ``bmm``); the uint8 -> [0, 1] scale folds into the
+  first. Hue uses a closed form without the hue angle (``adjust_hue``). Grayscale, band dropout, the multispectral
+  jitter and the normalisation fold into one per-crop affine map that writes each crop into its place in the output
   (grayscale and the per-band affine jitter commute with the per-channel blur, so they move after it).
-- The blur is two 1-D grouped convolutions (one per-crop kernel per channel) after one reflect pad.
+- The blur is two 1-D grouped convolutions (one per-crop kernel per channel) after one reflect pad, per chunk.
 
 Output ordering (documented contract): ``global`` is ``(2B, C, G, G)`` with all first-view crops (index ``b``) then
 all second-view crops (index ``B + b``); ``local`` is ``(n_local * B, C, L, L)`` with local crop ``i`` of sample
