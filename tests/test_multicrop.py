@@ -41,6 +41,22 @@ def test_shapes_order_and_determinism():
     assert torch.equal(np_out["global"], out["global"])
 
 
+def test_memory_layouts_and_offsets_give_the_same_crops():
+    # windows are as_strided views of the input: strides and storage offsets of any layout must be honoured
+    mc = MultiCrop(global_size=24, local_size=12, n_local=2)
+    big = torch.randint(0, 256, (5, 3, 40, 48), dtype=torch.uint8)
+    ref = mc(big[2:4].contiguous(), torch.Generator().manual_seed(0))
+    cl = big.contiguous(memory_format=torch.channels_last)[2:4]  # channels-last slice with a storage offset
+    for images in (cl, big[2:4]):
+        got = mc(images, torch.Generator().manual_seed(0))
+        assert torch.equal(got["global"], ref["global"]) and torch.equal(got["local"], ref["local"])
+    flt = big.float() / 255
+    ref = mc(flt[2:4].contiguous(), torch.Generator().manual_seed(0))
+    got = mc(flt.transpose(2, 3).contiguous().transpose(2, 3)[2:4], torch.Generator().manual_seed(0))  # strided
+    for k in ("global", "local"):
+        assert torch.allclose(got[k], ref[k], atol=1e-5), k
+
+
 def test_global_view_ordering_follows_samples():
     # no photometric ops, full-image crops: view-major ordering means global[b] and global[B + b] come from image b
     mc = MultiCrop(global_size=16, local_size=8, n_local=2, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0,
