@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -29,6 +31,9 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from explora.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from targets import MULTICROP_TARGETS, verdict  # noqa: E402
 
 
 def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -119,8 +124,6 @@ def main(argv: list[str] | None = None) -> dict:
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             ours(images, torch.Generator().manual_seed(0))
-        import sys
-
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
     ips_ours = args.batch / statistics.median(t_ours)
     ips_tv = args.batch / statistics.median(t_tv)
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio": round(ips_ours / ips_tv, 3),
         "round_ratios": [round(r, 3) for r in round_ratios],
         "ratio_median_of_rounds": round(statistics.median(round_ratios), 3),
+        "targets": {"ratio": verdict(round(ips_ours / ips_tv, 3), *MULTICROP_TARGETS["ratio"])},
         "ours_s_per_call": [round(t, 4) for t in t_ours],
         "torchvision_s_per_call": [round(t, 4) for t in t_tv],
         "settings": {"batch": args.batch, "repeats": args.repeats, "rounds": args.rounds,
