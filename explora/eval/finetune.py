@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from explora.data.multicrop import random_resized_crop_boxes
 from explora.errors import ConfigError, DataError
 from explora.eval.features import EvalTransform, eval_transform_for
 from explora.eval.metrics import classification_metrics, save_metrics
@@ -196,32 +197,10 @@ def sample_crop_boxes(
     generator: torch.Generator,
     attempts: int = 10,
 ) -> torch.Tensor:
-    """(n, 4) boxes ``x1, y1, x2, y2`` in pixels, drawn as torchvision ``RandomResizedCrop.get_params`` does
-    (up to ``attempts`` area/aspect draws, then a centre crop clamped to ``ratio``), for a whole batch at once."""
-    area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=generator))  # (n, A)
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
-        n, attempts, generator=generator
-    )
-    ar = torch.exp(log_r)
-    w = torch.sqrt(target * ar).round()  # (n, A)
-    h = torch.sqrt(target / ar).round()
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (n, A)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))  # (n,)
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
-    pick = first.clamp(min=0)[:, None]
-    cw = torch.where(first >= 0, w.gather(1, pick)[:, 0], torch.full((n,), float(fw)))  # (n,)
-    ch = torch.where(first >= 0, h.gather(1, pick)[:, 0], torch.full((n,), float(fh)))
-    u = torch.rand(n, 2, generator=generator)
-    top = torch.where(first >= 0, (u[:, 0] * (height - ch + 1)).floor(), ((height - ch) / 2).floor())
-    left = torch.where(first >= 0, (u[:, 1] * (width - cw + 1)).floor(), ((width - cw) / 2).floor())
-    return torch.stack([left, top, left + cw, top + ch], dim=1)
+    """(n, 4) boxes ``x1, y1, x2, y2`` in pixels (``roi_align``'s layout), drawn as torchvision
+    ``RandomResizedCrop.get_params`` does by the data layer's batched sampler."""
+    top, left, h, w = random_resized_crop_boxes(n, height, width, scale, ratio, generator, attempts).unbind(1)
+    return torch.stack([left, top, left + w, top + h], dim=1)
 
 
 class FinetuneTransform:
