@@ -31,6 +31,7 @@ from pretrain_step import (  # noqa: E402
     matmul_peak,
     n_trainable,
     peak_rss_mib,
+    plain_timm_vit,
     run_worker,
     summarise,
     time_steps,
@@ -71,19 +72,10 @@ def ours(args):
 
 
 def baseline(args):
-    import timm
     from peft import LoraConfig, inject_adapter_in_model
 
-    from explora.models.registry import get_backbone_spec
-
     torch.manual_seed(0)
-    try:
-        spec = get_backbone_spec(args.model)
-        name, kw = spec.timm_name, dict(spec.timm_kwargs)
-    except Exception:
-        name, kw = args.model, {}
-    kw.pop("img_size", None)
-    vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=args.img_size, **kw)
+    vit = plain_timm_vit(args.model, args.img_size)
     vit = inject_adapter_in_model(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["qkv"]), vit)
     for n, p in vit.named_parameters():
         p.requires_grad_("lora_" in n)

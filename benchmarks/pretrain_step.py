@@ -156,6 +156,21 @@ def autocast(precision: str):
     return engine_autocast(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def plain_timm_vit(model: str, img_size: int, **extra) -> nn.Module:
+    """The baselines' backbone: a plain timm ViT (registry short names map to their timm name and kwargs)."""
+    import timm
+
+    from explora.models.registry import get_backbone_spec
+
+    try:
+        spec = get_backbone_spec(model)
+        name, kw = spec.timm_name, dict(spec.timm_kwargs)
+    except Exception:  # any timm name
+        name, kw = model, {}
+    kw.pop("img_size", None)
+    return timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, **extra, **kw)
+
+
 def n_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -264,10 +279,8 @@ def _baseline_freeze(vit: nn.Module, unfrozen: list[int]) -> None:
 
 def baseline_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
     """timm + peft LoRA on fused qkv + deepcopy EMA teacher over all parameters + our losses + plain AdamW."""
-    import timm
 
     from explora.models.masked_forward import forward_tokens
-    from explora.models.registry import get_backbone_spec
     from explora.objectives.dinov2.centering import EMACenter
     from explora.objectives.dinov2.heads import DINOHead
     from explora.objectives.dinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
@@ -275,14 +288,7 @@ def baseline_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
 
     cfg = _dinov2_cfg(args)
     torch.manual_seed(0)
-    try:
-        spec = get_backbone_spec(args.model)
-        name, kw = spec.timm_name, dict(spec.timm_kwargs)
-    except Exception:  # any timm name
-        name, kw = args.model, {}
-    kw.pop("img_size", None)
-    vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=args.global_size,
-                            dynamic_img_size=True, **kw)
+    vit = plain_timm_vit(args.model, args.global_size, dynamic_img_size=True)
     depth = len(vit.blocks)
     vit = _peft_lora(vit, list(range(depth - 1)), args.rank)
     _baseline_freeze(vit, [depth - 1])
@@ -387,20 +393,12 @@ def ours_mae(args) -> tuple[nn.Module, Callable[[int], None], dict]:
 
 def baseline_mae(args) -> tuple[nn.Module, Callable[[int], None], dict]:
     """timm + peft LoRA on fused qkv (blocks 1..L-2) + first/last block + norms + plain MAE decoder + AdamW."""
-    import timm
 
-    from explora.models.registry import get_backbone_spec
     from explora.objectives.mae.loss import masked_mse, normalize_patches, patchify
     from explora.objectives.mae.masking import gather_tokens, random_masking
 
     torch.manual_seed(0)
-    try:
-        spec = get_backbone_spec(args.model)
-        name, kw = spec.timm_name, dict(spec.timm_kwargs)
-    except Exception:
-        name, kw = args.model, {}
-    kw.pop("img_size", None)
-    vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=args.global_size, **kw)
+    vit = plain_timm_vit(args.model, args.global_size)
     depth, patch = len(vit.blocks), vit.patch_embed.patch_size[0]
     vit = _peft_lora(vit, list(range(1, depth - 1)), args.rank)
     _baseline_freeze(vit, [0, depth - 1])
