@@ -30,6 +30,17 @@ def tiny_dinov2():
     return build_backbone("test_dinov2")
 
 
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory) -> Path:
+    """A Fashion-MNIST-layout IDX directory (64 train, 16 test images), made once per test module."""
+    from data_fixtures import idx_files
+
+    root = tmp_path_factory.mktemp("fm")
+    idx_files(root, n=64, prefix="train")
+    idx_files(root, n=16, prefix="t10k")
+    return root
+
+
 @pytest.fixture
 def tiny_mae():
     """A 4-block, 64-wide MAE-layout ViT (no LayerScale, patch 8, 32-px input), random weights."""

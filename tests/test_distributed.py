@@ -257,16 +257,6 @@ def _torchrun(idx_dir: Path, out: Path, strategy: str, *extra: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> Path:
-    from data_fixtures import idx_files
-
-    root = tmp_path_factory.mktemp("fm")
-    idx_files(root, n=64, prefix="train")
-    idx_files(root, n=16, prefix="t10k")
-    return root
-
-
-@pytest.fixture(scope="module")
 def fsdp2_cli_run(idx_dir, tmp_path_factory) -> Path:
     """One uninterrupted 2-process FSDP2 run of 4 steps, checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("cli") / "fsdp2"

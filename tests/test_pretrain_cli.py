@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import idx_files
 from safetensors.torch import load_file
 
 from explora.cli import main
@@ -34,14 +33,6 @@ TINY = [
     "train.tensorboard=false",
     "train.precision=fp32",
 ]
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fm")
-    idx_files(root, n=64, prefix="train")
-    idx_files(root, n=16, prefix="t10k")
-    return root
 
 
 def _err(capsys) -> str:
