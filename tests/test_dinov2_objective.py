@@ -128,8 +128,9 @@ def _grads(obj) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in obj.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("mode, stages", [("crop_size", 2), ("view", 4)])
-def test_split_backward_gives_the_joint_gradients(tiny_dinov2, mode, stages):
+@pytest.mark.parametrize("mode, stages, extra", [
+    ("crop_size", 2, {}), ("view", 4, {}), ("view", 4, {"separate_head": True, "centering": "sinkhorn_knopp"})])
+def test_split_backward_gives_the_joint_gradients(tiny_dinov2, mode, stages, extra):
     """Crops back-propagated in parts, one after the other: same loss, terms, gradients and teacher centre."""
     import copy
 
@@ -139,8 +140,8 @@ def test_split_backward_gives_the_joint_gradients(tiny_dinov2, mode, stages):
     with torch.no_grad():  # move off the initialisation so that no term is trivially zero
         for p in tiny_dinov2.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    joint = _objective(copy.deepcopy(tiny_dinov2), split_backward="none", n_local=4).train()
-    split = _objective(tiny_dinov2, split_backward=mode, n_local=4).train()
+    joint = _objective(copy.deepcopy(tiny_dinov2), split_backward="none", n_local=4, **extra).train()
+    split = _objective(tiny_dinov2, split_backward=mode, n_local=4, **extra).train()
     split.load_state_dict(joint.state_dict())
     assert joint.backward_stages() == 1 and split.backward_stages() == stages
     batches = (_batch(joint, seed=seed) for seed in range(50))
