@@ -90,7 +90,7 @@ def _run(out: Path, strategy: str, batch_size: int, extra: list[str]) -> None:
     D.barrier()
 
 
-def _loop(strategy: str, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _loop(strategy: str, steps: int, precision: str = "fp32") -> tuple[list[float], dict[str, torch.Tensor]]:
     """The trainer's step (forward, backward, clip, AdamW, EMA) with the optimiser built *after* wrapping.
 
     FSDP2 replaces each parameter by a sharded DTensor, so the optimiser must see the wrapped parameters
@@ -98,12 +98,16 @@ def _loop(strategy: str, steps: int) -> tuple[list[float], dict[str, torch.Tenso
     """
     from explora.engine import distributed as D
     from explora.engine.optim import build_optimizer, build_param_groups
+    from explora.engine.precision import autocast
     from explora.engine.pretrain import build_objective, load_config
     from explora.lora import merged_state_dict
 
     cfg = load_config(None, [*TINY, f"train.steps={steps}"])
     objective = build_objective(cfg)
-    model = D.wrap_model(objective, strategy, torch.device("cpu"))
+    model = D.wrap_model(objective, strategy, torch.device("cpu"), precision)
+    seen = []  # dtype of a block's weight while the block runs (FSDP2 mixed precision: bf16)
+    objective.student["backbone"].blocks[0].register_forward_pre_hook(
+        lambda m, args: seen.append(m.attn.qkv.weight.dtype))
     groups = build_param_groups(objective.named_parameters(), num_layers=4, layer_decay=0.9, patch_embed_lr_mult=0.2)
     optimizer = build_optimizer(groups, (0.9, 0.999), fused=False)
     for g in optimizer.param_groups:
@@ -114,13 +118,16 @@ def _loop(strategy: str, steps: int) -> tuple[list[float], dict[str, torch.Tenso
     for step in range(steps):
         lo = step * 8 + D.rank() * per_rank
         batch = transform(data.x[lo : lo + per_rank], torch.Generator())
-        out = model(batch, step)
+        with autocast(precision, torch.device("cpu")):
+            out = model(batch, step)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 3.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         objective.on_optimizer_step(step)
         losses.append(float(out.loss.detach()))
+    want = torch.bfloat16 if precision == "bf16" and strategy == "fsdp2" else torch.float32
+    assert seen and set(seen) == {want}, (precision, strategy, set(seen))
     D.gather_full_(objective)  # collective: every rank, before rank 0 reads the weights
     return losses, {k: v.detach().clone() for k, v in merged_state_dict(objective.export_backbone()).items()}
 
@@ -160,7 +167,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, str, list[st
             if out.endswith("nan"):
                 _run_nan(Path(out), strategy)
             elif out.endswith("loop"):
-                result = _loop(strategy, STEPS)
+                result = _loop(strategy, STEPS, "bf16" if "bf16" in out else "fp32")
                 if D.is_main():
                     torch.save(result, out + ".pt")
             else:
@@ -195,7 +202,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """Single-process 1 x 8 and 2-process 2 x 4 runs (DDP with centering and with Sinkhorn, FSDP2)."""
     root = tmp_path_factory.mktemp("dist")
     names = {"ddp": ("ddp", []), "ddp_sk": ("ddp", ["dinov2.centering=sinkhorn_knopp"]),
-             "ddp_loop": ("ddp", []), "fsdp2_loop": ("fsdp2", []), "fsdp2_nan": ("fsdp2", [])}
+             "ddp_loop": ("ddp", []), "fsdp2_loop": ("fsdp2", []), "fsdp2_nan": ("fsdp2", []),
+             "fsdp2_bf16_loop": ("fsdp2", [])}
     _spawn2([(str(root / n), s, x) for n, (s, x) in names.items()])
     torch.set_num_threads(1)
     _run(root / "single", "none", 8, [])
@@ -225,6 +233,17 @@ def test_fsdp2_trains_and_matches_ddp(runs):
     assert loss_f[-1] < loss_f[0]  # it trains
     assert w_f.keys() == w_d.keys() and all(type(v) is torch.Tensor for v in w_f.values())  # gathered, no DTensor
     assert _max_abs(w_f, w_d) < WTOL
+
+
+def test_fsdp2_bf16_mixed_precision_trains_near_fp32_ddp(runs):
+    """bf16 under FSDP2: bf16 all-gathered parameters, fp32 gradient reduction and fp32 master weights."""
+    loss_b, w_b = torch.load(runs["fsdp2_bf16_loop"].with_suffix(".pt"))
+    loss_d, w_d = torch.load(runs["ddp_loop"].with_suffix(".pt"))
+    assert len(loss_b) == STEPS and all(map(torch.isfinite, torch.tensor(loss_b)))
+    assert loss_b[-1] < loss_b[0]  # it trains
+    assert loss_b == pytest.approx(loss_d, rel=0.05)  # bf16 rounding, not a different run
+    assert all(v.dtype == torch.float32 for v in w_b.values())  # master weights stay fp32
+    assert 0 < _max_abs(w_b, w_d) < 0.05
 
 
 def test_fsdp2_nonfinite_loss_on_one_rank_is_skipped_by_all(runs):

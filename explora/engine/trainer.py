@@ -221,7 +221,7 @@ def train(
         count = getattr(dataset, "skipped", None)
         return skipped_before + count if isinstance(count, int) else None
 
-    model = D.wrap_model(objective, "ddp" if cfg.strategy == "auto" else cfg.strategy, device)
+    model = D.wrap_model(objective, "ddp" if cfg.strategy == "auto" else cfg.strategy, device, cfg.precision)
     # The optimiser sees the parameters as wrapped: FSDP2 has replaced each one by a sharded DTensor.
     groups = build_param_groups(
         objective.named_parameters(),
