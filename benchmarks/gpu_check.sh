@@ -3,10 +3,11 @@
 # random weights: no hub access), preset D-[L]-r64, 2 x 224 px global + 8 x 98 px local crops, batch 32, bf16
 # autocast, 65,536 prototypes, split backward (the default), fused AdamW + clip 3.0 + EMA, exactly as
 # benchmarks/pretrain_step.py's OURS step.
-# Three variants, each in its own process (separate peak memory):
+# Four variants, each in its own process (separate peak memory):
 #   plain        - eager
 #   ckpt         - per-block activation checkpointing (vit.grad_checkpointing = True, non-reentrant)
-#   compile      - torch.compile of the two ViT forwards (student + teacher share modules; default mode)
+#   joint        - eager with one backward over all crops (dinov2.split_backward: none), for the memory comparison
+#   compile      - every block of student and teacher compiled in place (Module.compile; default mode)
 # Prints one JSON line per variant: images/s (median step after warm-up), peak GPU memory (GiB), TFLOP/s
 # (FlopCounterMode on one step) and MFU against the H200's dense bf16 peak (~989 TFLOP/s; override PEAK_TFLOPS).
 # Budget: ~8 minutes on one H200 (each variant: model build + warm-up + STEPS timed steps; compile adds ~1-2 min).
@@ -21,8 +22,8 @@ sys.exit(0 if torch.cuda.is_available() else 1)
 PY
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
-for VARIANT in plain ckpt compile; do
-  case "$VARIANT" in compile) LIMIT=200 ;; *) LIMIT=120 ;; esac  # 120 + 120 + 200 s < 8 minutes
+for VARIANT in plain ckpt joint compile; do
+  case "$VARIANT" in compile) LIMIT=180 ;; *) LIMIT=100 ;; esac  # 3 x 100 + 180 s = 8 minutes at most
   VARIANT="$VARIANT" STEPS="$STEPS" PEAK_TFLOPS="$PEAK_TFLOPS" timeout "$LIMIT" python - <<'PY' || echo "{\"variant\": \"$VARIANT\", \"error\": \"failed or timed out (exit $?)\"}"
 import json, os, statistics, time
 
@@ -43,14 +44,16 @@ dev = torch.device("cuda")
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.manual_seed(0)
 B = 32
-cfg = DinoV2Config(global_size=224, local_size=98, n_local=8)  # 65,536 prototypes (ssl_default_config)
+cfg = DinoV2Config(global_size=224, local_size=98, n_local=8,  # 65,536 prototypes (ssl_default_config)
+                   split_backward="none" if variant == "joint" else "view")
 backbone = build_backbone("dinov2_vitl14", img_size=224)
 apply_explora(backbone, **preset_options("D-[L]-r64"))
 backbone.grad_checkpointing = variant == "ckpt"
 obj = DinoV2Objective(backbone, cfg, total_steps=10_000).to(dev)
 if variant == "compile":
-    for net in (obj.student, obj.teacher):
-        net["backbone"].blocks = torch.compile(net["backbone"].blocks)
+    for net in (obj.student, obj.teacher):  # in place (Module.compile): parameter names stay as they are
+        for blk in net["backbone"].blocks:
+            blk.compile()
 groups = build_param_groups(obj.named_parameters(), num_layers=len(backbone.blocks), layer_decay=0.9,
                             patch_embed_lr_mult=0.2)
 opt = build_optimizer(groups, (0.9, 0.999), fused=True)
@@ -66,7 +69,7 @@ batch = {k: v.to(dev) for k, v in transform(images, gen).items()}  # pre-made cr
 obj.train()
 
 def step(i):
-    forward_backward(obj, obj, batch, i, "bf16", dev)  # split backward: local crops, then global crops
+    forward_backward(obj, obj, batch, i, "bf16", dev)  # split backward: view by view (joint: one backward)
     torch.nn.utils.clip_grad_norm_(params, 3.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
