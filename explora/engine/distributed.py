@@ -171,7 +171,7 @@ def untie_shared_parameters(module: nn.Module) -> int:
     return copies
 
 
-def _vit_blocks(module: nn.Module) -> list[nn.Module]:
+def vit_blocks(module: nn.Module) -> list[nn.Module]:
     """Every transformer block of every ViT inside ``module`` (student and teacher backbones)."""
     out: list[nn.Module] = []
     for sub in module.modules():
@@ -203,7 +203,7 @@ def shard_fsdp2(module: nn.Module, device: torch.device, precision: str = "fp32"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                               reduce_dtype=torch.float32 if bf16 else None)
     untie_shared_parameters(module)
-    for block in _vit_blocks(module):
+    for block in vit_blocks(module):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(module, mesh=mesh, mp_policy=mp)
     return _GlobalOutput(module)
