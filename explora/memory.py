@@ -207,14 +207,14 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
 
     B, D, patch, prefix = cfg.train.batch_size, vit.embed_dim, objective.patch_size, vit.num_prefix_tokens
     t_global, t_local = _tokens(dcfg.global_size, patch, prefix), _tokens(dcfg.local_size, patch, prefix)
-    groups = [("global", 2 * B, t_global, True)]  # the mask token trains, so global tokens need grad from block 0
+    groups = [("global", t_global, True)]  # the mask token trains, so global tokens need grad from block 0
     if dcfg.n_local:
-        groups.append(("local", dcfg.n_local * B, t_local, _stem_trains(vit)))
+        groups.append(("local", t_local, _stem_trains(vit)))
 
     # per crop group: kept activations per image (without / with checkpointing), per-call copies, largest block
     per_group: dict[str, dict[str, int]] = {}
     cache: dict[tuple, tuple[int, int]] = {}
-    for gname, _, tokens, needs_grad in groups:
+    for gname, tokens, needs_grad in groups:
         g = per_group[gname] = dict.fromkeys(("acts", "acts_ckpt", "calls", "block_img", "block_call"), 0)
         for blk in vit.blocks:
             needs_grad = needs_grad or any(p.requires_grad for p in blk.parameters())

@@ -102,6 +102,7 @@ class DinoV2Objective(Objective):
         patch = backbone.patch_embed.patch_size
         self.patch_size = patch[0] if isinstance(patch, tuple | list) else int(patch)
         self._cast_cache = FrozenWeightCastCache()  # one bf16 copy of each frozen weight under autocast
+        self._kept_targets: tuple | None = None  # (step, teacher targets) between the stages of a split backward
 
     # -- engine contract ---------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> DinoV2Objective:
@@ -218,7 +219,7 @@ class DinoV2Objective(Objective):
             targets = self._teacher_targets(batch["global"], batch["masks"].bool(), temp)
             self._kept_targets = (step, *targets) if stage is not None and n_stages > 1 else None
             return targets
-        kept = getattr(self, "_kept_targets", None)
+        kept = self._kept_targets
         if kept is None or kept[0] != step:
             raise RuntimeError(f"DinoV2Objective: stage {stage} of step {step} called without stage 0 first")
         if stage == n_stages - 1:
