@@ -97,6 +97,27 @@ def test_crashed_worker_is_replaced_and_weights_equal_uninterrupted_run(tmp_path
     assert _losses(tmp_path / "ref") == _losses(tmp_path / "run")
 
 
+def test_crash_inside_an_accumulated_step_rebuilds_at_that_micro_batch(tmp_path):
+    """The crashing sample sits in the 2nd micro-batch of a step: the loader is rebuilt in the middle of the step,
+    the step's gradients so far are kept, and the weights equal the uninterrupted run's."""
+    from explora.engine.loader import StepBatchSampler
+
+    order = list(StepBatchSampler(40, 2, 12, seed=0, accum_steps=2))  # micro-batches, step-major
+    crash_at = order[2 * 3 + 1][0][0]  # first sample of micro-batch 1 of step 3
+    torch.manual_seed(0)
+    ref = Toy()
+    train(ref, CrashingData(crash_at=crash_at), _optim(), _cfg(batch_size=2, accum_steps=2), tmp_path / "ref")
+    marker = tmp_path / "crashed"
+    torch.manual_seed(0)
+    obj = Toy()
+    result = train(obj, CrashingData(marker, crash_at=crash_at), _optim(),
+                   _cfg(batch_size=2, accum_steps=2, num_workers=1), tmp_path / "run")
+    assert marker.exists() and result.loader_restarts == 1 and result.steps_done == 12
+    for (k, a), b in zip(ref.state_dict().items(), obj.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert _losses(tmp_path / "ref") == _losses(tmp_path / "run")
+
+
 def test_worker_that_keeps_crashing_stops_the_run_with_a_named_error(tmp_path):
     torch.manual_seed(0)
     with pytest.raises(DataError, match=r"worker died 2 times.*train.max_loader_restarts=1.*num_workers=0"):

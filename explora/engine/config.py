@@ -41,13 +41,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        for arg in options:
             try:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(options) == 1 and options[0] in (int, float, str, bool):  # e.g. int | None: "an integer or null"
+            raise ConfigError(errors[0].rstrip(".") + (" or null." if type(None) in args else "."))
         raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}.")
     if origin is typing.Literal:
         if value not in args:

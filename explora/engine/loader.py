@@ -1,9 +1,11 @@
-"""A data order that is a pure function of (seed, step, rank), so resuming needs no loader state.
+"""A data order that is a pure function of (seed, step, micro-batch, rank), so resuming needs no loader state.
 
-The batch for global step ``s`` is slice ``s % steps_per_epoch`` of a permutation drawn from ``(seed, epoch)``,
-split across ranks. Each batch also carries a seed derived from ``(seed, s, rank)``; the collate function turns it
-into a ``torch.Generator`` for the objective's augmentation and masking, inside the worker. A run resumed at step
-``s`` therefore loads and augments exactly what the uninterrupted run would have, whatever the number of workers.
+Optimiser step ``s`` takes slice ``s % steps_per_epoch`` (one effective batch) of a permutation drawn from
+``(seed, epoch)``; that slice is split into ``accum_steps`` micro-batches, each split across ranks. Each
+micro-batch also carries a seed derived from ``(seed, s, micro, rank)``; the collate function turns it into a
+``torch.Generator`` for the objective's augmentation and masking, inside the worker. A run resumed at step ``s``
+therefore loads and augments exactly what the uninterrupted run would have, whatever the number of workers; and
+the samples of a step are the same whether its effective batch is split over processes, micro-batches or neither.
 """
 
 from __future__ import annotations
@@ -28,8 +30,19 @@ def _mix(*values: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
+def batch_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
+    """The augmentation seed of micro-batch ``micro`` of optimiser step ``step`` on ``rank``.
+
+    Micro-batch 0 keeps the seed of a step without accumulation, so ``accum_steps: 1`` runs draw what they always
+    drew.
+    """
+    return _mix(seed, step, rank, 1) if micro == 0 else _mix(seed, step, rank, 1, micro)
+
+
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Yields, for steps ``start_step .. total_steps-1``, this rank's batch as ``[(index, batch_seed), ...]``."""
+    """Yields, for steps ``start_step .. total_steps-1`` and each of their ``accum_steps`` micro-batches, this
+    rank's micro-batch as ``[(index, batch_seed), ...]``; ``start_micro`` skips the first micro-batches of
+    ``start_step`` (a loader rebuilt in the middle of a step)."""
 
     def __init__(
         self,
@@ -42,16 +55,20 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         world_size: int = 1,
         start_step: int = 0,
         shuffle: bool = True,
+        accum_steps: int = 1,
+        start_micro: int = 0,
     ) -> None:
-        global_batch = batch_size * world_size
-        if dataset_len < global_batch:
+        effective = batch_size * world_size * accum_steps
+        if dataset_len < effective:
             raise DataError(
-                f"the dataset has {dataset_len} samples but one step needs {global_batch} "
-                f"(batch_size {batch_size} x {world_size} processes); lower data.batch_size or add data."
+                f"the dataset has {dataset_len} samples but one step needs {effective} "
+                f"(batch_size {batch_size} x {world_size} processes x {accum_steps} accumulation steps); lower "
+                "train.batch_size / train.accum_steps or add data."
             )
         self.n, self.bs, self.total, self.seed = dataset_len, batch_size, total_steps, seed
         self.rank, self.world, self.start, self.shuffle = rank, world_size, start_step, shuffle
-        self.steps_per_epoch = dataset_len // global_batch
+        self.accum, self.start_micro = accum_steps, start_micro
+        self.steps_per_epoch = dataset_len // effective
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -65,12 +82,13 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
             e, b = divmod(step, self.steps_per_epoch)
             if e != epoch:
                 epoch, perm = e, self._perm(e)
-            lo = (b * self.world + self.rank) * self.bs
-            batch_seed = _mix(self.seed, step, self.rank, 1)
-            yield [(int(i), batch_seed) for i in perm[lo : lo + self.bs]]
+            for micro in range(self.start_micro if step == self.start else 0, self.accum):
+                lo = ((b * self.accum + micro) * self.world + self.rank) * self.bs
+                seed = batch_seed(self.seed, step, self.rank, micro)
+                yield [(int(i), seed) for i in perm[lo : lo + self.bs]]
 
     def __len__(self) -> int:
-        return max(0, self.total - self.start)
+        return max(0, (self.total - self.start) * self.accum - self.start_micro)
 
 
 class _Indexed(Dataset):
@@ -136,7 +154,10 @@ def make_loader(
     world_size: int,
     num_workers: int,
     pin_memory: bool,
+    accum_steps: int = 1,
+    start_micro: int = 0,
 ) -> tuple[DataLoader, StepBatchSampler]:
+    """A loader of this rank's micro-batches from (``start_step``, ``start_micro``) to the end of the run."""
     sampler = StepBatchSampler(
         len(dataset),
         batch_size,
@@ -145,6 +166,8 @@ def make_loader(
         rank=rank,  # type: ignore[arg-type]
         world_size=world_size,
         start_step=start_step,
+        accum_steps=accum_steps,
+        start_micro=start_micro,
     )
     loader = DataLoader(
         _Indexed(dataset),
@@ -161,9 +184,13 @@ def make_loader(
     return loader, sampler
 
 
-def is_worker_crash(err: BaseException) -> bool:
-    """True for the RuntimeError torch raises when a data-loader worker process died (exit code != 0, signal)."""
+def is_worker_crash(err: BaseException, with_workers: bool = True) -> bool:
+    """True when a data-loader worker process died: the RuntimeError torch raises (exit code != 0, signal), or,
+    when the worker dies while the main process receives a batch's shared memory from it, the ConnectionError of
+    that hand-over. An error the dataset raised in a worker (re-raised with its "Original Traceback") is not one."""
     msg = str(err)
+    if isinstance(err, ConnectionError):
+        return with_workers and "Original Traceback" not in msg
     return isinstance(err, RuntimeError) and "DataLoader worker" in msg and (
         "exited unexpectedly" in msg or "killed by signal" in msg
     )
@@ -219,41 +246,44 @@ class _DeferredWorkerErrors:
 
 
 def resilient_batches(
-    build: Callable[[int], Iterable[Any]],
+    build: Callable[[int, int], Iterable[Any]],
     start_step: int,
     total_steps: int,
     *,
     max_restarts: int,
     on_restart: Callable[[int, int, BaseException], None] | None = None,
-) -> Iterator[tuple[int, Any]]:
-    """Yield ``(step, batch)`` for ``start_step .. total_steps-1``, rebuilding the loader when a worker dies.
+    accum_steps: int = 1,
+) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(step, micro, batch)`` for steps ``start_step .. total_steps-1`` and micro-batches
+    ``0 .. accum_steps-1`` of each, rebuilding the loader when a worker dies.
 
-    ``build(step)`` returns a loader whose first batch is the one for ``step``. Because the data order and
-    augmentation are functions of (seed, step), a loader rebuilt at the current step yields exactly the batches the
-    dead one would have: a run with a crashed worker ends with the same weights as an uninterrupted one. After
-    ``max_restarts`` crashes the run stops with a DataError (the last checkpoint is intact; ``--resume`` continues).
+    ``build(step, micro)`` returns a loader whose first batch is micro-batch ``micro`` of ``step``. Because the
+    data order and augmentation are functions of (seed, step, micro-batch), a loader rebuilt at the current
+    position yields exactly the batches the dead one would have: a run with a crashed worker ends with the same
+    weights as an uninterrupted one. After ``max_restarts`` crashes the run stops with a DataError (the last
+    checkpoint is intact; ``--resume`` continues).
     """
-    step, restarts = start_step, 0
+    position, end, restarts = start_step * accum_steps, total_steps * accum_steps, 0
     guard = _DeferredWorkerErrors()
     try:
-        while step < total_steps:
-            it = iter(build(step))
+        while position < end:
+            it = iter(build(*divmod(position, accum_steps)))
             guard.install()
             try:
-                while step < total_steps:
+                while position < end:
                     if guard.pending is not None:
                         raise guard.pending
                     try:
                         batch = next(it)
                     except StopIteration:
                         return
-                    yield step, batch
-                    step += 1
-            except RuntimeError as e:
-                if not is_worker_crash(e):
+                    yield (*divmod(position, accum_steps), batch)
+                    position += 1
+            except (RuntimeError, ConnectionError) as e:
+                if not is_worker_crash(e, with_workers=getattr(it, "_num_workers", 0) > 0):
                     raise
-                guard.pending = None
                 restarts += 1
+                step = position // accum_steps
                 if restarts > max_restarts:
                     raise DataError(
                         f"a data-loader worker died {restarts} times (last at step {step}: {e}); giving up after "
@@ -268,5 +298,6 @@ def resilient_batches(
                 shutdown = getattr(it, "_shutdown_workers", None)
                 if callable(shutdown):
                     shutdown()
+                guard.pending = None  # a late report of this loader's dead worker: already handled (or raised)
     finally:
         guard.close()

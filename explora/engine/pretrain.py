@@ -8,7 +8,7 @@ re-reads it from there).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +16,7 @@ import torch
 
 from explora.engine import distributed as D
 from explora.engine.config import from_dict, load_yaml, merge_overrides, save_yaml, to_dict
+from explora.engine.lengths import resolve_lengths
 from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, mark_frozen, train
 from explora.errors import ConfigError, DataError
 
@@ -24,7 +25,7 @@ from explora.errors import ConfigError, DataError
 class ModelConfig:
     name: str = "dinov2_vits14"
     weights: str | None = "default"  # "default" = the upstream file for `name` (torch hub cache honoured)
-    img_size: int | None = None  # grid the position embeddings are stored at (interpolated on the fly)
+    img_size: int | None = None  # input size the model is used at (position embeddings stay on the checkpoint grid)
     in_chans: int = 3
     drop_path_rate: float = 0.0  # DinoV2 fMoW configs: 0.0; default config: 0.3
     drop_path_uniform: bool = True  # DinoV2 train.drop_path_uniform: same rate in every block (timm: linear in depth)
@@ -46,6 +47,7 @@ class AdaptConfig:
     train_patch_embed: bool | None = None
     train_pos_embed: bool | None = None
     train_tokens: bool | None = None
+    train_cls_token: bool | None = None
 
     def overrides(self) -> dict[str, Any]:
         out = {k: v for k, v in to_dict(self).items() if k != "preset" and v is not None}
@@ -167,6 +169,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     from explora.data.specs import build_dataset
 
     out = Path(cfg.output_dir)
+    D.init_distributed()  # before anything reads the rank or the world size (torchrun: every process)
     if resume:
         check_resume_config(cfg, out / "config.yaml")
     if D.is_main():
@@ -181,6 +184,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
             "':rgb=true' to the dataset spec to replicate the band."
         )
     stats = (tuple(dataset.mean), tuple(dataset.std)) if hasattr(dataset, "mean") else None
+    cfg = resolve_run_lengths(cfg, len(dataset))  # epochs and default warm-up/freeze -> steps (config.yaml keeps them)
     objective = build_objective(cfg, stats)
     result = train(objective, dataset, cfg.optim, cfg.train, out, resume=resume)
     D.gather_full_(objective)  # every rank (a collective under FSDP2; train() already did it, then a no-op)
@@ -213,6 +217,13 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def resolve_run_lengths(cfg: PretrainConfig, dataset_len: int) -> PretrainConfig:
+    """``cfg`` with ``train``/``optim`` lengths in optimiser steps for this dataset and world size, so that what
+    reads ``cfg.train.steps`` (the DinoV2 teacher schedules) sees the run's real length."""
+    optim, train = resolve_lengths(cfg.optim, cfg.train, dataset_len, D.world_size())
+    return replace(cfg, optim=optim, train=train)
 
 
 def base_model_args(cfg: PretrainConfig, timm_name: str) -> dict[str, Any]:

@@ -1,14 +1,19 @@
-"""Forward and backward passes of one training step, in the objective's stages.
+"""Forward and backward passes of one training step, in the objective's stages and micro-batches.
 
 An objective whose loss is a sum of parts with separate graphs (DinoV2: local crops, global crops) declares
 ``backward_stages() > 1``; back-propagating each part before computing the next keeps only one part's activations
-alive, which lowers peak memory by the other parts' share at the same FLOPs. Gradients accumulate across stages;
-under DDP/FSDP2 only the last stage synchronises them (:func:`explora.engine.distributed.gradient_sync`), so the
-communication per step is unchanged. The trainer, the demo and the benchmarks take their steps through here.
+alive, which lowers peak memory by the other parts' share at the same FLOPs. Gradient accumulation does the same
+one level up: one optimiser step over ``n`` micro-batches, each through the objective's forward unchanged, its loss
+scaled by ``1/n`` (MAE ``engine_pretrain.py``: ``loss /= accum_iter``), so the gradient is the mean over the
+effective batch wherever the loss is a mean over images. Gradients accumulate across stages and micro-batches;
+under DDP/FSDP2 only the last stage of the last micro-batch synchronises them
+(:func:`explora.engine.distributed.gradient_sync`), so the communication per optimiser step is unchanged. The
+trainer, the demo and the benchmarks take their steps through here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,12 +37,17 @@ class StepOutput:
 
 
 def forward_backward(model: nn.Module, objective: nn.Module, batch: dict[str, torch.Tensor], step: int,
-                     precision: str, device: torch.device) -> StepOutput:
-    """Run ``model`` (``objective``, possibly DDP/FSDP2-wrapped) on ``batch`` and back-propagate, stage by stage."""
+                     precision: str, device: torch.device, *, loss_scale: float = 1.0,
+                     sync: bool = True) -> StepOutput:
+    """Run ``model`` (``objective``, possibly DDP/FSDP2-wrapped) on ``batch`` and back-propagate, stage by stage.
+
+    ``loss_scale`` multiplies the loss before its backward (not the returned values); ``sync=False`` keeps every
+    stage's gradients local (a micro-batch before the last of an accumulated step).
+    """
     stages = objective.backward_stages() if hasattr(objective, "backward_stages") else 1
     loss, terms = None, {}
     for k in range(stages):
-        with D.gradient_sync(model, enabled=k == stages - 1):
+        with D.gradient_sync(model, enabled=sync and k == stages - 1):
             with autocast(precision, device):
                 out = model(batch, step) if stages == 1 else model(batch, step, stage=k)
             value = out.loss.detach().float()
@@ -46,6 +56,38 @@ def forward_backward(model: nn.Module, objective: nn.Module, batch: dict[str, to
                 terms[name] = v if name not in terms else terms[name] + v
             if not torch.isfinite(value).all():
                 return StepOutput(loss, terms, finite=False)
-            out.loss.backward()
+            (out.loss if loss_scale == 1.0 else out.loss * loss_scale).backward()
         del out
     return StepOutput(loss, terms)
+
+
+def accumulate_step(model: nn.Module, objective: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]],
+                    n_micro: int, step: int, precision: str, device: torch.device) -> StepOutput:
+    """Forward and backward of the ``n_micro`` micro-batches of one optimiser step; the mean loss and terms.
+
+    Each loss is scaled by ``1/n_micro``; only the last micro-batch synchronises gradients under DDP/FSDP2. At the
+    first non-finite micro-batch it stops and returns that micro-batch's output (``finite=False``): the caller drops
+    the whole step, and consumes the micro-batches not taken from ``micro_batches``.
+    """
+    outputs: list[StepOutput] = []
+    batches = iter(micro_batches)
+    for i in range(n_micro):
+        batch = next(batches, None)
+        if batch is None:
+            raise ValueError(f"step {step}: expected {n_micro} micro-batches, got {i}")
+        out = forward_backward(model, objective, batch, step, precision, device, loss_scale=1.0 / n_micro,
+                               sync=i == n_micro - 1)
+        if not out.finite:
+            return out
+        outputs.append(out)
+    return mean_output(outputs)
+
+
+def mean_output(outputs: list[StepOutput]) -> StepOutput:
+    """The mean loss and terms of micro-batch outputs (an accumulated step logs the effective batch's mean)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    n = len(outputs)
+    loss = sum(o.loss for o in outputs) / n
+    terms = {k: sum(o.terms[k] for o in outputs if k in o.terms) / n for k in outputs[0].terms}
+    return StepOutput(loss, terms, finite=all(o.finite for o in outputs))

@@ -1,10 +1,11 @@
 """The one training loop: pre-training (DinoV2, MAE) and supervised fine-tuning are objectives it trains.
 
-Short and readable in the manner of MAE's ``engine_pretrain.py``: schedules -> forward under autocast -> guard
-against non-finite values -> backward -> clip -> step -> EMA -> log -> checkpoint. What makes it safe to kill at any
-moment: the data order and augmentation are functions of (seed, step) (``loader.py``), checkpoints are atomic with
-manifests (``checkpoint.py``), and everything the step changes (trainable tensors, teacher copies, buffers,
-optimiser, torch RNG) is in the checkpoint.
+Short and readable in the manner of MAE's ``engine_pretrain.py``: schedules -> for each micro-batch, forward under
+autocast and backward (``step.py``; gradient accumulation as MAE's ``accum_iter``) -> guard against non-finite
+values -> clip per module -> step -> EMA -> log -> checkpoint. What makes it safe to kill at any moment: the data
+order and augmentation are functions of (seed, step, micro-batch) (``loader.py``), checkpoints are atomic with
+manifests (``checkpoint.py``) and written between optimiser steps, and everything the step changes (trainable
+tensors, teacher copies, buffers, optimiser, torch RNG) is in the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,31 +22,44 @@ from torch.utils.data import Dataset
 
 from explora.engine import distributed as D
 from explora.engine.checkpoint import CheckpointManager
+from explora.engine.lengths import DEFAULT_STEPS, resolve_lengths
 from explora.engine.loader import make_loader, resilient_batches
 from explora.engine.logs import MetricLogger
-from explora.engine.optim import build_optimizer, build_param_groups
+from explora.engine.optim import apply_schedules, build_optimizer, build_param_groups, clip_gradients
 from explora.engine.schedules import scaled_lr, warmup_cosine
-from explora.engine.step import forward_backward
+from explora.engine.step import accumulate_step
 from explora.errors import CheckpointError, ConfigError, DivergenceError
 from explora.objectives.base import Objective
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with DinoV2-style groups. Defaults: DinoV2 ``ssl_default_config.yaml`` (``optim.*``)."""
+    """AdamW with DinoV2-style groups. Defaults: DinoV2 ``ssl_default_config.yaml`` (``optim.*``).
 
-    base_lr: float = 4e-3  # optim.base_lr, per `reference_batch` images
+    Lengths are in optimiser steps, or in epochs (``*_epochs``, converted once the dataset is known:
+    ``explora.engine.lengths``); give one of the two. Left unset, the warm-up is 10 % and the last-layer freeze 1 %
+    of the run (DinoV2's 10 and 1 of 100 epochs); 0 disables either.
+    """
+
+    base_lr: float = 4e-3  # optim.base_lr, per `reference_batch` images of the effective batch
     lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"  # optim.scaling_rule sqrt_wrt_1024 (MAE: linear /256)
     reference_batch: int = 1024
     min_lr: float = 1e-6  # optim.min_lr
-    warmup_steps: int = 0  # optim.warmup_epochs (10) x epoch length; in steps here
+    warmup_steps: int | None = None  # None: warmup_epochs, else 10 % of the run (optim.warmup_epochs 10 of 100)
+    warmup_epochs: float | None = None  # optim.warmup_epochs (MAE --warmup_epochs)
     weight_decay: float = 0.04  # optim.weight_decay
     weight_decay_end: float = 0.4  # optim.weight_decay_end (cosine)
     betas: tuple[float, float] = (0.9, 0.999)  # optim.adamw_beta1/2 (MAE: 0.9, 0.95)
     layer_decay: float = 0.9  # optim.layerwise_decay
     patch_embed_lr_mult: float = 0.2  # optim.patch_embed_lr_mult
+    decay_tokens: bool = True  # weight decay on cls/register/mask tokens and position embeddings, as DinoV2 and MAE
     clip_grad: float = 3.0  # optim.clip_grad (0 disables)
-    freeze_last_layer_steps: int = 0  # optim.freeze_last_layer_epochs (1) x epoch length
+    # DinoV2 clips the backbone, the DINO head and the iBOT head separately (train.py: `for v in
+    # model.student.values(): v.clip_grad_norm_(clip_grad)`); "global": one norm over every trainable tensor
+    clip_grad_mode: Literal["per_module", "global"] = "per_module"
+    # lr 0 for the DINO head's last layer (DinoV2 last_layer_lr_schedule); None: freeze_last_layer_epochs, else 1 %
+    freeze_last_layer_steps: int | None = None
+    freeze_last_layer_epochs: float | None = None  # optim.freeze_last_layer_epochs (1)
     fused: bool = True  # one fused AdamW kernel over all tensors
 
     def validate(self) -> None:
@@ -53,13 +67,29 @@ class OptimConfig:
             raise ConfigError(f"optim.base_lr: got {self.base_lr}, expected a positive number.")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"optim.layer_decay: got {self.layer_decay}, expected a number in (0, 1].")
+        for name in ("warmup_steps", "warmup_epochs", "freeze_last_layer_steps", "freeze_last_layer_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"optim.{name}: got {value}, expected a number >= 0 (0 disables it).")
+        for steps, epochs in (("warmup_steps", "warmup_epochs"),
+                              ("freeze_last_layer_steps", "freeze_last_layer_epochs")):
+            if getattr(self, steps) is not None and getattr(self, epochs) is not None:
+                raise ConfigError(f"optim.{steps} ({getattr(self, steps)}) and optim.{epochs} "
+                                  f"({getattr(self, epochs)}) are both set; set one of them.")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32  # per process
-    steps_per_epoch: int | None = None  # None: dataset size // global batch
+    """Run length, batch and loop settings. Lengths count optimiser steps; ``epochs`` instead of ``steps`` gives
+    the length in passes over the dataset (``explora.engine.lengths``). ``steps`` defaults to 1000 when
+    ``epochs`` is not given; giving both is an error."""
+
+    steps: int | None = None  # optimiser steps; None: from `epochs`, or 1000 when neither is set
+    epochs: float | None = None  # steps = ceil(epochs x len(dataset) / effective batch) (MAE --epochs)
+    batch_size: int = 32  # per process and micro-batch
+    accum_steps: int = 1  # micro-batches per optimiser step (MAE --accum_iter)
+    effective_batch: int | None = None  # batch_size x processes x accum_steps; when set, accum_steps is derived
+    steps_per_epoch: int | None = None  # epoch length for `epochs`/`*_epochs` (DinoV2 OFFICIAL_EPOCH_LENGTH)
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware is fast at it (precision.py)
     num_workers: int = 2
@@ -73,13 +103,24 @@ class TrainConfig:
     tensorboard: bool = True
     max_loader_restarts: int = 3  # a crashed data-loader worker is replaced this many times before the run stops
 
+    def __post_init__(self) -> None:
+        if self.steps is None and self.epochs is None:
+            self.steps = DEFAULT_STEPS
+
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_last", "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: got {getattr(self, name)}, expected an integer >= 1.")
+        for name in ("steps", "batch_size", "accum_steps", "effective_batch", "steps_per_epoch", "log_every",
+                     "ckpt_every", "keep_last", "max_nonfinite_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"train.{name}: got {value}, expected an integer >= 1.")
         for name in ("num_workers", "max_loader_restarts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: got {getattr(self, name)}, expected an integer >= 0.")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"train.epochs: got {self.epochs}, expected a positive number.")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(f"train.steps ({self.steps}) and train.epochs ({self.epochs}) are both set; set one "
+                              "of them (add train.steps=null to train for a number of epochs).")
 
 
 @dataclass
@@ -147,10 +188,17 @@ def train(
     eval_fn: Callable[[Objective, int], dict[str, Any]] | None = None,
     on_checkpoint: Callable[[Objective, int], None] | None = None,
 ) -> TrainResult:
-    """Train ``objective`` on ``dataset`` for ``cfg.steps`` steps; logs and checkpoints go to ``out_dir``."""
+    """Train ``objective`` on ``dataset`` for ``cfg.steps`` optimiser steps (or ``cfg.epochs``); logs and
+    checkpoints go to ``out_dir``. Each step accumulates ``cfg.accum_steps`` micro-batches of ``cfg.batch_size``."""
     out_dir = Path(out_dir)
     device = D.init_distributed()
     rank, world = D.rank(), D.world_size()
+    optim, cfg = resolve_lengths(optim, cfg, len(dataset), world)  # type: ignore[arg-type]
+    accum = cfg.accum_steps
+    if D.is_main():
+        print(f"[explora] {cfg.steps} optimiser steps of {cfg.batch_size * world * accum} images (batch_size "
+              f"{cfg.batch_size} x {world} processes x {accum} micro-batches); warm-up {optim.warmup_steps} steps, "
+              f"last layer frozen {optim.freeze_last_layer_steps} steps.")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed + rank)
@@ -161,8 +209,8 @@ def train(
     # Names, not tensors: FSDP2 replaces every parameter (and unties the teacher's shared frozen copies).
     frozen = frozen_names(objective)
     sharded = D.is_dist() and cfg.strategy == "fsdp2"
-    global_batch = cfg.batch_size * world
-    peak_lr = scaled_lr(optim.base_lr, global_batch, optim.reference_batch, optim.lr_scaling)
+    effective_batch = cfg.batch_size * world * accum  # MAE main_pretrain.py: eff_batch_size
+    peak_lr = scaled_lr(optim.base_lr, effective_batch, optim.reference_batch, optim.lr_scaling)
 
     ckpts = CheckpointManager(out_dir / "checkpoints", keep_last=cfg.keep_last)
     start_step, skipped, skipped_before, state = 0, 0, 0, None
@@ -189,7 +237,7 @@ def train(
 
     transform = objective.batch_transform()
 
-    def build_loader(step: int):
+    def build_loader(step: int, micro: int = 0):
         return make_loader(
             dataset,
             transform,
@@ -201,13 +249,15 @@ def train(
             world_size=world,
             num_workers=cfg.num_workers,
             pin_memory=device.type == "cuda",
+            accum_steps=accum,
+            start_micro=micro,
         )[0]
 
     first = [build_loader(start_step)]  # built now, so a too-small dataset fails before the model is wrapped
     restarts = [0]
 
-    def loader_at(step: int):
-        return first.pop() if first else build_loader(step)
+    def loader_at(step: int, micro: int):
+        return first.pop() if first else build_loader(step, micro)
 
     def on_restart(step: int, n: int, err: BaseException) -> None:
         restarts[0] = n
@@ -228,6 +278,7 @@ def train(
         num_layers=_num_layers(objective),
         layer_decay=optim.layer_decay,
         patch_embed_lr_mult=optim.patch_embed_lr_mult,
+        decay_tokens=optim.decay_tokens,
     )
     optimizer = build_optimizer(groups, optim.betas, fused=optim.fused and device.type in ("cpu", "cuda"))
     if state is not None:
@@ -235,31 +286,28 @@ def train(
         _restore_rng(state)
     logger = MetricLogger(out_dir, start_step, cfg.steps, enabled=D.is_main(), tensorboard=cfg.tensorboard)
     params = [p for g in groups for p in g["params"]]
-    last_layer = [p for g in groups if g["is_last_layer"] for p in g["params"]]
+    clip = clip_partition(objective, params, optim.clip_grad_mode)
     nonfinite_run, last_terms, eval_metrics = 0, {}, {}
     reported_skips = skipped_before
     t_last, n_images = time.perf_counter(), 0
     try:
         batches = resilient_batches(
-            loader_at, start_step, cfg.steps, max_restarts=cfg.max_loader_restarts, on_restart=on_restart
+            loader_at, start_step, cfg.steps, max_restarts=cfg.max_loader_restarts, on_restart=on_restart,
+            accum_steps=accum,
         )
-        for step, batch in batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        for step, micro, batch in batches:
+            if micro:  # the rest of a step dropped at a non-finite micro-batch: consumed, not computed
+                continue
             lr = warmup_cosine(step, cfg.steps, peak_lr, optim.min_lr, optim.warmup_steps)
             wd = warmup_cosine(step, cfg.steps, optim.weight_decay, optim.weight_decay_end)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_multiplier"]
-                g["weight_decay"] = wd * g["wd_multiplier"]
-            out = forward_backward(model, objective, batch, step, cfg.precision, device)
-            loss = out.loss
+            apply_schedules(optimizer, lr, wd, last_layer_lr=0.0 if step < optim.freeze_last_layer_steps else lr)
+            images = [0]
+            micro_batches = _step_micro_batches(batch, batches, step, accum, device, images)
+            out = accumulate_step(model, objective, micro_batches, accum, step, cfg.precision, device)
             if not out.finite:
                 nonfinite_run, skipped = _skip(optimizer, nonfinite_run, skipped, step, out.terms, cfg)
                 continue
-            if step < optim.freeze_last_layer_steps:
-                for p in last_layer:
-                    p.grad = None
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.clip_grad if optim.clip_grad > 0 else float("inf"))
-            grad_norm = D.full_tensor(grad_norm)  # FSDP2: the norm over all shards (same on every rank)
+            grad_norm = clip_gradients(clip, optim.clip_grad)  # the total norm before clipping
             if not torch.isfinite(grad_norm):
                 nonfinite_run, skipped = _skip(
                     optimizer, nonfinite_run, skipped, step, out.terms, cfg, what="gradients"
@@ -269,7 +317,7 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             objective.on_optimizer_step(step)
-            n_images += next(iter(batch.values())).shape[0] if "labels" not in batch else batch["labels"].shape[0]
+            n_images += images[0]
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 elapsed = time.perf_counter() - t_last
@@ -282,7 +330,7 @@ def train(
                 logger.log(
                     step,
                     {
-                        "loss": float(loss),
+                        "loss": float(out.loss),
                         **last_terms,
                         "lr": lr,
                         "wd": wd,
@@ -319,6 +367,44 @@ def train(
         skipped_samples=skipped_samples() or 0,
         loader_restarts=restarts[0],
     )
+
+
+def _step_micro_batches(first: dict[str, torch.Tensor], batches, step: int, accum: int, device: torch.device,
+                        images: list[int]):
+    """The micro-batches of ``step`` on ``device``: ``first``, then the next ``accum - 1`` from ``batches``, drawn
+    only when the previous one has run (one micro-batch on the device at a time). ``images[0]`` counts the images."""
+    batch = first
+    for micro in range(accum):
+        if micro:
+            got_step, got_micro, batch = next(batches)
+            assert (got_step, got_micro) == (step, micro), (got_step, got_micro, step, micro)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        images[0] += _batch_images(batch)
+        yield batch
+
+
+def _batch_images(batch: dict[str, torch.Tensor]) -> int:
+    return batch["labels"].shape[0] if "labels" in batch else next(iter(batch.values())).shape[0]
+
+
+def clip_partition(objective: nn.Module, params: list[torch.Tensor], mode: str) -> list[list[torch.Tensor]]:
+    """The gradient-clipping groups: the objective's ``clip_groups()`` (``per_module``) or one group (``global``).
+
+    Checked to partition the optimiser's tensors, so the clip covers every one once and the logged norm is total.
+    """
+    if mode == "global":
+        return [params]
+    groups = list(objective.clip_groups().values())  # type: ignore[operator]
+    ids = [id(p) for g in groups for p in g]
+    if len(ids) != len(set(ids)) or set(ids) != {id(p) for p in params}:
+        names = {id(p): n for n, p in objective.named_parameters()}
+        missing = [names.get(id(p), "?") for p in params if id(p) not in set(ids)]
+        raise ConfigError(
+            f"{type(objective).__name__}.clip_groups() does not partition the trainable tensors (missing "
+            f"{missing[:5]}, {len(ids) - len(set(ids))} listed twice, {len(set(ids) - {id(p) for p in params})} "
+            "not trained); fix it, or set optim.clip_grad_mode=global."
+        )
+    return groups
 
 
 def _skip(
