@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import pytest
 import torch
+from tolerances import FP32_NETWORK, FP32_ONE_OP
 
 from explora.errors import ConfigError
 from explora.objectives.dinov2 import DinoV2Config, DinoV2Objective
@@ -46,7 +48,10 @@ def test_teacher_shares_frozen_storage_and_has_no_grads(tiny_dinov2):
     obj.train()
     assert obj.student.training and not obj.teacher.training
     assert obj.mask_token.shape == (1, 64) and obj.mask_token.requires_grad
-    assert pickle.loads(pickle.dumps(obj.batch_transform())) is not None
+    images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    a = pickle.loads(pickle.dumps(obj.batch_transform()))(images, torch.Generator().manual_seed(3))
+    b = obj.batch_transform()(images, torch.Generator().manual_seed(3))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the pickled copy draws the same
 
 
 def test_batch_transform_keys_and_shapes(tiny_dinov2):
@@ -63,37 +68,95 @@ def test_only_trainable_params_get_grads_and_ema_leaves_frozen(tiny_dinov2):
     out = obj(batch, step=0)
     assert set(out.terms) >= {"dino_local", "dino_global", "ibot", "koleo", "teacher_temp", "momentum"}
     out.loss.backward()
-    for n, p in obj.student.named_parameters():
+    s = dict(obj.student.named_parameters())
+    for n, p in s.items():
         if p.requires_grad:
             assert p.grad is not None, n
         else:
             assert p.grad is None, n
     assert all(p.grad is None for p in obj.teacher.parameters())
-    frozen_before = {n: p.clone() for n, p in obj.teacher.named_parameters() if not p.requires_grad
-                     and not dict(obj.student.named_parameters())[n].requires_grad}
+    trainable = {n for n, p in s.items() if p.requires_grad}
+    s_ema, t_ema = obj.ema_pairs()  # the EMA touches exactly the trainable tensors, each with its own teacher copy
+    assert {n for n, p in s.items() if any(p is q for q in s_ema)} == trainable
+    assert len({t.data_ptr() for t in t_ema} | {p.data_ptr() for p in s_ema}) == 2 * len(trainable)
     with torch.no_grad():
-        for p in obj.student.parameters():
+        for p in s.values():
             if p.requires_grad:
                 p.add_(1.0)
     t_before = {n: p.clone() for n, p in obj.teacher.named_parameters()}
     obj.on_optimizer_step(0)
     m = teacher_momentum(obj.cfg, 0, 30)
-    s = dict(obj.student.named_parameters())
     for n, p in obj.teacher.named_parameters():
-        if n in frozen_before:
-            assert torch.equal(p, frozen_before[n])
-        else:
-            assert torch.allclose(p, m * t_before[n] + (1 - m) * s[n], atol=1e-6)
+        if n in trainable:
+            assert torch.allclose(p, m * t_before[n] + (1 - m) * s[n], **FP32_ONE_OP)
+            assert not torch.equal(p, t_before[n]), n
+        else:  # frozen: the student's own tensor, never written
+            assert p is s[n] and torch.equal(p, t_before[n]), n
     exported = obj.export_backbone()
     assert exported is obj.teacher["backbone"] and exported.explora_extras["mask_token"].shape == (1, 64)
 
 
 def test_schedules():
+    """Teacher temperature as upstream's ``np.linspace(0.04, 0.07, W)``; momentum cosine to ``total_steps``."""
+    import numpy as np
+
     cfg = DinoV2Config(warmup_teacher_temp_steps=10)
-    assert teacher_temperature(cfg, 0) == 0.04 and abs(teacher_temperature(cfg, 5) - 0.055) < 1e-9
-    assert teacher_temperature(cfg, 10) == 0.07 and teacher_temperature(cfg, 100) == 0.07
+    want = np.linspace(0.04, 0.07, 10)
+    assert [round(teacher_temperature(cfg, i), 12) for i in range(10)] == [round(float(v), 12) for v in want]
+    assert teacher_temperature(cfg, 9) == 0.07 and teacher_temperature(cfg, 100) == 0.07
+    assert teacher_temperature(DinoV2Config(warmup_teacher_temp_steps=1), 0) == 0.04  # linspace(a, b, 1) == [a]
+    assert teacher_temperature(DinoV2Config(warmup_teacher_temp_steps=0), 0) == 0.07
     assert teacher_momentum(cfg, 0, 100) == 0.992 and teacher_momentum(cfg, 100, 100) == 1.0
     assert abs(teacher_momentum(cfg, 50, 100) - 0.996) < 1e-9
+
+
+def test_total_steps_is_required_and_a_short_run_warns(tiny_dinov2):
+    _explora_like(tiny_dinov2)
+    cfg = DinoV2Config(**{**TINY, "warmup_teacher_temp_steps": 100})
+    with pytest.raises(TypeError, match="total_steps"):
+        DinoV2Objective(tiny_dinov2, cfg)  # type: ignore[call-arg]
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match="total_steps must be a positive int"):
+            DinoV2Objective(tiny_dinov2, cfg, total_steps=bad)
+    with pytest.warns(UserWarning, match=r"total_steps=40 .*dinov2.warmup_teacher_temp_steps=100: the teacher "
+                                         r"temperature rises from 0.04 only to 0.051818 at the last step and never "
+                                         r"reaches teacher_temp=0.07"):
+        DinoV2Objective(tiny_dinov2, cfg, total_steps=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DinoV2Objective(tiny_dinov2, cfg, total_steps=100)  # the last step (99) has teacher_temp: no warning
+
+
+def test_weight_norm_gain_trains_and_is_an_ema_of_the_students(tiny_dinov2):
+    g_name = "dino_head.last_layer.parametrizations.weight.original0"
+    obj = _objective(tiny_dinov2)
+    s, t = dict(obj.student.named_parameters()), dict(obj.teacher.named_parameters())
+    assert s[g_name].requires_grad and g_name in obj._ema_names and t[g_name] is not s[g_name]
+    obj(_batch(obj), step=0).loss.backward()
+    assert s[g_name].grad is not None and s[g_name].grad.abs().sum() > 0
+    frozen = _objective(tiny_dinov2, freeze_weight_norm_gain=True)
+    s, t = dict(frozen.student.named_parameters()), dict(frozen.teacher.named_parameters())
+    assert not s[g_name].requires_grad and t[g_name] is s[g_name]  # DINO v1: fixed at 1, shared like frozen weights
+
+
+def test_separate_ibot_head_has_its_own_sizes(tiny_dinov2):
+    obj = _objective(tiny_dinov2, separate_head=True, ibot_n_prototypes=48, ibot_hidden_dim=24,
+                     ibot_bottleneck_dim=8, ibot_head_nlayers=2)
+    head = obj.student["ibot_head"]
+    assert [tuple(m.weight.shape) for m in head.mlp if isinstance(m, torch.nn.Linear)] == [(24, 64), (8, 24)]
+    assert tuple(head.last_layer.weight.shape) == (48, 8)
+    assert sum(p.numel() for p in head.parameters()) == (64 * 24 + 24) + (24 * 8 + 8) + 48 + 48 * 8
+    assert tuple(obj.ibot_center.center.shape) == (1, 48) and tuple(obj.dino_center.center.shape) == (1, 64)
+    dino = obj.student["dino_head"]
+    assert [tuple(m.weight.shape) for m in dino.mlp if isinstance(m, torch.nn.Linear)] == [(32, 64), (32, 32), (16, 32)]
+    same = _objective(tiny_dinov2, separate_head=True)  # None: every size from the DINO head
+    assert [p.shape for p in same.student["ibot_head"].parameters()] == [p.shape for p in dino.parameters()]
+    out = obj(_batch(obj), step=0)
+    assert torch.isfinite(out.loss) and out.terms["ibot"] > 0
+    with pytest.raises(ConfigError, match="ibot_hidden_dim.*separate_head is false"):
+        DinoV2Config(ibot_hidden_dim=1024)
+    with pytest.raises(ConfigError, match="ibot_head_nlayers must be positive"):
+        DinoV2Config(separate_head=True, ibot_head_nlayers=0)
 
 
 def test_separate_head_and_sinkhorn_run(tiny_dinov2):
@@ -103,6 +166,12 @@ def test_separate_head_and_sinkhorn_run(tiny_dinov2):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert obj.student["ibot_head"].mlp[0].weight.grad is not None
+    assert obj.student["dino_head"].mlp[0].weight.grad is not None
+    # Sinkhorn-Knopp targets replace the EMA centres: they stay at zero (EMA centering moves them every step)
+    assert torch.count_nonzero(obj.dino_center.center) == 0 and torch.count_nonzero(obj.ibot_center.center) == 0
+    ema = _objective(tiny_dinov2, separate_head=True)
+    ema(_batch(ema, b=2), step=3)
+    assert torch.count_nonzero(ema.dino_center.center) > 0 and torch.count_nonzero(ema.ibot_center.center) > 0
 
 
 def test_total_loss_falls_on_fixed_batch(tiny_dinov2):
@@ -150,21 +219,24 @@ def test_split_backward_gives_the_joint_gradients(tiny_dinov2, mode, stages, ext
     a = forward_backward(joint, joint, batch, 3, "fp32", cpu)
     b = forward_backward(split, split, batch, 3, "fp32", cpu)
     assert a.finite and b.finite
-    torch.testing.assert_close(b.loss, a.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b.loss, a.loss, **FP32_NETWORK)  # crops through the network in other batches
     assert a.terms.keys() == b.terms.keys()
     for k in a.terms:
-        torch.testing.assert_close(b.terms[k], a.terms[k], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b.terms[k], a.terms[k], **FP32_NETWORK)
     ga, gb = _grads(joint), _grads(split)
     assert ga.keys() == gb.keys() and any(k.startswith("student.backbone.blocks.3") for k in ga)
     for k in ga:  # float summation order only: per-tensor relative error at fp32 rounding level
         assert (gb[k] - ga[k]).norm() <= 1e-5 * ga[k].norm() + 1e-9, k
-    torch.testing.assert_close(split.dino_center.center, joint.dino_center.center)  # the teacher ran once
+    for center in ("dino_center", "ibot_center"):  # the teacher ran once (with Sinkhorn-Knopp both stay zero;
+        # tests/test_reference_dinov2.py checks the centres of every mode against upstream's)
+        torch.testing.assert_close(getattr(split, center).center, getattr(joint, center).center)
 
 
 def test_stage_plans(tiny_dinov2):
     """view: local views packed into stages of at most one global view's tokens, then each global view."""
     # patch 8: a 64-px global view has 65 tokens, a 32-px local view 17: 3 local views per stage
-    obj = DinoV2Objective(tiny_dinov2, DinoV2Config(**{**TINY, "global_size": 64, "local_size": 32, "n_local": 8}))
+    obj = DinoV2Objective(tiny_dinov2, DinoV2Config(**{**TINY, "global_size": 64, "local_size": 32, "n_local": 8}),
+                          total_steps=30)
     assert obj.stage_plan() == [("local", 0, 3), ("local", 3, 3), ("local", 6, 2), ("global", 0, 1), ("global", 1, 1)]
     obj.cfg.split_backward = "crop_size"
     assert obj.stage_plan() == [("local", 0, 8), ("global", 0, 2)]
@@ -187,7 +259,7 @@ def test_split_backward_stage_order_and_off_switches(tiny_dinov2):
     obj(batch, 0, stage=0)
     with pytest.raises(RuntimeError, match="without stage 0"):  # targets belong to their step
         obj(batch, 1, stage=last)
-    only_global = DinoV2Objective(tiny_dinov2, DinoV2Config(**{**TINY, "n_local": 0}))
+    only_global = DinoV2Objective(tiny_dinov2, DinoV2Config(**{**TINY, "n_local": 0}), total_steps=30)
     assert only_global.stage_plan() == [("global", 0, 1), ("global", 1, 1)]
     only_global.cfg.split_backward = "crop_size"
     assert only_global.backward_stages() == 1

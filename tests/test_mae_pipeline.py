@@ -11,6 +11,8 @@ import pytest
 import torch
 from data_fixtures import fmow_sentinel, fmow_temporal, idx_files
 from safetensors.torch import load_file
+from timm.layers import resample_patch_embed
+from tolerances import FP32_ONE_OP, scaled
 
 from explora.cli import main
 from explora.engine.pretrain import load_config, objective_config
@@ -31,7 +33,9 @@ TINY = [
     "train.tensorboard=false", "train.precision=fp32", "optim.warmup_steps=1",
 ]
 KINDS = {
-    "rgb": ["objective=mae", "mae.kind=rgb", "adapt.preset=D-[L]-r64", "train.batch_size=4"],
+    # the official MAE ExPLoRA script's decoder: LoRA on Q, V of every decoder block (rank 8, alpha 1 there)
+    "rgb": ["objective=mae", "mae.kind=rgb", "adapt.preset=D-[L]-r64", "train.batch_size=4",
+            "mae.decoder_lora_rank=2", "mae.decoder_lora_alpha=1.0"],
     # the Sentinel preset itself, shrunk: patch 4 on the 8-px backbone mirrors SatMAE's 8 on the 16-px MAE
     "group_channel": ["mae.patch_size=4", "mae.group_dim=16", "mae.decoder_group_dim=8", "train.batch_size=4"],
     "temporal": ["objective=mae", "mae.kind=temporal", "adapt.preset=M-[1,L]-r32", "mae.time_dim=16",
@@ -64,7 +68,8 @@ def test_every_config_loads(path):
     section = objective_config(cfg)
     if cfg.objective == "mae":  # MAE optimiser recipe: AdamW (0.9, 0.95), constant wd 0.05, blr x batch / 256
         assert tuple(cfg.optim.betas) == (0.9, 0.95)
-        assert cfg.optim.weight_decay == cfg.optim.weight_decay_end == 0.05
+        wd = 0.0 if path.name.startswith("official_") else 0.05  # official ExPLoRA MAE script: weight decay 0
+        assert cfg.optim.weight_decay == cfg.optim.weight_decay_end == wd
         assert cfg.optim.lr_scaling == "linear" and cfg.optim.reference_batch == 256
         assert section.mask_ratio == 0.75
     if path.name.startswith("mae_vitl16_fmow_sentinel"):
@@ -110,6 +115,9 @@ def test_mae_pretrain_checkpoints_resumes_exactly_and_exports(kind, data, runs, 
         assert {"encoder.patch_embed.pos_embed", "encoder.patch_embed.group_embed"} <= set(state)
     if kind == "temporal":
         assert "encoder.pos_embed" in state
+    if kind == "rgb":  # decoder LoRA factors and the decoder norms that train with them
+        assert {"decoder.decoder_blocks.0.attn.qkv.lora_A", "decoder.decoder_blocks.0.attn.qkv.lora_B",
+                "decoder.decoder_norm.weight"} <= set(state)
 
     # A run killed right after its step-1 checkpoint (its directory as the reference left it then), resumed to
     # step 2: the export is bitwise equal to the uninterrupted run's.
@@ -121,6 +129,11 @@ def test_mae_pretrain_checkpoints_resumes_exactly_and_exports(kind, data, runs, 
     assert _pretrain(kind, data, run, *STEPS, "--resume") == 0
     a, b = load_file(ref / "export" / "model.safetensors"), load_file(run / "export" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # ... and so is everything else that trained (decoder, its LoRA, mask token), which the export leaves out
+    resumed = torch.load(run / "checkpoints" / "ckpt-00000002.pt", weights_only=False)["objective"]
+    assert resumed.keys() == state.keys() and all(torch.equal(resumed[k], state[k]) for k in state)
+    step1 = torch.load(ref / "checkpoints" / "ckpt-00000001.pt", weights_only=False)["objective"]
+    assert any(not torch.equal(step1[k], state[k]) for k in state if "decoder." in k)  # the decoder did train
 
     encoder = load_encoder(run / "export")
     assert is_wrapped_export(run / "export") == (kind != "rgb")
@@ -131,7 +144,7 @@ def test_mae_pretrain_checkpoints_resumes_exactly_and_exports(kind, data, runs, 
             assert isinstance(encoder, GroupChannelViT) and encoder.wrapper_config()["drop_bands"] == [0, 9, 10]
             assert encoder.forward_features(torch.rand(2, 13, 32, 32)).shape == (2, 1 + 3 * 64, 64)  # 3 groups x 8x8
         else:
-            assert isinstance(encoder, TemporalViT) and encoder.time_offset == (1980.0, 1.0, 0.0)
+            assert isinstance(encoder, TemporalViT) and encoder.time_offset == (2002.0, 1.0, 0.0)  # SatMAE
             ts = torch.tensor([[[2014, 2, 9], [2015, 3, 11], [2016, 5, 10]]] * 2)
             assert encoder(torch.rand(2, 9, 32, 32), ts).shape == (2, 64)
 
@@ -175,24 +188,35 @@ def test_parameter_report_counts_the_decoder_when_it_trains():
 
 def test_temporal_time_offset_is_subtracted_before_encoding(tiny_mae):
     ts = torch.tensor([[[2016, 1, 10], [2017, 6, 12], [2018, 11, 15]]])
-    shifted = TemporalViT(tiny_mae, num_frames=3, time_dim=16, time_offset=(1980, 1, 0))
+    offset = MAEConfig().time_offset
+    shifted = TemporalViT(tiny_mae, num_frames=3, time_dim=16, time_offset=offset)
     plain = TemporalViT(tiny_mae, num_frames=3, time_dim=16)
     x = torch.rand(1, 9, 32, 32)
     a, _ = shifted.embed(x, ts)
-    b, _ = plain.embed(x, ts - torch.tensor([1980, 1, 0]))
+    b, _ = plain.embed(x, ts - torch.tensor([2002, 1, 0]))
     assert torch.equal(a, b)
-    assert shifted.shift_timestamps(ts)[0, 0].tolist() == [36.0, 0.0, 10.0]  # SatMAE: year - 1980, month - 1
+    assert not torch.allclose(a, plain.embed(x, ts)[0])
+    assert shifted.shift_timestamps(ts)[0, 0].tolist() == [14.0, 0.0, 10.0]  # SatMAE: year - 2002, month - 1
 
 
 def test_group_patch_resized_from_rgb_filter(tiny_mae):
+    """Each group projection is the RGB filter's band mean, resized 8 -> 4 px with timm's resample_patch_embed
+    (FlexiViT pseudo-inverse), times 3/n for n bands; the RGB bias is copied."""
     enc = GroupChannelViT(tiny_mae, groups=((0, 1), (2,)), patch_size=4, group_dim=16)
     assert enc.patch_embed.proj[0].weight.shape == (64, 2, 4, 4) and enc.patch_embed.grid == (8, 8)
-    # A constant image: each group's token equals what the resized mean-RGB filter gives (bias copied).
+    # each band's filter: the mean RGB 8x8 filter, FlexiViT-resized to 4x4 (timm), scaled by 3 / bands in the group
+    rgb = tiny_mae.patch_embed.proj
+    resized = resample_patch_embed(rgb.weight.detach().mean(1, keepdim=True), [4, 4])  # (D, 1, 4, 4)
+    tol = scaled(FP32_ONE_OP, resized)  # filter weights are ~0.01, far from order 1
+    torch.testing.assert_close(enc.patch_embed.proj[0].weight.detach(), resized.repeat(1, 2, 1, 1) * 1.5, **tol)
+    torch.testing.assert_close(enc.patch_embed.proj[1].weight.detach(), resized * 3.0, **tol)
+    assert all(torch.equal(p.bias, rgb.bias) for p in enc.patch_embed.proj)
+    # A constant image: every group's token is the same (the 3/n scale makes it independent of the group size)
     x = torch.ones(1, 3, 32, 32)
     tokens, grid = enc.patch_embed(x)
     assert grid == (8, 8) and tokens.shape == (1, 2, 64, 64)
-    w = enc.patch_embed.proj[1].weight  # (D, 1, 4, 4), 1 band scaled by 3/1
-    expected = w.sum(dim=(1, 2, 3)) + tiny_mae.patch_embed.proj.bias
-    assert torch.allclose(tokens[0, 1, 0] - enc.patch_embed.encoding(grid)[0, 1, 0], expected, atol=1e-5)
+    content = tokens - enc.patch_embed.encoding(grid)  # (1, G, L, D) without the position/group encoding
+    expected = resized.sum(dim=(1, 2, 3)) * 3 + rgb.bias  # (D,)
+    torch.testing.assert_close(content[0], expected.expand(2, 64, -1), **FP32_ONE_OP)
     cfg = enc.wrapper_config()
     assert GroupChannelViT.from_config(build_backbone("test_mae"), cfg).wrapper_config() == cfg

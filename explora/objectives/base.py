@@ -34,7 +34,11 @@ class Objective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], step: int,  # type: ignore[override]
                 stage: int | None = None) -> ObjectiveOutput:
-        """The step's loss; with ``stage=k`` only the part of stage ``k`` of :meth:`backward_stages`."""
+        """The step's loss; with ``stage=k`` only the part of stage ``k`` of :meth:`backward_stages`.
+
+        With gradient accumulation (``train.accum_steps``) it runs once per micro-batch with the same ``step``
+        (the optimiser step); the engine scales the loss, the objective computes it as for any batch.
+        """
         raise NotImplementedError
 
     def backward_stages(self) -> int:
@@ -47,8 +51,17 @@ class Objective(nn.Module):
         """
         return 1
 
+    def clip_groups(self) -> dict[str, list[torch.Tensor]]:
+        """The trainable tensors whose gradient norm is clipped together (``optim.clip_grad_mode: per_module``).
+
+        The groups must partition the tensors with ``requires_grad``. Default: one group with all of them (global
+        clipping); DinoV2 clips its backbone and each head separately (``DinoV2Objective.clip_groups``).
+        """
+        return {"all": [p for p in self.parameters() if p.requires_grad]}
+
     def on_optimizer_step(self, step: int) -> None:
-        """Called after every optimiser step (EMA teacher update, schedules that live in the objective)."""
+        """Called after every optimiser step (EMA teacher update, schedules that live in the objective); with
+        gradient accumulation once per optimiser step, after its last micro-batch."""
 
     def export_backbone(self) -> nn.Module:
         """The backbone to export at the end of training (LoRA not yet merged)."""

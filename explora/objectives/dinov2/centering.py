@@ -2,7 +2,8 @@
 
 Both follow DinoV2's ``dinov2/loss/dino_clstoken_loss.py`` and ``ibot_patch_loss.py``. Every collective is guarded by
 ``torch.distributed.is_available() and is_initialized()`` so the same code runs in one process (upstream's iBOT
-Sinkhorn all-reduce is unguarded and crashes without a process group).
+Sinkhorn all-reduce is unguarded and crashes without a process group). Both run in fp32 with autocast disabled
+(:func:`~explora.objectives.dinov2.losses.autocast_off`), whatever the dtype of the teacher's logits.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from explora.objectives.dinov2.losses import autocast_off
 
 
 def _distributed() -> bool:
@@ -40,15 +43,19 @@ class EMACenter(nn.Module):
 
     def softmax_centered(self, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
         """(N, K) teacher logits -> (N, K) probabilities ``softmax((t - center) / temp)`` in fp32."""
-        return F.softmax((teacher_logits.float() - self.center) / temp, dim=-1)
+        with autocast_off(teacher_logits):
+            return F.softmax((teacher_logits.float() - self.center) / temp, dim=-1)
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
-        stats = torch.cat([teacher_logits.float().sum(0), teacher_logits.new_tensor([len(teacher_logits)]).float()])
-        all_reduce_(stats)  # (K + 1,): global sum and count
-        if stats[-1] > 0:
-            mean = stats[:-1] / stats[-1]
-            self.center.mul_(self.momentum).add_(mean[None], alpha=1 - self.momentum)
+        """``center <- momentum * center + (1 - momentum) * mean(teacher_logits)`` over the rows of every process."""
+        with autocast_off(teacher_logits):
+            n = teacher_logits.new_tensor([len(teacher_logits)], dtype=torch.float32)
+            stats = torch.cat([teacher_logits.float().sum(0), n])
+            all_reduce_(stats)  # (K + 1,): global sum and count
+            if stats[-1] > 0:
+                mean = stats[:-1] / stats[-1]
+                self.center.mul_(self.momentum).add_(mean[None], alpha=1 - self.momentum)
 
 
 @torch.no_grad()
@@ -59,14 +66,20 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int 
     1/N_global), all sums over every process; finally scaled by N_global so each sample's row sums to 1.
     ``N_global`` counts samples on all processes, so ranks may hold different (even zero) counts.
     """
-    t = teacher_logits.float() / temp  # (N, K)
+    with autocast_off(teacher_logits):
+        return _sinkhorn_knopp_fp32(teacher_logits.float(), temp, n_iterations)
+
+
+def _sinkhorn_knopp_fp32(teacher_logits: torch.Tensor, temp: float, n_iterations: int) -> torch.Tensor:
+    """:func:`sinkhorn_knopp` on fp32 logits (N, K), autocast already off."""
+    t = teacher_logits / temp  # (N, K)
     shift = all_reduce_(t.max().reshape(1) if t.numel() else t.new_full((1,), -1e30), dist.ReduceOp.MAX
                         if _distributed() else None)
     q = torch.exp(t - shift).t()  # (K, N); the global shift cancels in the normalisation
     k = q.shape[0]
     n_global = all_reduce_(q.new_tensor([q.shape[1]])).item()
     if n_global == 0:
-        return teacher_logits.float().new_zeros(teacher_logits.shape)
+        return teacher_logits.new_zeros(teacher_logits.shape)
     q /= all_reduce_(q.sum().reshape(1))
     for _ in range(n_iterations):
         q /= all_reduce_(q.sum(dim=1, keepdim=True))  # each prototype total 1 ...

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from explora.errors import ConfigError
 
+IBOT_HEAD_KEYS = ("ibot_n_prototypes", "ibot_hidden_dim", "ibot_bottleneck_dim", "ibot_head_nlayers")
+
 
 @dataclass
 class DinoV2Config:
@@ -20,8 +22,17 @@ class DinoV2Config:
     hidden_dim: int = 2048  # dino.head_hidden_dim
     bottleneck_dim: int = 256  # dino.head_bottleneck_dim
     head_nlayers: int = 3  # dino.head_nlayers
+    # DinoV2 trains the prototype layer's weight-norm gain g (dinov2/layers/dino_head.py); true freezes it at 1 as
+    # DINO v1's norm_last_layer=True did
+    freeze_weight_norm_gain: bool = False
     separate_head: bool = False  # ibot.separate_head
-    ibot_n_prototypes: int | None = None  # ibot.head_n_prototypes (None: same as dino)
+    # sizes of the separate iBOT head (used only with separate_head); None: the DINO head's value. Upstream's
+    # ibot.head_* keys default to the same values as dino.head_*; its ViT-L/g recipes (configs/train/vitl14.yaml)
+    # change only the dino ones, so reproducing them means ibot_bottleneck_dim: 256 next to bottleneck_dim: 384
+    ibot_n_prototypes: int | None = None  # ibot.head_n_prototypes
+    ibot_hidden_dim: int | None = None  # ibot.head_hidden_dim
+    ibot_bottleneck_dim: int | None = None  # ibot.head_bottleneck_dim
+    ibot_head_nlayers: int | None = None  # ibot.head_nlayers
     centering: str = "centering"  # train.centering: "centering" | "sinkhorn_knopp"
     center_momentum: float = 0.9  # DINOLoss/iBOTPatchLoss center_momentum
     sinkhorn_iterations: int = 3  # sinkhorn_knopp_teacher n_iterations
@@ -63,5 +74,21 @@ class DinoV2Config:
             raise ConfigError(f"dinov2.mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {(lo, hi)}")
         if not 0 <= self.mask_probability <= 1:
             raise ConfigError(f"dinov2.mask_probability must be in [0, 1], got {self.mask_probability}")
-        if self.n_prototypes < 1 or self.bottleneck_dim < 1 or self.hidden_dim < 1:
-            raise ConfigError("dinov2.n_prototypes, hidden_dim and bottleneck_dim must be positive")
+        if self.n_prototypes < 1 or self.bottleneck_dim < 1 or self.hidden_dim < 1 or self.head_nlayers < 1:
+            raise ConfigError("dinov2.n_prototypes, hidden_dim, bottleneck_dim and head_nlayers must be positive")
+        ibot = {k: getattr(self, k) for k in IBOT_HEAD_KEYS}
+        for key, value in ibot.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"dinov2.{key} must be positive or null (= the DINO head's value), got {value}")
+        set_keys = [k for k, v in ibot.items() if v is not None]
+        if set_keys and not self.separate_head:
+            raise ConfigError(f"dinov2.{', '.join(set_keys)} size(s) the separate iBOT head, but "
+                              f"dinov2.separate_head is false (iBOT shares the DINO head); set separate_head: true "
+                              f"or remove them")
+
+    def ibot_head_sizes(self) -> dict[str, int]:
+        """Keyword arguments of the iBOT head's :class:`DINOHead`: each ``ibot_*`` size, or the DINO head's."""
+        return dict(n_prototypes=self.ibot_n_prototypes or self.n_prototypes,
+                    hidden_dim=self.ibot_hidden_dim or self.hidden_dim,
+                    bottleneck_dim=self.ibot_bottleneck_dim or self.bottleneck_dim,
+                    nlayers=self.ibot_head_nlayers or self.head_nlayers)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
+import warnings
 
 import torch
 from torch import nn
 
 from explora.data.multicrop import MultiCrop
+from explora.errors import ConfigError
 from explora.models.masked_forward import FrozenWeightCastCache, forward_tokens
 from explora.objectives.base import Objective, ObjectiveOutput
 from explora.objectives.dinov2.centering import EMACenter, sinkhorn_knopp
@@ -43,18 +46,53 @@ class DinoV2BatchTransform:
 
 
 def teacher_temperature(cfg: DinoV2Config, step: int) -> float:
-    """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_steps``."""
-    if step >= cfg.warmup_teacher_temp_steps:
+    """Linear warm-up from ``warmup_teacher_temp`` (step 0) to ``teacher_temp`` (step ``warmup_teacher_temp_steps-1``).
+
+    Upstream (``dinov2/train/train.py``, ``CosineScheduler`` with ``base_value = final_value = teacher_temp``) takes
+    ``np.linspace(warmup_teacher_temp, teacher_temp, W)`` over the ``W`` warm-up iterations, so the last warm-up step
+    already has ``teacher_temp``; ``W = 0`` means no warm-up.
+    """
+    w = cfg.warmup_teacher_temp_steps
+    if step >= w:
         return cfg.teacher_temp
-    frac = step / max(cfg.warmup_teacher_temp_steps, 1)
-    return cfg.warmup_teacher_temp + frac * (cfg.teacher_temp - cfg.warmup_teacher_temp)
+    if w == 1:
+        return cfg.warmup_teacher_temp
+    return cfg.warmup_teacher_temp + max(step, 0) * (cfg.teacher_temp - cfg.warmup_teacher_temp) / (w - 1)
 
 
 def teacher_momentum(cfg: DinoV2Config, step: int, total_steps: int) -> float:
-    """Cosine schedule from ``momentum_teacher`` (step 0) to ``final_momentum_teacher`` (step ``total_steps``)."""
+    """Cosine schedule from ``momentum_teacher`` (step 0) to ``final_momentum_teacher`` (step ``total_steps``).
+
+    As upstream's ``CosineScheduler`` (no warm-up) over ``optim.epochs * OFFICIAL_EPOCH_LENGTH`` iterations.
+    """
     frac = min(max(step, 0) / max(total_steps, 1), 1.0)
     m0, m1 = cfg.momentum_teacher, cfg.final_momentum_teacher
     return m1 + 0.5 * (m0 - m1) * (1 + math.cos(math.pi * frac))
+
+
+def _checked_total_steps(total_steps: int, cfg: DinoV2Config) -> int:
+    """``total_steps`` as an int >= 1; warns when the run ends inside the teacher-temperature warm-up."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
+        raise ConfigError(f"DinoV2Objective: total_steps must be a positive int (the run's optimiser steps, "
+                          f"train.steps), got {total_steps!r}")
+    w = cfg.warmup_teacher_temp_steps
+    if total_steps < w:
+        last = teacher_temperature(cfg, total_steps - 1)
+        warnings.warn(f"DinoV2Objective: the run has total_steps={total_steps} optimiser steps, fewer than "
+                      f"dinov2.warmup_teacher_temp_steps={w}: the teacher temperature rises from "
+                      f"{cfg.warmup_teacher_temp} only to {last:.5g} at the last step and never reaches "
+                      f"teacher_temp={cfg.teacher_temp}. Set dinov2.warmup_teacher_temp_steps to at most "
+                      f"{total_steps} (0 = no warm-up) if that is not intended.", UserWarning, stacklevel=3)
+    return int(total_steps)
+
+
+def n_loss_terms(n_local: int, n_global: int = 2) -> int:
+    """What upstream divides both DINO terms by: ``n_global_crops_loss_terms + n_local_crops_loss_terms``.
+
+    ``ssl_meta_arch.py`` ``forward_backward``: ``(n_global - 1) * n_global + max(n_local * n_global, 1)``, i.e. the
+    number of (student crop, other teacher view) pairs, except that with no local crops it is 3, not 2.
+    """
+    return (n_global - 1) * n_global + max(n_local * n_global, 1)
 
 
 class DinoV2Objective(Objective):
@@ -64,20 +102,24 @@ class DinoV2Objective(Objective):
     ``teacher`` has the same structure, eval mode, no grads, frozen tensors shared with the student. ``mask_token``
     (1, D) is the trainable iBOT mask embedding, initialised from ``backbone.explora_extras['mask_token']`` when the
     checkpoint carried one, zeros otherwise (DinoV2's init).
+
+    ``total_steps`` (required) is the length of the run in optimiser steps: the teacher momentum's cosine schedule
+    ends there (upstream: ``optim.epochs * OFFICIAL_EPOCH_LENGTH``). A run shorter than
+    ``cfg.warmup_teacher_temp_steps`` warns: its teacher temperature never reaches ``teacher_temp``.
     """
 
     name = "dinov2"
 
-    def __init__(self, backbone: nn.Module, cfg: DinoV2Config | None = None, total_steps: int = 1) -> None:
+    def __init__(self, backbone: nn.Module, cfg: DinoV2Config | None = None, *, total_steps: int) -> None:
         super().__init__()
         self.cfg = cfg = cfg or DinoV2Config()
-        self.total_steps = total_steps
+        self.total_steps = _checked_total_steps(total_steps, cfg)
         dim = backbone.embed_dim
+        gain = dict(freeze_weight_norm_gain=cfg.freeze_weight_norm_gain)
         student = nn.ModuleDict({"backbone": backbone, "dino_head": DINOHead(
-            dim, cfg.n_prototypes, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_nlayers)})
+            dim, cfg.n_prototypes, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_nlayers, **gain)})
         if cfg.separate_head:
-            student["ibot_head"] = DINOHead(dim, cfg.ibot_n_prototypes or cfg.n_prototypes, cfg.hidden_dim,
-                                            cfg.bottleneck_dim, cfg.head_nlayers)
+            student["ibot_head"] = DINOHead(dim, **cfg.ibot_head_sizes(), **gain)
         extras = getattr(backbone, "explora_extras", {}) or {}
         init = extras.get("mask_token")
         token = init.detach().float().reshape(1, dim).clone() if init is not None else torch.zeros(1, dim)
@@ -97,7 +139,7 @@ class DinoV2Objective(Objective):
         self.dino_loss, self.ibot_loss, self.koleo_loss = (
             DINOLoss(cfg.student_temp), iBOTPatchLoss(cfg.student_temp), KoLeoLoss())
         self.dino_center = EMACenter(cfg.n_prototypes, cfg.center_momentum)
-        self.ibot_center = EMACenter(cfg.ibot_n_prototypes or cfg.n_prototypes if cfg.separate_head
+        self.ibot_center = EMACenter(cfg.ibot_head_sizes()["n_prototypes"] if cfg.separate_head
                                      else cfg.n_prototypes, cfg.center_momentum)
         patch = backbone.patch_embed.patch_size
         self.patch_size = patch[0] if isinstance(patch, tuple | list) else int(patch)
@@ -129,6 +171,15 @@ class DinoV2Objective(Objective):
         """Matching (student, teacher) lists of the trainable tensors, looked up by name (robust to ``.to()``)."""
         s, t = dict(self.student.named_parameters()), dict(self.teacher.named_parameters())
         return [s[n] for n in self._ema_names], [t[n] for n in self._ema_names]
+
+    def clip_groups(self) -> dict[str, list[torch.Tensor]]:
+        """One gradient-clipping group per student module, as DinoV2 (``dinov2/train/train.py``: ``for v in
+        model.student.values(): v.clip_grad_norm_(clip_grad)``): the backbone with the mask token (a backbone
+        parameter upstream), ``dino_head`` and, with ``separate_head``, ``ibot_head``."""
+        groups = {name: [p for p in module.parameters() if p.requires_grad] for name, module in self.student.items()}
+        if self.mask_token.requires_grad:
+            groups["backbone"].append(self.mask_token)
+        return groups
 
     @torch.no_grad()
     def on_optimizer_step(self, step: int) -> None:
@@ -251,7 +302,7 @@ class DinoV2Objective(Objective):
             l0 = 0 if kind == "all" else first * B
             cls_batches.append(forward_tokens(self.student["backbone"], local[l0:l0 + l_views * B])[0])
         logits, s_patch_logits = self._heads(self.student, cls_batches, patch)  # [(g, K)], [(l, K)], (M, K)
-        n_pairs = 2 * n_local + 2 * 1  # (student crop, other teacher view) pairs
+        n_pairs = n_loss_terms(n_local)  # (student crop, other teacher view) pairs; 3 without local crops
         terms: dict[str, torch.Tensor] = {}
         loss = logits[0].new_zeros((), dtype=torch.float32)
         if l_views:  # each local crop against both teacher views

@@ -19,7 +19,9 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from explora.adapt import is_norm
 from explora.errors import CheckpointError
+from explora.lora import inject_lora
 from explora.models.group_channel import sincos_2d
 from explora.objectives.mae.masking import gather_tokens
 
@@ -74,6 +76,21 @@ class MAEDecoder(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def lora_tune(self, rank: int, alpha: float | None = None, targets: Sequence[str] = ("q", "v")) -> list[str]:
+        """Freeze the decoder, put LoRA on ``targets`` of every ``decoder_blocks.<i>``, train the norms.
+
+        The official ExPLoRA MAE script (paper-notes 9, ``mae/pretrain.py``): LoRA r8 on Q, V of every decoder
+        block, and every parameter whose name contains ``norm`` trains (``decoder_blocks.*.norm1/norm2``,
+        ``decoder_norm``); ``decoder_embed``, ``decoder_pred``, ``mask_token`` stay frozen (``decoder_pos_embed``
+        is a fixed buffer). Returns the names of the layers that got LoRA.
+        """
+        self.requires_grad_(False)
+        replaced = inject_lora(self, None, targets, rank, alpha, blocks_attr="decoder_blocks")
+        for m in self.modules():
+            if is_norm(m):
+                m.requires_grad_(True)
+        return replaced
+
     def positions(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, Ds) cls position and (1, L, Ds) spatial positions at ``grid`` (resampled when it differs)."""
         cls, spatial = self.decoder_pos_embed[:, :1], self.decoder_pos_embed[:, 1:]
@@ -88,10 +105,14 @@ class MAEDecoder(nn.Module):
         grid: tuple[int, int],
         num_prefix: int = 1,
         slice_enc: torch.Tensor | None = None,
+        prefix_slice_enc: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """latent (B, P + K, D) from the encoder; ids_restore (B, N); slice_enc (B|1, R, slice_dim) or None.
 
-        Returns (B, N, p*p*C), or for grouped heads G tensors (B, L, p*p*|g|).
+        ``prefix_slice_enc`` (1, 1, slice_dim): the slice part of the cls token's encoding; None = zeros. SatMAE's
+        group-channel decoder gives the cls token the channel encoding of index G (one past the last group,
+        ``decoder_channel_embed[:, -1:]``), its temporal decoder zeros. Returns (B, N, p*p*C), or for grouped
+        heads G tensors (B, L, p*p*|g|).
         """
         x = self.decoder_embed(latent)  # (B, P + K, Dd)
         B, N = ids_restore.shape
@@ -107,7 +128,9 @@ class MAEDecoder(nn.Module):
                 raise ValueError("this decoder needs a per-slice encoding (slice_dim > 0)")
             s = slice_enc.expand(B, -1, -1)[:, :, None].expand(-1, -1, L, -1).flatten(1, 2)  # (B, R*L, Dsl)
             pos = torch.cat([pos, s], dim=-1)
-            cls_pos = torch.cat([cls_pos, cls_pos.new_zeros(1, 1, self.slice_dim)], dim=-1)
+            if prefix_slice_enc is None:
+                prefix_slice_enc = cls_pos.new_zeros(1, 1, self.slice_dim)
+            cls_pos = torch.cat([cls_pos, prefix_slice_enc.to(cls_pos.dtype)], dim=-1)  # (1, 1, Dd)
         x = x + pos
         if prefix.shape[1]:
             x = torch.cat([prefix + cls_pos, x], dim=1)

@@ -46,19 +46,33 @@ def group_masked_mse(
     mask: torch.Tensor,
     groups: Sequence[Sequence[int]],
     channels: int,
+    mode: str = "per_group",
 ) -> torch.Tensor:
     """SatMAE's group-channel loss.
 
-    preds: G tensors (B, L, p*p*|g|); target (B, L, p*p*C) over all bands (norm_pix already applied over the whole
-    multi-band patch); mask (B, G*L), group-major. Each group's error is averaged over its pixels and channels;
-    the total is the sum over groups of errors on that group's removed tokens / total removed (group, position).
+    preds: G tensors (B, L, p*p*|g|) ordered (pixel, band); target (B, L, p*p*C) over all bands (norm_pix already
+    applied over the whole multi-band patch); mask (B, G*L), group-major. Each group's error is averaged over its
+    pixels and channels; the total is the sum over groups of errors on that group's removed tokens / total removed
+    (group, position) tokens.
+
+    ``mode="per_group"``: head g is scored against bands ``groups[g]`` (the loss SatMAE describes). ``"satmae"``:
+    as the released ``models_mae_group_channels.forward_loss``, the heads are concatenated in group order and
+    channel k of that concatenation is compared with band k; group g then averages channels ``groups[g]`` of it.
+    The two agree exactly when the concatenated groups are in band order (e.g. ((0, 1, 2), (3, 4, 5))).
     """
     B, L, _ = target.shape
     t = target.reshape(B, L, -1, channels)  # (B, L, p*p, C)
     m = mask.reshape(B, len(groups), L)  # (B, G, L)
+    if mode == "satmae":
+        heads = torch.cat([p.reshape(B, L, -1, len(g)) for p, g in zip(preds, groups)], dim=-1)  # (B, L, pp, C)
+        per_channel = ((heads - t) ** 2).mean(dim=2)  # (B, L, C): channel k of the heads vs band k
+        errors = [per_channel[..., list(bands)].mean(dim=-1) for bands in groups]  # G x (B, L)
+    elif mode == "per_group":
+        # t[..., bands] is (B, L, p*p, |g|), flattened (pixel, band) like the head's output
+        errors = [((pred - t[..., list(bands)].flatten(2)) ** 2).mean(dim=-1) for pred, bands in zip(preds, groups)]
+    else:
+        raise ValueError(f"group loss mode must be 'per_group' or 'satmae', got {mode!r}")
     total = target.new_zeros(())
-    for g, (pred, bands) in enumerate(zip(preds, groups)):
-        tg = t[..., list(bands)].flatten(2)  # (B, L, p*p*|g|) ordered (pixel, band) like the head's output
-        err = ((pred - tg) ** 2).mean(dim=-1)  # (B, L)
+    for g, err in enumerate(errors):
         total = total + (err * m[:, g]).sum()
     return total / m.sum().clamp_min(1)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from explora.errors import ConfigError, DataError
+from explora.models.backbone import input_size
 from explora.models.group_channel import GroupChannelViT, run_blocks, sincos_1d
 from explora.models.masked_forward import FrozenWeightCastCache
 from explora.models.temporal import TemporalViT, timestamp_encoding
@@ -69,6 +70,37 @@ class MAEBatchTransform:
         return out
 
 
+# Which reconstruction targets a checkpoint's decoder was trained on, as build_backbone records it in
+# explora_extras["mae_decoder_targets"] (MAE README: "MAE (visualize)" = raw pixels, "*_full" = norm-pix).
+_TARGET_NAMES = {"pixel": "raw pixels", "norm_pix": "norm-pix targets"}
+_TARGET_CHECKPOINTS = {"pixel": "mae_visualize_*", "norm_pix": "mae_pretrain_*_full"}
+
+
+def warn_decoder_targets(extras: dict, norm_pix_loss: bool) -> None:
+    """Note (once, as a warning) when the checkpoint's decoder was trained on the other kind of targets.
+
+    Unknown (None / absent) says nothing. Pixel decoder + norm-pix loss is what the official ExPLoRA MAE recipe
+    does (``mae_visualize_vit_large.pth`` with ``--norm_pix_loss``, paper-notes 9), so this is a note, not an error.
+    """
+    trained_on = extras.get("mae_decoder_targets")
+    wanted = "norm_pix" if norm_pix_loss else "pixel"
+    if trained_on not in _TARGET_NAMES or trained_on == wanted:
+        return
+    source = extras.get("source") or "the checkpoint"
+    if trained_on == "pixel":
+        advice = ("the official ExPLoRA MAE recipe does exactly this (mae_visualize_vit_large.pth continued with "
+                  "norm_pix_loss); set mae.norm_pix_loss=false to keep the decoder's own targets")
+    else:
+        advice = ("set mae.norm_pix_loss=true to keep the decoder's own targets, or start from mae_visualize_* "
+                  "(a raw-pixel decoder)")
+    warnings.warn(
+        f"MAE decoder from {source} was trained on {_TARGET_NAMES[trained_on]} ({_TARGET_CHECKPOINTS[trained_on]}); "
+        f"this run continues it with {_TARGET_NAMES[wanted]} (mae.norm_pix_loss={str(norm_pix_loss).lower()}): "
+        f"{advice}",
+        stacklevel=3,
+    )
+
+
 def encode_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     """timm ViT on visible patches only: (B, C, H, W), ids_keep (B, K) -> (B, P + K, D).
 
@@ -93,8 +125,7 @@ class MAEObjective(Objective):
         patch = backbone.patch_embed.patch_size
         base_patch = int(patch[0] if isinstance(patch, tuple) else patch)
         self.patch_size = int(cfg.patch_size or base_patch)  # group-channel may use its own patch (SatMAE: 8)
-        grid = tuple(backbone.patch_embed.grid_size)
-        self.img_size = cfg.img_size or grid[0] * base_patch
+        self.img_size = cfg.img_size or input_size(backbone)[0]  # the run's input size, not the stored pos grid
         if self.img_size % self.patch_size:
             raise ConfigError(f"mae.img_size {self.img_size} is not a multiple of the patch size {self.patch_size}")
         g = self.img_size // self.patch_size
@@ -111,17 +142,22 @@ class MAEObjective(Objective):
             self.channels = max(max(gr) for gr in cfg.groups) + 1
             self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size,
                                       [len(gr) for gr in cfg.groups], slice_dim=cfg.decoder_group_dim, **dec_kw)
+            # SatMAE decoder_channel_embed: sin-cos of 0..G; rows 0..G-1 tag the groups, row G the cls token.
+            # A fixed function of the config, so not part of checkpoints.
             self.register_buffer(
-                "decoder_group_embed", sincos_1d(cfg.decoder_group_dim, torch.arange(len(cfg.groups)))[None]
-            )
+                "decoder_group_embed", sincos_1d(cfg.decoder_group_dim, torch.arange(len(cfg.groups) + 1))[None],
+                persistent=False,
+            )  # (1, G + 1, Dg)
         else:
             self.encoder = TemporalViT(backbone, cfg.num_frames, cfg.time_dim, cfg.time_offset)
             self.channels = backbone.patch_embed.proj.in_channels
             self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size, self.channels,
                                       slice_dim=3 * cfg.decoder_time_dim, **dec_kw)
-        state = getattr(backbone, "explora_extras", {}).get("mae_decoder")
+        extras = getattr(backbone, "explora_extras", None) or {}
+        state = extras.get("mae_decoder")
         if state:
             load_decoder_state(self.decoder, state, strict=cfg.kind == "rgb")
+            warn_decoder_targets(extras, cfg.norm_pix_loss)
         else:
             warnings.warn(
                 "MAE checkpoint has no decoder (encoder-only weights, e.g. mae_pretrain_vit_*.pth): the decoder "
@@ -130,6 +166,8 @@ class MAEObjective(Objective):
                 stacklevel=2,
             )
         self.decoder.requires_grad_(cfg.train_decoder)
+        if cfg.decoder_lora_rank:  # MAEConfig guarantees train_decoder here
+            self.decoder.lora_tune(cfg.decoder_lora_rank, cfg.decoder_lora_alpha, cfg.decoder_lora_targets)
         self._cast_cache = FrozenWeightCastCache()  # one bf16 copy of each frozen weight under autocast
 
     @property
@@ -176,18 +214,21 @@ class MAEObjective(Objective):
         kind = self.config.kind
         if kind == "rgb":
             latent = encode_visible(self.encoder, images, mask.ids_keep)
-            grid, slice_enc = self._grid_of(images), None
+            grid, slice_enc, prefix_slice_enc = self._grid_of(images), None, None
         elif kind == "group_channel":
             tokens, grid = self.encoder.embed(images)
             latent = self.encoder.encode(gather_tokens(tokens, mask.ids_keep))
-            slice_enc = self.decoder_group_embed
+            G = len(self.config.groups)
+            slice_enc, prefix_slice_enc = self.decoder_group_embed[:, :G], self.decoder_group_embed[:, G:]
         else:
             ts = batch["timestamps"].to(images.device)
             tokens, grid = self.encoder.embed(images, ts)
             latent = self.encoder.encode(gather_tokens(tokens, mask.ids_keep))
             shifted = self.encoder.shift_timestamps(ts)  # (B, T, 3) minus time_offset, as the encoder sees them
             slice_enc = timestamp_encoding(shifted, self.config.decoder_time_dim).to(latent.dtype)
-        pred = self.decoder(latent, mask.ids_restore, grid, self.encoder.num_prefix_tokens, slice_enc)
+            prefix_slice_enc = None  # SatMAE temporal decoder: zeros for the cls token's time part
+        pred = self.decoder(latent, mask.ids_restore, grid, self.encoder.num_prefix_tokens, slice_enc,
+                            prefix_slice_enc)
         return pred, mask
 
     def _grid_of(self, images: torch.Tensor) -> tuple[int, int]:
@@ -195,7 +236,8 @@ class MAEObjective(Objective):
 
     def loss_from(self, pred: torch.Tensor | list[torch.Tensor], target: torch.Tensor, mask: Mask) -> torch.Tensor:
         if self.config.kind == "group_channel":
-            return group_masked_mse(pred, target, mask.mask, self.config.groups, self.channels)
+            cfg = self.config
+            return group_masked_mse(pred, target, mask.mask, cfg.groups, self.channels, cfg.group_loss)
         return masked_mse(pred, target, mask.mask)
 
     def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> ObjectiveOutput:  # type: ignore[override]
