@@ -4,7 +4,9 @@ Paper (Khanna et al., ICML 2025, §3 and project page "Method"): freeze everythi
 blocks ("usually just 1 or 2"), train all normalisation layers (arXiv v1 abstract), and put LoRA of rank r on the
 Q and V projections of every remaining block. Patch/position embeddings and tokens are not named by the paper; they
 stay frozen by default and can be switched on. :class:`ExploraSpec` records the choice so a resumed run rebuilds the
-same model, and :data:`PRESETS` gives the paper's named settings.
+same model, and :data:`PRESETS` gives the named settings: explora's own (LoRA alpha = rank, cls token frozen) and the
+``*-official`` ones read from the official ExPLoRA scripts (paper-notes §9: loralib alpha 1, so scaling 1/r, and a
+trainable cls token).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class ExploraSpec:
     train_patch_embed: bool = False
     train_pos_embed: bool = False
     train_tokens: bool = False
+    train_cls_token: bool = False
     lora_blocks: tuple[int, ...] | None = None
     preset: str | None = None
     depth: int | None = None
@@ -95,10 +98,15 @@ class ExploraSpec:
 
 
 def _resolve(indices: Iterable[int], depth: int, what: str) -> tuple[int, ...]:
+    """Block indices (negative from the end) -> sorted non-negative ones; out of range is a ConfigError, never
+    silently nothing (a ViT-B/12 given the ViT-L index 23 would otherwise unfreeze no block at all)."""
     out = set()
     for i in indices:
         if not -depth <= int(i) < depth:
-            raise ConfigError(f"{what}: block index {i} is out of range for a model with {depth} blocks")
+            raise ConfigError(
+                f"{what}: block index {i} is out of range for a model with {depth} blocks (valid: {-depth}..{depth - 1}"
+                "; -1 is the last block)"
+            )
         out.add(int(i) % depth)
     return tuple(sorted(out))
 
@@ -115,6 +123,7 @@ def apply_explora(
     train_patch_embed: bool = False,
     train_pos_embed: bool = False,
     train_tokens: bool = False,
+    train_cls_token: bool = False,
     lora_blocks: Iterable[int] | None = None,
     mask_token: nn.Parameter | None = None,
     preset: str | None = None,
@@ -125,6 +134,9 @@ def apply_explora(
     - LoRA (``lora_rank`` > 0) on ``lora_targets`` of ``lora_blocks`` (default: every block not unfrozen).
     - ``train_norms``: every norm layer with parameters (``norm1``/``norm2`` of each block, ``norm``, ``fc_norm``).
     - ``train_patch_embed``, ``train_pos_embed``, ``train_tokens`` (cls, register tokens and ``mask_token`` if given).
+    - ``train_cls_token``: the cls token only (the official ExPLoRA scripts train it; paper-notes §9).
+    - ``lora_alpha``: LoRA scaling ``alpha / rank``; ``None`` = rank (scaling 1, explora's choice), ``1.0`` = loralib's
+      default that the official scripts never change (scaling ``1 / rank``).
     The spec is also stored as ``model.explora_spec``.
     """
     if not hasattr(model, "blocks"):
@@ -148,6 +160,7 @@ def apply_explora(
         train_patch_embed=train_patch_embed,
         train_pos_embed=train_pos_embed,
         train_tokens=train_tokens,
+        train_cls_token=train_cls_token,
         lora_blocks=None if lora_blocks is None else tuple(int(i) for i in lora_blocks),
         preset=preset,
         depth=depth,
@@ -175,13 +188,19 @@ def apply_explora(
                 p.requires_grad_(True)
         if mask_token is not None:
             mask_token.requires_grad_(True)
+    if train_cls_token:
+        if not isinstance(getattr(model, "cls_token", None), nn.Parameter):
+            raise ConfigError(f"train_cls_token: {type(model).__name__} has no cls_token parameter to train")
+        model.cls_token.requires_grad_(True)
     if use_lora:
         inject_lora(model, lora_idx, spec.lora_targets, spec.lora_rank, lora_alpha, spec.lora_dropout)
     model.explora_spec = spec
     return spec
 
 
-# The paper's named settings (paper-notes §1.1-1.2, §2.1) plus the two ablations of §5.
+# The paper's named settings (paper-notes §1.1-1.2, §2.1) plus the two ablations of §5. The plain names are explora's
+# own choices where the paper is silent (LoRA alpha = rank, i.e. scaling 1; cls token frozen); the ``-official``
+# names are what the official ExPLoRA scripts run (paper-notes §9).
 PRESETS: dict[str, dict[str, Any]] = {
     # DinoV2 init, last block [L] unfrozen, LoRA r64 on Q,V of the other blocks, all norms.
     "D-[L]-r64": dict(unfrozen_blocks=(-1,), lora_rank=64, lora_targets=("q", "v"), train_norms=True),
@@ -189,6 +208,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "M-[1,L]-r32": dict(unfrozen_blocks=(0, -1), lora_rank=32, lora_targets=("q", "v"), train_norms=True),
     # Supervised LoRA fine-tuning of the paper: r8 on Q,V of every block, nothing unfrozen, norms frozen.
     "LoRA-r8": dict(unfrozen_blocks=(), lora_rank=8, lora_targets=("q", "v"), train_norms=False),
+    # scripts/pretrain_dino.sh: unfreeze block 23 (the last of ViT-L; -1 keeps it the last on every depth), LoRA r64
+    # on Q,V with loralib's lora_alpha 1 (scaling 1/64), all norms, the cls token.
+    "D-[L]-r64-official": dict(
+        unfrozen_blocks=(-1,), lora_rank=64, lora_alpha=1.0, lora_targets=("q", "v"), train_norms=True,
+        train_cls_token=True,
+    ),
+    # scripts/pretrain_mae.sh, encoder side: block 23 only (not [1, L]), LoRA r64 on Q,V with alpha 1, every norm,
+    # the cls token. Its decoder LoRA (r8 on Q,V, alpha 1) is an objective setting: mae.decoder_lora_rank/_alpha.
+    "M-[L]-r64-official": dict(
+        unfrozen_blocks=(-1,), lora_rank=64, lora_alpha=1.0, lora_targets=("q", "v"), train_norms=True,
+        train_cls_token=True,
+    ),
+    # scripts/finetune.sh: LoRA r8 on Q,V of every block with alpha 1 (scaling 1/8), norms frozen.
+    "LoRA-r8-official": dict(
+        unfrozen_blocks=(), lora_rank=8, lora_alpha=1.0, lora_targets=("q", "v"), train_norms=False
+    ),
     # Ablation: LoRA r64 on every block + norms, no unfrozen block.
     "lora-only-r64": dict(unfrozen_blocks=(), lora_rank=64, lora_targets=("q", "v"), train_norms=True),
     # Ablation: last block + norms, no LoRA.

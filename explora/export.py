@@ -4,8 +4,10 @@ The paper's output is ``W_T* = W_S + Delta_T`` with LoRA folded in, so the archi
 "All checkpoints have LoRA adapters already merged into the weights"). We write:
 
 - ``safetensors``: ``model.safetensors``, a plain timm state dict, plus ``model.json`` (timm name, ``model_args``,
-  image size, channels, provenance, sha256 of each file). It loads with
-  ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), **model_args)``. No extra keys are
+  input size, stored position-embedding grid, channels, provenance, sha256 of each file). It loads with
+  ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), **model_args)``; the position
+  embedding is stored on the backbone's own grid (the checkpoint's, e.g. DinoV2's 37x37) and ``dynamic_img_size``
+  makes timm interpolate it per forward exactly as the adapted model did, at any input size. No extra keys are
   written: timm's DinoV2 ``checkpoint_filter_fn`` treats a ``mask_token`` key as an original DinoV2 file and would
   convert it (ecosystem-notes §1.6).
 - ``encoder``: ``encoder_only.pth`` = ``{'model': state}`` in the upstream layout, like the released
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 from explora.atomic import atomic_write
 from explora.errors import CheckpointError, ConfigError
 from explora.lora import merged_state_dict
+from explora.models.backbone import input_size
 
 FORMATS = ("safetensors", "encoder", "teacher")
 FILE_NAMES = {"safetensors": "model.safetensors", "encoder": "encoder_only.pth", "teacher": "teacher.pth"}
@@ -198,12 +201,16 @@ def export_backbone(
         atomic_write(paths["teacher"], lambda f: torch.save({"teacher": teacher}, f))
 
     spec = getattr(model, "explora_spec", None)
+    size = input_size(model)
+    stored = list(model.patch_embed.grid_size) if getattr(model, "pos_embed", None) is not None else None
     sidecar = {
         "architecture": timm_name,
         "family": family,
         "model_args": model_args,
-        "img_size": list(model.patch_embed.img_size),
+        "img_size": list(size),
         "patch_size": list(model.patch_embed.patch_size),
+        "pos_embed_grid": stored,
+        "pos_embed_trained_grid": _trained_grid(model, size) if stored is not None else None,
         "in_chans": int(model.patch_embed.proj.in_channels),
         "num_features": int(model.num_features),
         "files": {k: {"path": p.name, "sha256": _sha256(p)} for k, p in paths.items()},
@@ -216,8 +223,8 @@ def export_backbone(
             "metadata": meta,
         },
         "load_with": (
-            f"timm.create_model({timm_name!r}, pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file='{FILE_NAMES['safetensors']}'), **model_args)"
+            f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay=dict("
+            f"file='{FILE_NAMES['safetensors']}', input_size=(in_chans, *img_size)), **model_args)"
         ),
     }
     text = json.dumps(sidecar, indent=2, default=str)
@@ -226,8 +233,22 @@ def export_backbone(
     return paths
 
 
+def _trained_grid(model: nn.Module, size: tuple[int, int]) -> list[int] | None:
+    """The patch grid a trained position embedding saw (the model's input size), None when the ExPLoRA
+    parameterisation kept it frozen (or the model carries none, so nothing says it trained)."""
+    spec = getattr(model, "explora_spec", None)
+    if spec is None or not spec.train_pos_embed:
+        return None
+    ph, pw = model.patch_embed.patch_size
+    return [size[0] // ph, size[1] // pw]
+
+
 def load_exported(path: str | os.PathLike[str]) -> nn.Module:
-    """Rebuild the timm model from an exported ``model.safetensors`` (or its directory) and its sidecar."""
+    """Rebuild the timm model from an exported ``model.safetensors`` (or its directory) and its sidecar.
+
+    The sidecar's ``img_size`` (the input size; in exports written before ``pos_embed_grid`` existed also the
+    stored grid's size) becomes ``pretrained_cfg["input_size"]``.
+    """
     p = Path(path)
     weights = p / FILE_NAMES["safetensors"] if p.is_dir() else p
     side = weights.with_name(SIDECAR)
@@ -235,9 +256,10 @@ def load_exported(path: str | os.PathLike[str]) -> nn.Module:
         raise CheckpointError(f"{p}: expected {FILE_NAMES['safetensors']} and {SIDECAR} written by export_backbone")
     info = json.loads(side.read_text())
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in info["model_args"].items()}
-    return timm.create_model(
-        info["architecture"], pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **args
-    )
+    overlay: dict[str, Any] = {"file": str(weights)}
+    if info.get("img_size"):
+        overlay["input_size"] = (int(info.get("in_chans", args.get("in_chans", 3))), *map(int, info["img_size"]))
+    return timm.create_model(info["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **args)
 
 
 # --- Multispectral / temporal encoders (SatMAE-style wrappers around a timm ViT) --------------------------------
@@ -288,6 +310,9 @@ def export_wrapped_encoder(
         "family": str(meta.pop("family", "mae")),
         "model_args": dict(model_args),
         "wrapper": config,
+        "img_size": list(input_size(encoder)),
+        "pos_embed_grid": _wrapper_grid(encoder),
+        "pos_embed_trained_grid": _wrapper_grid(encoder) if _wrapper_pos(encoder).requires_grad else None,
         "num_features": int(encoder.embed_dim),
         "files": {k: {"path": p.name, "sha256": _sha256(p)} for k, p in paths.items()},
         "provenance": {
@@ -303,6 +328,17 @@ def export_wrapped_encoder(
     text = json.dumps(sidecar, indent=2, default=str)
     atomic_write(paths["sidecar"], lambda f: f.write(text.encode()))
     return paths
+
+
+def _wrapper_grid(encoder: nn.Module) -> list[int]:
+    """The grid of a wrapper's own (trainable) position encoding: the group-channel grid, or the temporal one."""
+    return list(getattr(encoder.patch_embed, "grid", None) or encoder.grid)
+
+
+def _wrapper_pos(encoder: nn.Module) -> Tensor:
+    """A wrapper's own spatial encoding: ``patch_embed.pos_embed`` (group-channel) or ``pos_embed`` (temporal)."""
+    own = getattr(encoder.patch_embed, "pos_embed", None)
+    return own if own is not None else encoder.pos_embed
 
 
 def _export_files(path: str | os.PathLike[str]) -> tuple[Path, Path] | None:

@@ -235,11 +235,14 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
-def _resolve_blocks(model: nn.Module, blocks: Iterable[int] | None) -> list[int]:
-    """Block indices (negative allowed) -> sorted non-negative indices into ``model.blocks``."""
-    if not hasattr(model, "blocks"):
-        raise ConfigError(f"{type(model).__name__} has no `blocks`; LoRA injection expects a timm VisionTransformer")
-    depth = len(model.blocks)
+def _resolve_blocks(model: nn.Module, blocks: Iterable[int] | None, blocks_attr: str = "blocks") -> list[int]:
+    """Block indices (negative allowed) -> sorted non-negative indices into ``model.<blocks_attr>``."""
+    if not isinstance(getattr(model, blocks_attr, None), nn.Sequential | nn.ModuleList):
+        raise ConfigError(
+            f"{type(model).__name__} has no `{blocks_attr}` block list; LoRA injection expects a timm "
+            "VisionTransformer (`blocks`) or a module holding timm Blocks (e.g. the MAE decoder's `decoder_blocks`)"
+        )
+    depth = len(getattr(model, blocks_attr))
     if blocks is None:
         return list(range(depth))
     out = set()
@@ -250,7 +253,7 @@ def _resolve_blocks(model: nn.Module, blocks: Iterable[int] | None) -> list[int]
     return sorted(out)
 
 
-def _split_targets(targets: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def split_lora_targets(targets: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Target names -> (qkv slices, plain Linear short names); raises ConfigError naming unknown entries."""
     qkv, linear = [], []
     for t in targets:
@@ -274,33 +277,37 @@ def inject_lora(
     rank: int = 8,
     alpha: float | None = None,
     dropout: float = 0.0,
+    *,
+    blocks_attr: str = "blocks",
 ) -> list[str]:
     """Replace the target Linears of the given blocks (all if None) by LoRA layers; returns the replaced names.
 
     Targets: ``q``/``k``/``v`` (slices of ``attn.qkv``; ``qkv`` = all three), ``proj``, ``fc1``, ``fc2`` (or their
     paths ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``). Base parameters are shared, so their ``requires_grad`` is kept;
-    new LoRA parameters are trainable.
+    new LoRA parameters are trainable. ``blocks_attr`` names the list of timm Blocks: ``blocks`` for a ViT,
+    ``decoder_blocks`` for the MAE decoder (the official ExPLoRA MAE recipe LoRA-tunes the decoder too).
     """
-    qkv_targets, linear_targets = _split_targets(targets)
+    qkv_targets, linear_targets = split_lora_targets(targets)
     replaced: list[str] = []
-    for i in _resolve_blocks(model, blocks):
-        block = model.blocks[i]
+    for i in _resolve_blocks(model, blocks, blocks_attr):
+        block = getattr(model, blocks_attr)[i]
+        where = f"{blocks_attr}.{i}"
         if qkv_targets:
             attn = block.attn
             if isinstance(attn.qkv, LoRALayer):
-                raise ConfigError(f"blocks.{i}.attn.qkv already carries LoRA; inject once per model")
+                raise ConfigError(f"{where}.attn.qkv already carries LoRA; inject once per model")
             attn.qkv = LoRAQKV.from_linear(attn.qkv, rank, alpha, dropout, qkv_targets)
-            replaced.append(f"blocks.{i}.attn.qkv")
+            replaced.append(f"{where}.attn.qkv")
         for t in linear_targets:
             parent_name, attr = LINEAR_TARGETS[t].split(".")
             parent = getattr(block, parent_name)
             base = getattr(parent, attr)
             if isinstance(base, LoRALayer):
-                raise ConfigError(f"blocks.{i}.{LINEAR_TARGETS[t]} already carries LoRA; inject once per model")
+                raise ConfigError(f"{where}.{LINEAR_TARGETS[t]} already carries LoRA; inject once per model")
             if type(base) is not nn.Linear:
-                raise ConfigError(f"blocks.{i}.{LINEAR_TARGETS[t]} is {type(base).__name__}, expected nn.Linear")
+                raise ConfigError(f"{where}.{LINEAR_TARGETS[t]} is {type(base).__name__}, expected nn.Linear")
             setattr(parent, attr, LoRALinear.from_linear(base, rank, alpha, dropout))
-            replaced.append(f"blocks.{i}.{LINEAR_TARGETS[t]}")
+            replaced.append(f"{where}.{LINEAR_TARGETS[t]}")
     return replaced
 
 

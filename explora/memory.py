@@ -232,14 +232,17 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
         g["acts"] += norm_img + 4 * tokens * D
         g["acts_ckpt"] += norm_img + tokens * D * 4  # the final norm's output: heads/KoLeo keep views of it
 
-    # heads: per row (MLP inputs, GELU inputs, logits, fp32 log-softmax) and per call (weight-normalised prototypes)
-    head = objective.student["dino_head"]
+    # heads: per row (MLP inputs, GELU inputs, logits, fp32 log-softmax) and per call (weight-normalised prototypes);
+    # a separate iBOT head (its own sizes: DinoV2's ViT-L recipe) takes the masked patch rows
     temp = dcfg.student_temp
 
     def head_loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(m(x).float() / temp, dim=-1)
 
-    row, per_head_call = per_image_and_call(head, head_loss, lambda n: (n, D), precision, True)
+    row, per_head_call = per_image_and_call(objective.student["dino_head"], head_loss, lambda n: (n, D), precision,
+                                            True)
+    ibot_row, ibot_call = (per_image_and_call(objective.student["ibot_head"], head_loss, lambda n: (n, D), precision,
+                                              True) if dcfg.separate_head else (row, per_head_call))
     n_tokens = (dcfg.global_size // patch) ** 2
     n_masked_imgs = int(2 * B * dcfg.mask_probability)
     masked = int(n_masked_imgs * sum(dcfg.mask_ratio_min_max) / 2 * n_tokens)  # expected masked patches M
@@ -253,13 +256,14 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
     def stage_components(kind: str, n_views: int) -> dict[str, int]:
         parts = [("global", 2), ("local", dcfg.n_local)] if kind == "all" else [(kind, n_views)]
         parts = [(name, n) for name, n in parts if n]
-        rows = calls = loss_bytes = 0
+        head_bytes = loss_bytes = 0
         for name, n in parts:
             m = masked * n // 2 if name == "global" else 0  # masked patches of n global views
-            rows += n * B + m
-            calls += 2 if name == "global" else 1  # (CLS, masked patches) or CLS
+            head_bytes += row * n * B + per_head_call  # the CLS rows through the DINO head
+            if m:
+                head_bytes += ibot_row * m + ibot_call  # the masked patch rows through the iBOT head
             loss_bytes += (n * B * K + m * K_ibot) * 4  # fp32 gradient of the logits
-        c = {"head_activations": row * rows + per_head_call * calls, "loss_transient": loss_bytes}
+        c = {"head_activations": head_bytes, "loss_transient": loss_bytes}
         largest = max(per_group[name]["block_img"] * n * B + per_group[name]["block_call"] for name, n in parts)
         if ckpt:
             c["student_activations"] = sum(per_group[name]["acts_ckpt"] * n * B for name, n in parts)

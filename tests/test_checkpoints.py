@@ -14,6 +14,7 @@ import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
+from tolerances import FP32_ONE_OP
 from torch import Tensor, nn
 
 from explora.errors import CheckpointError
@@ -154,7 +155,7 @@ def test_dinov2_reg4_folds_cls_pos_embed_and_renames_registers():
     assert torch.equal(parts.encoder["pos_embed"], sd["pos_embed"])
     assert torch.equal(parts.encoder["reg_token"], sd["reg_token"])
     assert torch.equal(parts.encoder["cls_token"], raw["cls_token"] + cls_pos)  # the fold, exactly as computed
-    assert torch.allclose(parts.encoder["cls_token"], sd["cls_token"], atol=1e-6)
+    assert torch.allclose(parts.encoder["cls_token"], sd["cls_token"], **FP32_ONE_OP)  # (a - b) + b
 
 
 def test_dinov2_giant_swiglu_w12_w3_become_fc1_fc2():
@@ -232,7 +233,7 @@ def test_classifier_head_is_dropped(tiny_mae):
 
 def test_pos_embed_resampled_to_model_grid(tiny_dinov2):
     model = randomized(tiny_dinov2)  # 32 px / patch 8 -> 4x4 grid
-    big = build_backbone("test_dinov2", img_size=48)  # 6x6 grid
+    big = build_backbone("test_dinov2", pos_embed_grid=6)  # position embedding stored on a 6x6 grid
     parts = convert_checkpoint(state(model), big)
     want = resample_abs_pos_embed(model.pos_embed.detach(), new_size=[6, 6], num_prefix_tokens=1)
     assert parts.encoder["pos_embed"].shape == (1, 37, 64)
@@ -240,6 +241,18 @@ def test_pos_embed_resampled_to_model_grid(tiny_dinov2):
     assert torch.equal(parts.encoder["pos_embed"][:, :1], model.pos_embed[:, :1].detach())  # cls slot untouched
     nearest = convert_checkpoint(state(model), big, interpolation="nearest", antialias=False)
     assert torch.equal(nearest.encoder["pos_embed"][:, 1:2], model.pos_embed[:, 1:2].detach())
+
+
+def test_keep_grid_keeps_the_checkpoint_grid_and_reports_it(tiny_dinov2):
+    big = randomized(build_backbone("test_dinov2", pos_embed_grid=(6, 5)))
+    parts = convert_checkpoint(state(big), tiny_dinov2, grid_size=(6, 5), keep_grid=True)  # into a 4x4 target
+    assert parts.pos_embed_grid == (6, 5) and torch.equal(parts.encoder["pos_embed"], big.pos_embed.detach())
+    assert not any("resampled" in n for n in parts.notes)
+    resampled = convert_checkpoint(state(big), tiny_dinov2, grid_size=(6, 5))
+    assert resampled.pos_embed_grid == (4, 4) and resampled.encoder["pos_embed"].shape == (1, 17, 64)
+    target = BackboneTarget.from_model(tiny_dinov2).with_grid((6, 5))
+    assert target.grid_size == (6, 5) and target.shapes["pos_embed"] == (1, 31, 64)
+    assert target.shapes["cls_token"] == (1, 1, 64)
 
 
 def test_rgb_patch_embed_adapted_to_more_channels(tiny_dinov2):
@@ -287,7 +300,7 @@ def test_unmerged_lora_is_explained(tiny_mae):
 
 
 def test_non_square_pos_embed_needs_grid(tiny_dinov2):
-    wide = randomized(build_backbone("test_dinov2", img_size=(32, 48)))  # 4x6 grid
+    wide = randomized(build_backbone("test_dinov2", pos_embed_grid=(4, 6)))
     with pytest.raises(CheckpointError, match="not a square grid"):
         convert_checkpoint(state(wide), tiny_dinov2)
     parts = convert_checkpoint(state(wide), tiny_dinov2, grid_size=(4, 6))

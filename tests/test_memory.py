@@ -31,13 +31,33 @@ def test_static_counts_are_exact():
     norms = 3 * 4 * d + 2 * d
     mask_token = d
     assert c["trainable_weights"] == 4 * (block + lora + norms + mask_token)
-    head = (d * h + h) + (h * h + h) + (h * 64 + 64) + 4096 * 64  # MLP + prototypes (g frozen, not counted)
+    head = (d * h + h) + (h * h + h) + (h * 64 + 64) + 4096 * 64 + 4096  # MLP + prototypes V + their gains g
     assert c["head_weights"] == 4 * head
     trainable = block + lora + norms + mask_token + head
     assert r.details["trainable_params"] == trainable
     assert c["teacher_ema_copies"] == 4 * (trainable - mask_token)  # the teacher mask token is a buffer
     assert c["gradients"] == 4 * trainable and c["adamw_moments"] == 8 * trainable
     assert r.details["tokens_global"] == 65 and r.details["tokens_local"] == 17
+
+
+def test_native_grid_backbone_counts_its_stored_positions_and_the_crops_tokens():
+    """dinov2_vits14 stores the hub file's 37x37 position embedding; token counts follow the crop sizes."""
+    from explora.models.backbone import build_backbone
+
+    cfg = load_config(None, ["model.name=dinov2_vits14", "model.weights=null", "train.batch_size=2",
+                             "dinov2.n_prototypes=256", "dinov2.hidden_dim=64", "dinov2.bottleneck_dim=32",
+                             "dinov2.n_local=2"])
+    r = estimate_pretrain_memory(cfg, precision="fp32")
+    with torch.device("meta"):
+        vit = build_backbone("dinov2_vits14")
+    assert vit.pos_embed.shape == (1, 1 + 37 * 37, 384)
+    backbone = sum(p.numel() for p in vit.parameters())  # timm's exact count, 1370 positions included
+    d = 384  # hand count of what D-[L]-r64 trains in the base ViT: the last block (with LayerScale) and all norms
+    block = (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 4 * d + 2 * d
+    norms = 11 * 4 * d + 2 * d
+    # the weight-norm gain of the prototype layer trains (DinoV2), so no head tensor is frozen
+    assert r.components["frozen_weights"] == 4 * (backbone - block - norms)
+    assert r.details["tokens_global"] == 16 * 16 + 1 and r.details["tokens_local"] == 7 * 7 + 1
 
 
 def test_trace_counts_saved_tensors_of_a_linear():
@@ -151,3 +171,16 @@ def test_params_cli_memory_json(capsys):
     assert len(out["all"]) == 4 and out["configured"]["precision"] == "fp32"
     assert out["configured"]["peak_bytes"] == sum(out["configured"]["components_bytes"][k]
                                                   for k in out["configured"]["peak_components"])
+
+
+def test_separate_ibot_head_activations_follow_its_own_sizes():
+    """The masked patch rows go through the iBOT head: a separate head of the DINO head's sizes costs what the shared
+    one does, a wider one (DinoV2's ViT-L recipe gives it its own sizes) costs more, per row."""
+    def head_acts(*extra: str) -> int:
+        return estimate_pretrain_memory(load_config(None, [*TINY, "dinov2.split_backward=none", *extra])).components[
+            "head_activations"]
+
+    shared = head_acts()
+    same = head_acts("dinov2.separate_head=true")
+    wide = head_acts("dinov2.separate_head=true", "dinov2.ibot_hidden_dim=1024", "dinov2.ibot_bottleneck_dim=128")
+    assert same == shared and wide > same

@@ -174,7 +174,7 @@ class FMoWTemporal(_MetadataCsv):
     Item ``i`` is ``(image (T*C, H, W), label, timestamps (T, 3) int64)``: row ``i`` of the CSV first, then the
     next T-1 rows of the same ``(category, location_id)`` in time order (cyclically; a location with fewer than T
     images repeats its frames). Frames are ordered by time. ``timestamps[t] = (year, month 1-12, hour 0-23)`` raw
-    calendar values; SatMAE's temporal encoder takes ``(year - 1980, month - 1, hour)``, which the objective
+    calendar values; SatMAE's temporal encoder takes ``(year - 2002, month - 1, hour)``, which the objective
     derives. SatMAE picks the other frames at random; we pick them deterministically so epochs are reproducible
     without RNG state. All frames are resized to the first frame's size when ``image_size`` is unset.
     """

@@ -5,17 +5,25 @@ local crops of different sizes go through one model). Weights come from a file, 
 (through torch.hub's cache, so a file placed in ``$TORCH_HOME/hub/checkpoints`` works offline) or timm / the HF hub;
 :mod:`explora.models.checkpoints` converts them to timm keys. Tensors timm does not keep live in
 ``model.explora_extras``: ``"mask_token"`` (DinoV2, (1, D)), ``"mae_decoder"`` (MAE decoder state dict),
-``"source"`` (where the weights came from); the first two are None when the checkpoint has none.
+``"mae_decoder_targets"`` (what that decoder reconstructs: ``"pixel"``, ``"norm_pix"`` or None when unknown),
+``"source"`` (where the weights came from); the first three are None when the checkpoint has none.
+
+The position embedding is kept on the checkpoint's patch grid and interpolated per forward; the input size the
+model is used at by default is recorded apart from it (:func:`input_size`).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
+import torch
 from torch import nn
 
 from explora.errors import CheckpointError
@@ -29,6 +37,7 @@ from explora.models.checkpoints import (
 from explora.models.registry import BACKBONES, BackboneSpec, get_backbone_spec
 
 ONLINE_PREFIXES = ("hf-hub:", "timm:")
+_WEIGHTS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # a weights name, as opposed to a path, URL or hub spec
 
 
 def build_backbone(
@@ -37,66 +46,157 @@ def build_backbone(
     img_size: int | tuple[int, int] | None = None,
     in_chans: int = 3,
     *,
+    pos_embed_grid: int | tuple[int, int] | None = None,
     pos_embed_interpolation: str = "bicubic",
     pos_embed_antialias: bool = True,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm ViT for ``name`` (a registry short name or any timm ViT name) with ``weights`` loaded.
 
-    ``weights``: None (random init), ``"default"`` (the registry URL for ``name``), an http(s) URL, a local
-    ``.pth``/``.pt``/``.safetensors`` path, or ``"hf-hub:<repo>"`` / ``"timm:<name.tag>"`` (timm ``pretrained=True``,
-    online). ``img_size`` defaults to the registry's ``default_img_size`` (224 for DinoV2/MAE, 32 for ``test_*``) and
-    to timm's default for other names; checkpoint position embeddings are resampled to it. ``in_chans != 3`` adapts
-    RGB patch-embedding weights. ``timm_kwargs`` override the architecture (e.g. ``drop_path_rate``).
-    Raises :class:`~explora.errors.CheckpointError` when the weights do not fit.
+    ``weights``: None (random init), a weights name of the registry backbone (``"default"``; MAE also ``"visualize"``
+    and ``"encoder"``, see :mod:`explora.models.registry`), an http(s) URL, a local ``.pth``/``.pt``/``.safetensors``
+    path, or ``"hf-hub:<repo>"`` / ``"timm:<name.tag>"`` (timm ``pretrained=True``, online).
+
+    The position embedding stays on the checkpoint's own patch grid (DinoV2 hub files 37x37, MAE 14x14, an export
+    the grid its sidecar states; random init: the registry's ``native_img_size``, for other timm names ``img_size``)
+    and timm interpolates it to each input's grid in the forward (``dynamic_img_size=True``), as DinoV2's
+    ``interpolate_pos_encoding`` does, so building at a small size loses no positional resolution.
+    ``pos_embed_grid`` asks for another stored grid instead: the checkpoint's is then resampled once at load time
+    with ``pos_embed_interpolation`` / ``pos_embed_antialias`` (timm's bicubic with antialias by default).
+
+    ``img_size`` is the input size the model is used at by default (the registry's ``default_img_size``: 224 for
+    DinoV2/MAE, 32 for ``test_*``; timm's default for other names), recorded as ``pretrained_cfg["input_size"]``
+    and read back with :func:`input_size`. ``in_chans != 3`` adapts RGB patch-embedding weights. ``timm_kwargs``
+    override the architecture (e.g. ``drop_path_rate``). Raises :class:`~explora.errors.CheckpointError` when the
+    weights do not fit.
     """
     spec = get_backbone_spec(name)
-    model = _create(spec, img_size, in_chans, timm_kwargs)
-    model.explora_extras = {"mask_token": None, "mae_decoder": None, "source": "random init"}
+    kwargs = {**spec.timm_kwargs, **timm_kwargs}
+    use_size = _pair(img_size) if img_size is not None else (
+        _pair(spec.default_img_size) if spec.name in BACKBONES else None)
+    native = spec.native_img_size or use_size
+    with torch.device("meta"):  # architecture only: patch size, and which keys and shapes a file must provide
+        probe = _create(spec, native, in_chans, kwargs)
+    patch = tuple(probe.patch_embed.patch_size)
+    if pos_embed_grid is None and not probe.dynamic_img_size and use_size is not None:
+        pos_embed_grid = (use_size[0] // patch[0], use_size[1] // patch[1])  # fixed-size: stored grid = input grid
+    target = BackboneTarget.from_model(probe, name=name)
+    if pos_embed_grid is not None:
+        target = target.with_grid(_pair(pos_embed_grid))
     if weights is None:
-        return model
+        model = _create(spec, _stored_img_size(target.grid_size, probe, native), in_chans, kwargs)
+        model.explora_extras = _extras(None, None, "random init", None)
+        return record_input_size(model, use_size)
 
-    target = BackboneTarget.from_model(model, name=name)
-    weights_str = os.fspath(weights)
-    grid_size = None
-    if weights_str.startswith(ONLINE_PREFIXES):
-        raw, where = _timm_pretrained_state(weights_str), weights_str
-    else:
-        if weights_str == "default":
-            if not spec.url:
-                known = ", ".join(n for n, s in BACKBONES.items() if s.url)
-                raise CheckpointError(
-                    f"weights='default': backbone {name!r} has no upstream URL (those with one: {known})"
-                )
-            weights_str = spec.url
-        raw, where = load_checkpoint_file(weights_str), weights_str
-        if not is_url(weights_str):
-            grid_size = _sidecar_grid(Path(weights_str))
+    raw, where, sidecar_grid = _read_weights(spec, weights)
     parts = convert_checkpoint(
         raw,
         target,
         source=where,
-        grid_size=grid_size,
+        grid_size=sidecar_grid,
         interpolation=pos_embed_interpolation,
         antialias=pos_embed_antialias,
+        keep_grid=pos_embed_grid is None,
     )
+    grid = parts.pos_embed_grid or target.grid_size
+    model = _create(spec, _stored_img_size(grid, probe, native), in_chans, kwargs)
     model.load_state_dict(parts.encoder, strict=True)
-    model.explora_extras = {
-        "mask_token": parts.mask_token,
-        "mae_decoder": parts.decoder,
-        "source": _describe(where, parts),
-    }
+    targets = decoder_targets(where) if parts.decoder is not None else None
+    model.explora_extras = _extras(parts.mask_token, parts.decoder, _describe(where, parts), targets)
+    return record_input_size(model, use_size)
+
+
+def _stored_img_size(grid: tuple[int, int], probe: nn.Module, native: Any) -> Any:
+    """The timm ``img_size`` that lays the position embedding out on ``grid`` (``native`` when it already does)."""
+    if tuple(grid) == tuple(probe.patch_embed.grid_size):
+        return native
+    ph, pw = probe.patch_embed.patch_size
+    return grid[0] * ph, grid[1] * pw
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """(H, W) the model is used at by default: the ``img_size`` given to :func:`build_backbone`.
+
+    Why a helper: the stored position-embedding grid (``patch_embed.img_size``/``grid_size``) is the checkpoint's,
+    not the run's. Read from timm's own place, ``pretrained_cfg["input_size"]`` (so timm's ``resolve_data_config``
+    agrees); group-channel / temporal wrappers give the size their encodings are laid out for (``img_size``); a
+    fixed-size model (``dynamic_img_size=False``) its stored size.
+    """
+    wrapped = getattr(model, "img_size", None)
+    if wrapped is not None:
+        return _pair(wrapped)
+    pe = model.patch_embed
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if getattr(model, "dynamic_img_size", False) and cfg.get("input_size"):
+        return _pair(cfg["input_size"][-2:])
+    return _pair(pe.img_size)
+
+
+def record_input_size(model: nn.Module, size: int | tuple[int, int] | None) -> nn.Module:
+    """Set ``pretrained_cfg["input_size"]`` to ``(in_chans, H, W)`` (timm's default size when ``size`` is None)."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if size is not None or not cfg.get("input_size"):
+        h, w = _pair(size) if size is not None else _pair(model.patch_embed.img_size)
+        cfg["input_size"] = (int(model.patch_embed.proj.in_channels), h, w)
+    model.pretrained_cfg = model.default_cfg = cfg  # timm keeps default_cfg as an alias of pretrained_cfg
     return model
 
 
-def _create(spec: BackboneSpec, img_size: Any, in_chans: int, timm_kwargs: dict[str, Any]) -> nn.Module:
-    """Instantiate the timm architecture with random weights (registry overrides, then the caller's)."""
-    kwargs = dict(spec.timm_kwargs)
-    kwargs.update(timm_kwargs)
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    elif spec.name in BACKBONES:
-        kwargs.setdefault("img_size", spec.default_img_size)
+def decoder_targets(source: str | os.PathLike[str]) -> str | None:
+    """What an MAE decoder from ``source`` was trained to reconstruct, from the upstream file name: ``"pixel"``
+    (``mae_visualize_vit_*``: raw pixels), ``"norm_pix"`` (``mae_pretrain_vit_*_full``: per-patch normalised pixels,
+    MAE ``--norm_pix_loss``), None when the name does not say."""
+    base = os.path.basename(urlparse(os.fspath(source)).path or os.fspath(source))
+    if "visualize" in base:
+        return "pixel"
+    if "_full" in base:
+        return "norm_pix"
+    return None
+
+
+def _extras(mask_token: Any, decoder: Any, source: str, targets: str | None) -> dict[str, Any]:
+    return {"mask_token": mask_token, "mae_decoder": decoder, "mae_decoder_targets": targets, "source": source}
+
+
+def _read_weights(spec: BackboneSpec, weights: str | os.PathLike[str]) -> tuple[dict[str, Any], str, Any]:
+    """(raw state, where it came from, the grid a sidecar states or None) for any ``weights`` source."""
+    weights_str = os.fspath(weights)
+    if weights_str.startswith(ONLINE_PREFIXES):
+        return _timm_pretrained_state(weights_str), weights_str, None
+    weights_str = resolve_weights_name(spec, weights_str)
+    raw = load_checkpoint_file(weights_str)
+    return raw, weights_str, None if is_url(weights_str) else _sidecar_grid(Path(weights_str))
+
+
+def resolve_weights_name(spec: BackboneSpec, weights: str) -> str:
+    """The URL of a weights name of ``spec`` (``"default"``, ``"visualize"``, ...); paths and URLs pass through.
+
+    A bare word that is neither a weights name of the backbone nor an existing file is an error listing the names
+    that exist (with a did-you-mean).
+    """
+    if weights in spec.weights:
+        return spec.weights[weights]
+    if is_url(weights) or not _WEIGHTS_NAME.fullmatch(weights) or Path(weights).exists():
+        return weights
+    if not spec.weights:
+        known = ", ".join(n for n, s in BACKBONES.items() if s.weights)
+        raise CheckpointError(
+            f"weights={weights!r}: backbone {spec.name!r} has no named weights (backbones with named weights: "
+            f"{known}); give a checkpoint path or URL"
+        )
+    close = difflib.get_close_matches(weights, list(spec.weights), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise CheckpointError(
+        f"weights={weights!r}: not a weights name of {spec.name!r}{hint}; its named weights are "
+        f"{', '.join(sorted(spec.weights))}, or give a checkpoint path or URL"
+    )
+
+
+def _create(spec: BackboneSpec, stored_size: Any, in_chans: int, kwargs: dict[str, Any]) -> nn.Module:
+    """Instantiate the timm architecture with random weights, its position embedding on ``stored_size``'s grid."""
+    kwargs = dict(kwargs)
+    if stored_size is not None:
+        kwargs["img_size"] = stored_size
     kwargs.setdefault("dynamic_img_size", True)
     try:
         return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
@@ -109,7 +209,7 @@ def _create(spec: BackboneSpec, img_size: Any, in_chans: int, timm_kwargs: dict[
 def _timm_pretrained_state(weights: str) -> dict[str, Any]:
     """State dict of ``timm.create_model(<name>, pretrained=True)`` for ``timm:<name.tag>`` / ``hf-hub:<repo>``.
 
-    The pretrained model is built at timm's own size; our conversion then resamples and checks it like any file.
+    The pretrained model is built at timm's own size, whose grid is kept; our conversion checks it like any file.
     timm's DinoV2 filter drops the mask token, so ``explora_extras["mask_token"]`` is None on this path.
     """
     model_name = weights.removeprefix("timm:")
@@ -123,9 +223,10 @@ def _timm_pretrained_state(weights: str) -> dict[str, Any]:
 
 
 def _sidecar_grid(path: Path) -> tuple[int, int] | None:
-    """Patch grid from a JSON sidecar with ``grid_size`` or ``img_size`` + ``patch_size``: ``<file>.json``,
-    ``<stem>.json``, or an export's ``model.json`` whose ``files`` list this file (``explora.export`` writes one
-    sidecar for all its formats). Only needed for non-square position embeddings."""
+    """Patch grid of the stored position embedding from a JSON sidecar: ``<file>.json``, ``<stem>.json``, or an
+    export's ``model.json`` whose ``files`` list this file (``explora.export`` writes one sidecar for all its
+    formats). Keys: ``pos_embed_grid`` (exports), ``grid_size``, or ``img_size`` + ``patch_size`` (exports written
+    before ``pos_embed_grid`` existed stored the grid of their ``img_size``). Only needed for non-square grids."""
     own = (path.with_name(path.name + ".json"), path.with_suffix(".json"))
     for side in (*own, path.with_name("model.json")):
         if not side.is_file():
@@ -138,8 +239,9 @@ def _sidecar_grid(path: Path) -> tuple[int, int] | None:
             return None
         if side not in own and not _lists_file(meta, path.name):
             continue  # an export's shared sidecar that describes other files
-        if "grid_size" in meta:
-            return _pair(meta["grid_size"])
+        for key in ("pos_embed_grid", "grid_size"):
+            if meta.get(key) is not None:
+                return _pair(meta[key])
         if "img_size" in meta and "patch_size" in meta:
             (h, w), (ph, pw) = _pair(meta["img_size"]), _pair(meta["patch_size"])
             return h // ph, w // pw

@@ -19,6 +19,7 @@ kept next to ``qkv`` in full checkpoints, ``qkv`` only in encoder-only ones) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import pickle
@@ -56,7 +57,8 @@ class CheckpointParts:
     ``encoder`` loads into the timm model with ``strict=True``; ``mask_token`` is DinoV2's (1, D) iBOT mask token
     (None when the file has none); ``decoder`` holds the MAE decoder tensors with their upstream names
     (``decoder_embed.*``, ``mask_token`` (1, 1, Dd), ``decoder_pos_embed``, ``decoder_blocks.*``, ``decoder_norm.*``,
-    ``decoder_pred.*``), None when absent; ``layout`` names the recognised layout; ``notes`` says what conversion did.
+    ``decoder_pred.*``), None when absent; ``layout`` names the recognised layout; ``notes`` says what conversion did;
+    ``pos_embed_grid`` is the patch grid the converted position embedding is laid out on.
     """
 
     encoder: dict[str, Tensor]
@@ -64,6 +66,7 @@ class CheckpointParts:
     decoder: dict[str, Tensor] | None
     layout: str
     notes: list[str] = field(default_factory=list)
+    pos_embed_grid: tuple[int, int] | None = None  # patch grid of encoder["pos_embed"]; None without one
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,14 @@ class BackboneTarget:
             grid_size=tuple(model.patch_embed.grid_size),  # type: ignore[union-attr,arg-type]
             pos_prefix_tokens=0 if no_embed_class else int(getattr(model, "num_prefix_tokens", 1)),
         )
+
+    def with_grid(self, grid: tuple[int, int]) -> BackboneTarget:
+        """The same architecture with its position embedding stored on another patch grid."""
+        shapes = dict(self.shapes)
+        if "pos_embed" in shapes:
+            *lead, dim = shapes["pos_embed"]
+            shapes["pos_embed"] = (lead[0], self.pos_prefix_tokens + grid[0] * grid[1], dim)
+        return dataclasses.replace(self, shapes=shapes, grid_size=(int(grid[0]), int(grid[1])))
 
     def describe(self) -> str:
         """The architecture in words, for error messages."""
@@ -191,13 +202,16 @@ def convert_checkpoint(
     grid_size: tuple[int, int] | None = None,
     interpolation: str = "bicubic",
     antialias: bool = True,
+    keep_grid: bool = False,
 ) -> CheckpointParts:
     """Convert any supported layout to timm keys that load ``strict=True`` into ``model_or_target``.
 
     ``source`` names the file in error messages; ``grid_size`` is the checkpoint's patch grid when its position
-    embedding is not square (otherwise inferred); ``interpolation``/``antialias`` configure the pos-embed resampling
-    (timm's defaults, bicubic with antialias; upstream DinoV2 uses bicubic without antialias and a +0.1 offset).
-    Raises :class:`CheckpointError` when the result does not fit the target.
+    embedding is not square (otherwise inferred). ``keep_grid=True`` keeps the checkpoint's position embedding on its
+    own grid (``parts.pos_embed_grid``; the model to load it into must be built at that grid, see
+    :meth:`BackboneTarget.with_grid`); otherwise it is resampled to the target's grid with ``interpolation`` /
+    ``antialias`` (timm's defaults, bicubic with antialias; upstream DinoV2 uses bicubic without antialias and a
+    +0.1 offset). Raises :class:`CheckpointError` when the result does not fit the target.
     """
     target = (
         model_or_target if isinstance(model_or_target, BackboneTarget) else BackboneTarget.from_model(model_or_target)
@@ -216,9 +230,14 @@ def convert_checkpoint(
     state = _drop_heads(state, target, notes)
     _check_architecture(state, target, source)
     state = _adapt_patch_embed(state, target, source, notes)
-    state = _resample_pos_embed(state, target, source, grid_size, interpolation, antialias, notes)
+    stored = _pos_embed_grid(state, target, source, grid_size)
+    if keep_grid and stored is not None:
+        target = target.with_grid(stored)
+    state = _resample_pos_embed(state, target, stored, interpolation, antialias, notes)
     _check_keys(state, target, source, layout)
-    return CheckpointParts(encoder=state, mask_token=mask_token, decoder=decoder, layout=layout, notes=notes)
+    grid = target.grid_size if "pos_embed" in state else None
+    return CheckpointParts(encoder=state, mask_token=mask_token, decoder=decoder, layout=layout, notes=notes,
+                           pos_embed_grid=grid)
 
 
 def _unwrap(raw: Mapping[str, Any], source: str) -> tuple[dict[str, Tensor], list[str]]:
@@ -397,20 +416,16 @@ def _adapt_patch_embed(
     return out
 
 
-def _resample_pos_embed(
-    state: dict[str, Tensor],
-    target: BackboneTarget,
-    source: str,
-    grid_size: tuple[int, int] | None,
-    interpolation: str,
-    antialias: bool,
-    notes: list[str],
-) -> dict[str, Tensor]:
-    """Interpolate the patch part of ``pos_embed`` to the model's grid with timm's ``resample_abs_pos_embed``."""
+def _pos_embed_grid(
+    state: Mapping[str, Tensor], target: BackboneTarget, source: str, grid_size: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """The patch grid of the checkpoint's ``pos_embed``: ``grid_size`` (from a sidecar), else the target's grid when
+    the number of positions is the same (possibly non-square), else a square. None when there is nothing to resample
+    (no position embedding, or one the target cannot take)."""
     pos = state.get("pos_embed")
     want = target.shapes.get("pos_embed")
     if pos is None or want is None or pos.ndim != 3 or pos.shape[-1] != want[-1]:
-        return state
+        return None
     prefix = target.pos_prefix_tokens
     n = pos.shape[1] - prefix
     if grid_size is None and pos.shape[1] == want[1]:
@@ -420,7 +435,7 @@ def _resample_pos_embed(
         if side * side != n:
             raise CheckpointError(
                 f"{source}: pos_embed {tuple(pos.shape)} has {n} patch positions after {prefix} prefix token(s), not a "
-                f"square grid; expected {target.describe()} (give the grid in a JSON sidecar: grid_size)"
+                f"square grid; expected {target.describe()} (give the grid in a JSON sidecar: pos_embed_grid)"
             )
         grid_size = (side, side)
     if grid_size[0] * grid_size[1] != n:
@@ -428,14 +443,28 @@ def _resample_pos_embed(
             f"{source}: pos_embed {tuple(pos.shape)} has {n} patch positions, not the {grid_size[0]}x{grid_size[1]} "
             f"grid its metadata gives; expected {target.describe()}"
         )
-    if tuple(grid_size) == target.grid_size and pos.shape[1] == want[1]:
+    return int(grid_size[0]), int(grid_size[1])
+
+
+def _resample_pos_embed(
+    state: dict[str, Tensor],
+    target: BackboneTarget,
+    grid_size: tuple[int, int] | None,
+    interpolation: str,
+    antialias: bool,
+    notes: list[str],
+) -> dict[str, Tensor]:
+    """Interpolate the patch part of ``pos_embed`` from ``grid_size`` to the target's grid with timm's
+    ``resample_abs_pos_embed`` (a no-op when the grids agree)."""
+    if grid_size is None or (tuple(grid_size) == target.grid_size
+                             and state["pos_embed"].shape[1] == target.shapes["pos_embed"][1]):
         return state
     out = dict(state)
     out["pos_embed"] = resample_abs_pos_embed(
-        pos,  # (1, prefix + Ho*Wo, D) -> (1, prefix + H*W, D)
+        state["pos_embed"],  # (1, prefix + Ho*Wo, D) -> (1, prefix + H*W, D)
         new_size=list(target.grid_size),
         old_size=list(grid_size),
-        num_prefix_tokens=prefix,
+        num_prefix_tokens=target.pos_prefix_tokens,
         interpolation=interpolation,
         antialias=antialias,
     )

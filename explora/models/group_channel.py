@@ -18,6 +18,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
 from explora.errors import ConfigError
+from explora.models.backbone import input_size
 
 # SatMAE's default groups over the 10 Sentinel-2 bands left after dropping B1, B9, B10 (indices 0, 9, 10 of 13).
 SENTINEL2_DROPPED_BANDS: tuple[int, ...] = (0, 9, 10)
@@ -104,7 +105,13 @@ class _SlicedViT(nn.Module):
         self.grad_checkpointing = enable
 
     def prefix(self, batch: int) -> torch.Tensor:
-        """(B, P, D) cls/register tokens with their positions."""
+        """(B, P, D) cls/register tokens with their positions.
+
+        SatMAE's group-channel and temporal encoders add no position, group or time encoding to the cls token.
+        Here the cls token keeps the RGB model's own cls position (``prefix_pos``), the one its pre-trained value
+        was learnt with: for MAE weights that row is zero (``get_2d_sincos_pos_embed(..., cls_token=True)``), so
+        the cls token enters the blocks bare, exactly as in SatMAE.
+        """
         parts = [t for t in (self.cls_token, self.reg_token) if t is not None]
         if not parts:
             return self.prefix_pos.new_zeros(batch, 0, self.embed_dim)
@@ -239,17 +246,16 @@ class GroupChannelViT(_SlicedViT):
         pos_mode: str = "concat",
         group_dim: int = 256,
         patch_size: int | None = None,
+        img_size: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__(vit)
         base_patch = int(vit.patch_embed.proj.kernel_size[0])
         p = int(patch_size or base_patch)
-        img = tuple(g * base_patch for g in vit.patch_embed.grid_size)
+        img = _pair(img_size) if img_size is not None else input_size(vit)  # the size the encodings are laid out for
         if img[0] % p or img[1] % p:
             raise ConfigError(f"group-channel patch_size {p} does not divide the backbone's image size {img}")
-        rgb_pos = None
-        if vit.pos_embed is not None:
-            n = 0 if vit.no_embed_class else vit.num_prefix_tokens
-            rgb_pos = vit.pos_embed[:, n:]
+        self.img_size = img
+        rgb_pos = _rgb_patch_pos(vit, (img[0] // base_patch, img[1] // base_patch))
         self.patch_embed = GroupChannelPatchEmbed(
             vit.patch_embed.proj, (img[0] // p, img[1] // p), groups, drop_bands, in_bands, pos_mode,
             group_dim, rgb_pos, p,
@@ -270,13 +276,18 @@ class GroupChannelViT(_SlicedViT):
             "pos_mode": pe.pos_mode,
             "group_dim": pe.group_dim,
             "patch_size": int(pe.patch_size[0]),
+            "img_size": list(self.img_size),
         }
 
     @classmethod
     def from_config(cls, vit: nn.Module, config: dict[str, Any]) -> GroupChannelViT:
-        """Inverse of :meth:`wrapper_config` around a ViT of the same architecture (weights are loaded after)."""
+        """Inverse of :meth:`wrapper_config` around a ViT of the same architecture (weights are loaded after).
+
+        Configs written before ``img_size`` was recorded built the base ViT at that size: its ``patch_embed.img_size``.
+        """
         return cls(vit, config["groups"], config.get("drop_bands", ()), config.get("in_bands"),
-                   config.get("pos_mode", "concat"), int(config.get("group_dim", 256)), config.get("patch_size"))
+                   config.get("pos_mode", "concat"), int(config.get("group_dim", 256)), config.get("patch_size"),
+                   config.get("img_size") or tuple(vit.patch_embed.img_size))
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C, H, W) -> position-encoded tokens (B, G*L, D), group-major, and the grid."""
@@ -290,6 +301,21 @@ class GroupChannelViT(_SlicedViT):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled feature over all G*L tokens: (B, D)."""
         return self.pool(self.forward_features(x))
+
+
+def _rgb_patch_pos(vit: nn.Module, grid: tuple[int, int]) -> torch.Tensor | None:
+    """The RGB model's patch position embedding (1, h*w, D) on ``grid``, resampled from its stored grid as timm's
+    forward would (``resample_abs_pos_embed``, bicubic, antialias); None when the model has none."""
+    if vit.pos_embed is None:
+        return None
+    n = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    pos = vit.pos_embed[:, n:].detach()  # (1, Hs*Ws, D)
+    return resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(vit.patch_embed.grid_size),
+                                  num_prefix_tokens=0)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def patch_grid_size(x: torch.Tensor, patch: int | tuple[int, int]) -> tuple[int, int]:

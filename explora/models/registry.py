@@ -4,6 +4,12 @@ The paper's notation names backbones by family (DinoV2 or MAE) and size; users k
 This table maps both to timm architectures, so every backbone is a plain timm ``VisionTransformer`` and a merged
 ExPLoRA model exports as a plain timm state dict.
 
+Each registry backbone has *named weights* (``build_backbone(name, weights="<weights name>")``): DinoV2 ``default``
+(the hub file); MAE ``default`` = ``mae_pretrain_vit_*_full.pth`` (encoder + decoder trained on normalised pixels,
+``norm_pix_loss``), ``visualize`` = ``mae_visualize_vit_*.pth`` (encoder + decoder trained on raw pixels; base and
+large only) and ``encoder`` = ``mae_pretrain_vit_*.pth`` (encoder only). File names as published in the MAE README
+("Pre-trained checkpoints", the ``_full`` variants; ``demo/mae_visualize.ipynb`` for the visualize ones).
+
 The ``test_*`` entries are tiny architectures (depth 4, width 64, 32-px input) with the same module layout as their
 full-size family; tests, the CPU benchmarks and the smoke run of the demo use them.
 """
@@ -15,19 +21,32 @@ from typing import Any
 
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{stem}_pretrain.pth"
 MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{size}.pth"
+MAE_FULL_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{size}_full.pth"
 MAE_VIS_URL = "https://dl.fbaipublicfiles.com/mae/visualize/mae_visualize_vit_{size}.pth"
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """One named backbone: the timm architecture, overrides of its constructor, and its upstream weights."""
+    """One named backbone: the timm architecture, overrides of its constructor, and its upstream weights.
+
+    ``weights`` maps weights names to URLs (``"default"`` is what ``weights="default"`` loads).
+    ``default_img_size`` is the input size the model is used at when the caller gives none (the paper's 224);
+    ``native_img_size`` the size whose patch grid the position embedding is stored at when there is no checkpoint to
+    take it from (the upstream checkpoint's: DinoV2 518 = 37x37 patches of 14 px, MAE 224); None keeps timm's.
+    """
 
     name: str
     timm_name: str
     family: str  # "dinov2" | "mae" | "timm"
-    url: str | None = None
+    weights: dict[str, str] = field(default_factory=dict)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     default_img_size: int = 224
+    native_img_size: int | None = None
+
+    @property
+    def url(self) -> str | None:
+        """The URL of the ``default`` weights, None when there are none."""
+        return self.weights.get("default")
 
 
 def _dinov2(size: str, timm_size: str, reg: bool = False) -> BackboneSpec:
@@ -38,8 +57,9 @@ def _dinov2(size: str, timm_size: str, reg: bool = False) -> BackboneSpec:
         name=name,
         timm_name=timm_name,
         family="dinov2",
-        url=DINOV2_URL.format(arch=arch, stem=name),
+        weights={"default": DINOV2_URL.format(arch=arch, stem=name)},
         default_img_size=224,
+        native_img_size=518,  # dinov2/hub/backbones.py: img_size=518 (37x37 position embeddings)
     )
 
 
@@ -53,22 +73,23 @@ for _name, _timm, _size in (
     ("mae_vitl16", "vit_large_patch16_224", "large"),
     ("mae_vith14", "vit_huge_patch14_224", "huge"),
 ):
+    _weights = {"default": MAE_FULL_URL.format(size=_size), "encoder": MAE_URL.format(size=_size)}
+    if _size != "huge":  # MAE publishes no visualize checkpoint of ViT-H
+        _weights["visualize"] = MAE_VIS_URL.format(size=_size)
     BACKBONES[_name] = BackboneSpec(
-        name=_name, timm_name=_timm, family="mae", url=MAE_URL.format(size=_size), default_img_size=224
+        name=_name, timm_name=_timm, family="mae", weights=_weights, default_img_size=224,
+        native_img_size=224,  # MAE models_mae.py: img_size=224 (14x14 / 16x16 position embeddings)
     )
 
-_TINY = dict(embed_dim=64, depth=4, num_heads=4, patch_size=8, img_size=32)
+_TINY = dict(embed_dim=64, depth=4, num_heads=4, patch_size=8)
 BACKBONES["test_dinov2"] = BackboneSpec(
-    name="test_dinov2", timm_name="vit_small_patch14_dinov2", family="dinov2", timm_kwargs=_TINY, default_img_size=32
+    name="test_dinov2", timm_name="vit_small_patch14_dinov2", family="dinov2", timm_kwargs=_TINY,
+    default_img_size=32, native_img_size=32,
 )
 BACKBONES["test_mae"] = BackboneSpec(
-    name="test_mae", timm_name="vit_base_patch16_224", family="mae", timm_kwargs=_TINY, default_img_size=32
+    name="test_mae", timm_name="vit_base_patch16_224", family="mae", timm_kwargs=_TINY,
+    default_img_size=32, native_img_size=32,
 )
-
-MAE_VISUALIZE_URLS = {
-    "mae_vitb16": MAE_VIS_URL.format(size="base"),
-    "mae_vitl16": MAE_VIS_URL.format(size="large"),
-}
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:

@@ -6,10 +6,15 @@ is [2-D sin-cos spatial (D - 3*time_dim) || sin-cos(year) || sin-cos(month) || s
 so T frames give T*L tokens through the shared blocks.
 
 Timestamps are a (B, T, 3) tensor of (year, month, hour) numbers. The data layer delivers raw calendar values
-(year, month 1-12, hour 0-23); ``time_offset`` is subtracted before encoding. SatMAE encodes (year - 1980,
-month - 1, hour), so the MAE objective passes ``time_offset=(1980, 1, 0)`` (``MAEConfig.time_offset``); the
-wrapper's own default ``(0, 0, 0)`` encodes values as given. The offset is part of the exported encoder's sidecar,
-so downstream evaluation encodes timestamps exactly as pre-training did.
+(year, month 1-12, hour 0-23); ``time_offset`` is subtracted before encoding. SatMAE encodes (year - 2002,
+month - 1, hour) (``util/datasets.py``, ``CustomDatasetFromImagesTemporal.parse_timestamp`` with ``min_year = 2002``,
+"hard-coded for fMoW"; the hour is used as it is), so the MAE objective passes ``time_offset=(2002, 1, 0)``
+(``MAEConfig.time_offset``); the wrapper's own default ``(0, 0, 0)`` encodes values as given. The offset is part of
+the exported encoder's sidecar, so downstream evaluation encodes timestamps exactly as pre-training did, and an
+export written with another offset (earlier explora versions used 1980) keeps its own.
+
+The cls token carries no time encoding (SatMAE's encoder adds none; its decoder gives the cls token zeros for the
+time part, as :class:`~explora.objectives.mae.decoder.MAEDecoder` does by default).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from explora.errors import ConfigError, DataError
-from explora.models.group_channel import _SlicedViT, sincos_1d, sincos_2d
+from explora.models.backbone import input_size
+from explora.models.group_channel import _pair, _SlicedViT, sincos_1d, sincos_2d
 
 
 def timestamp_encoding(timestamps: torch.Tensor, time_dim: int = 128) -> torch.Tensor:
@@ -36,7 +42,8 @@ class TemporalViT(_SlicedViT):
     """Temporal wrapper of a timm ViT: (B, T*C, H, W) + timestamps (B, T, 3) -> T*L tokens (+ prefix)."""
 
     def __init__(
-        self, vit: nn.Module, num_frames: int = 3, time_dim: int = 128, time_offset: Sequence[float] = (0, 0, 0)
+        self, vit: nn.Module, num_frames: int = 3, time_dim: int = 128, time_offset: Sequence[float] = (0, 0, 0),
+        img_size: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__(vit)
         if len(time_offset) != 3:
@@ -51,20 +58,25 @@ class TemporalViT(_SlicedViT):
         self.time_dim = time_dim
         self.in_chans = vit.patch_embed.proj.in_channels
         self.patch_embed = vit.patch_embed
-        self.grid = tuple(vit.patch_embed.grid_size)
+        self.img_size = _pair(img_size) if img_size is not None else input_size(vit)  # encodings laid out for it
+        ph, pw = vit.patch_embed.patch_size
+        self.grid = (self.img_size[0] // ph, self.img_size[1] // pw)
         # SatMAE uses fixed sin-cos; trainable here, initialised as sin-cos, because ExPLoRA unfreezes new encodings.
         self.pos_embed = nn.Parameter(sincos_2d(self.embed_dim - 3 * time_dim, self.grid)[None])  # (1, L, Ds)
 
     def wrapper_config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments: an export's sidecar stores them so the loader can rebuild us."""
         return {"kind": "temporal", "num_frames": self.num_frames, "time_dim": self.time_dim,
-                "time_offset": list(self.time_offset)}
+                "time_offset": list(self.time_offset), "img_size": list(self.img_size)}
 
     @classmethod
     def from_config(cls, vit: nn.Module, config: dict[str, Any]) -> TemporalViT:
-        """Inverse of :meth:`wrapper_config` around a ViT of the same architecture (weights are loaded after)."""
+        """Inverse of :meth:`wrapper_config` around a ViT of the same architecture (weights are loaded after).
+
+        Configs written before ``img_size`` was recorded built the base ViT at that size: its ``patch_embed.img_size``.
+        """
         return cls(vit, int(config.get("num_frames", 3)), int(config.get("time_dim", 128)),
-                   config.get("time_offset", (0, 0, 0)))
+                   config.get("time_offset", (0, 0, 0)), config.get("img_size") or tuple(vit.patch_embed.img_size))
 
     def shift_timestamps(self, timestamps: torch.Tensor) -> torch.Tensor:
         """Raw (B, T, 3) (year, month, hour) -> the values the encoding sees: minus ``time_offset`` (float)."""
