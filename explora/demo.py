@@ -16,15 +16,25 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-VARIANTS: dict[str, tuple[str, str]] = {
-    # name -> (ExPLoRA preset, label in the report)
-    "explora": ("D-[L]-r64", "ExPLoRA D-[L]-r64"),
-    "lora_only": ("lora-only-r64", "LoRA-only r64"),
-    "unfreeze_only": ("unfreeze-only-[L]", "Unfreeze-only [L]"),
+
+class Variant(NamedTuple):
+    """One pre-training run of the demo: an ExPLoRA preset, its label in the report, and overrides of the preset."""
+
+    preset: str
+    label: str
+    overrides: dict[str, Any] = {}
+
+
+VARIANTS: dict[str, Variant] = {
+    "explora": Variant("D-[L]-r64", "ExPLoRA D-[L]-r64"),
+    "lora_only": Variant("lora-only-r64", "LoRA-only r64"),
+    "unfreeze_only": Variant("unfreeze-only-[L]", "Unfreeze-only [L]"),
+    # the official scripts' LoRA scaling 1/r (loralib alpha 1) instead of explora's alpha = r: an A/B of the scaling
+    "explora_alpha1": Variant("D-[L]-r64", "ExPLoRA D-[L]-r64, scaling 1/r", {"lora_alpha": 1.0}),
 }
 
 
@@ -97,7 +107,7 @@ def _pretrain_config(cfg: DemoConfig, variant: str):
     from explora.engine.pretrain import AdaptConfig, DataConfig, ModelConfig, PretrainConfig
     from explora.engine.trainer import OptimConfig, TrainConfig
 
-    preset = VARIANTS[variant][0]
+    chosen = VARIANTS[variant]
     dinov2 = {
         "n_local": cfg.n_local,
         "global_size": cfg.image_size,
@@ -110,7 +120,7 @@ def _pretrain_config(cfg: DemoConfig, variant: str):
     }
     return PretrainConfig(
         model=ModelConfig(name=cfg.model, weights=cfg.weights, img_size=cfg.image_size),
-        adapt=AdaptConfig(preset=preset),
+        adapt=AdaptConfig(preset=chosen.preset, **chosen.overrides),
         data=DataConfig(spec=cfg.data, image_size=cfg.image_size),
         objective="dinov2",
         dinov2=dinov2,
@@ -118,6 +128,7 @@ def _pretrain_config(cfg: DemoConfig, variant: str):
             base_lr=cfg.base_lr,
             lr_scaling="none",
             warmup_steps=min(cfg.warmup_steps, max(1, cfg.steps // 5)),
+            freeze_last_layer_steps=0,
             weight_decay=0.04,
             weight_decay_end=0.04,
             layer_decay=1.0,
@@ -285,15 +296,15 @@ def run_demo(cfg: DemoConfig) -> Path:
         pcfg = _pretrain_config(cfg, variant)
         run_dir = Path(pcfg.output_dir)
         counted = build_backbone(cfg.model, weights=None, img_size=cfg.image_size)
-        apply_preset(counted, VARIANTS[variant][0])
+        apply_preset(counted, VARIANTS[variant].preset, **VARIANTS[variant].overrides)
         report = parameter_report(counted)
         params[variant] = {"trainable": report.paper_count, "total": report.backbone_total, **report.to_dict()}
         if not (run_dir / "summary.json").is_file():
-            stage(f"pre-training: {VARIANTS[variant][1]}, {cfg.steps} steps")
+            stage(f"pre-training: {VARIANTS[variant].label}, {cfg.steps} steps")
             t = time.perf_counter()
             run_pretrain(pcfg, resume=True)
             timings[f"pretrain_{variant}_s"] = time.perf_counter() - t
-        stage(f"{VARIANTS[variant][1]}: linear probe + kNN")
+        stage(f"{VARIANTS[variant].label}: linear probe + kNN")
         adapted = build_backbone(
             cfg.model, weights=str(run_dir / "export" / "model.safetensors"), img_size=cfg.image_size
         )

@@ -30,6 +30,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from explora.demo import VARIANTS
+
     p = sub.add_parser(
         "demo",
         help="adapt a real DinoV2 ViT-S/14 to a new domain on a CPU and write a report",
@@ -47,6 +49,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="pre-training batch size (default: 32)")
     p.add_argument("--n-train-eval", type=int, help="labeled train images for the probes (default: 1000)")
     p.add_argument("--n-test-eval", type=int, help="labeled test images for the probes (default: 500)")
-    p.add_argument("--variants", nargs="+", choices=["explora", "lora_only", "unfreeze_only"])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS))
     p.add_argument("--seed", type=int)
     p.set_defaults(func=_demo)

@@ -108,7 +108,7 @@ def write_report(cfg, out: Path, results, params, timings, frozen, test_set, sta
     from explora.eval.features import eval_transform_for
     from explora.models.backbone import build_backbone
 
-    labels = {"frozen": "DinoV2 (frozen)", **{k: v[1] for k, v in VARIANTS.items()}}
+    labels = {"frozen": "DinoV2 (frozen)", **{k: v.label for k, v in VARIANTS.items()}}
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     runs = {v: out / "runs" / v for v in cfg.variants}

@@ -119,41 +119,58 @@ def _knn(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from explora.engine.trainer import TrainConfig
-    from explora.eval.finetune import AugConfig, finetune_optim_defaults, run_finetune
+    from explora.eval.finetune import finetune_recipe, run_finetune
 
+    recipe = finetune_recipe(args.recipe)  # explicit flags below (not None) override the recipe's settings
     train, val = _datasets(args)
     backbone = _backbone(args, len(train.mean))
-    optim = finetune_optim_defaults()
-    optim.base_lr, optim.layer_decay, optim.warmup_steps = args.base_lr, args.layer_decay, args.warmup_steps
-    cfg = TrainConfig(
+    optim = recipe.optim_config(
+        base_lr=args.base_lr,
+        layer_decay=args.layer_decay,
+        weight_decay=args.weight_decay,
+        weight_decay_end=args.weight_decay,  # constant, as both recipes
+        warmup_steps=args.warmup_steps,
+        warmup_epochs=args.warmup_epochs,
+    )
+    cfg = recipe.train_config(
         steps=args.steps,
+        epochs=args.epochs,
         batch_size=args.batch_size,
+        effective_batch=args.effective_batch,
         num_workers=args.num_workers,
         seed=args.seed,
         precision=args.precision,
         eval_every=args.eval_every,
     )
-    aug = AugConfig(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing)
+    aug = recipe.aug_config(
+        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing, rand_augment=args.rand_augment
+    )
     m = run_finetune(
         backbone.to(args.device),
         train,
         val,
         args.out,
         image_size=args.image_size,
+        recipe=recipe,
         mode=args.mode,
         pool=args.pool,
         lora_rank=args.lora_rank,
+        drop_path=args.drop_path,
         aug=aug,
         optim=optim,
         train_cfg=cfg,
         resume=args.resume,
     )
     print(
-        f"[explora] fine-tuning ({args.mode}): top-1 {m['top1']:.2f} (best {m['best_top1']:.2f} at step "
-        f"{m['best_step']}, saved in {Path(args.out) / 'best'}); {Path(args.out) / 'metrics.json'}"
+        f"[explora] fine-tuning ({args.mode}, recipe {recipe.name}): top-1 {m['top1']:.2f} (best {m['best_top1']:.2f} "
+        f"at step {m['best_step']}, saved in {Path(args.out) / 'best'}); {Path(args.out) / 'metrics.json'}"
     )
     return 0
+
+
+def _rand_augment_arg(text: str) -> str:
+    """``none``/``off``/``""`` -> ``""`` (RandAugment off); anything else is a timm RandAugment string."""
+    return "" if text.strip().lower() in ("", "none", "off") else text
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -188,19 +205,43 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true")
     p.set_defaults(func=_knn)
 
-    p = sub.add_parser("finetune", help="supervised fine-tuning: LoRA-r8 (default), full, or head only")
+    from explora.eval.finetune import FINETUNE_RECIPES, POOLS
+
+    r = FINETUNE_RECIPES
+    p = sub.add_parser(
+        "finetune",
+        help="supervised fine-tuning: LoRA-r8 (default), full, or head only; --recipe official|explora",
+        description="Every setting comes from --recipe (official: the official ExPLoRA fine-tuning script; explora: "
+        "explora's own, the default); each flag given explicitly overrides the recipe's value.",
+    )
     _common(p)
+    p.set_defaults(batch_size=None)  # per device; default: the recipe's
+    p.add_argument("--recipe", choices=sorted(r), default="explora",
+                   help="official: scripts/finetune.sh of the ExPLoRA code; explora: explora's own (default)")
     p.add_argument("--mode", choices=("lora", "full", "head"), default="lora")
-    p.add_argument("--pool", choices=("auto", "cls", "avg", "cls+avg"), default="auto",
-                   help="head input; auto: mean over all tokens for group-channel/temporal exports, else CLS")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--base-lr", type=float, default=1e-3, help="per 256 images (linear scaling)")
-    p.add_argument("--layer-decay", type=float, default=0.75)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--mixup", type=float, default=0.8)
-    p.add_argument("--cutmix", type=float, default=1.0)
-    p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--pool", choices=POOLS, default=None,
+                   help="head input (default: the recipe's, explora 'auto' = CLS, or the mean of all tokens for "
+                        "group-channel/temporal exports; official 'avg_fc_norm' = fc_norm of the mean patch token)")
+    p.add_argument("--lora-rank", type=int, default=None, help="default: the recipe's preset (8)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimiser steps (replaces the recipe's length; explora: {r['explora'].steps})")
+    p.add_argument("--epochs", type=float, default=None,
+                   help=f"epochs (replaces the recipe's length; official: {r['official'].epochs:g})")
+    p.add_argument("--effective-batch", type=int, default=None,
+                   help="images per optimiser step, by gradient accumulation over --batch-size x processes "
+                        f"(official: {r['official'].effective_batch})")
+    p.add_argument("--base-lr", type=float, default=None, help="per 256 images, linear scaling (both recipes: 1e-3)")
+    p.add_argument("--layer-decay", type=float, default=None, help="explora 0.75, official 1.0")
+    p.add_argument("--weight-decay", type=float, default=None, help="constant; explora 0.05, official 0")
+    p.add_argument("--warmup-steps", type=int, default=None, help="replaces the recipe's warm-up (explora: 0)")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="replaces the recipe's warm-up (official: 5)")
+    p.add_argument("--mixup", type=float, default=None, help="mixup alpha; explora 0.8, official 0")
+    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha; explora 1.0, official 0")
+    p.add_argument("--smoothing", type=float, default=None, help="label smoothing (both recipes: 0.1)")
+    p.add_argument("--rand-augment", type=_rand_augment_arg, default=None,
+                   help="timm RandAugment string, 'none' = off (official: rand-m9-mstd0.5-inc1; RGB only)")
+    p.add_argument("--drop-path", type=float, default=None,
+                   help="stochastic depth, timm's linear rule over the blocks (official 0.2; explora: as built)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 where the hardware is fast at it (GPU, AMX/AVX512-BF16 CPU), else fp32")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: one epoch)")

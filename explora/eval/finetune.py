@@ -1,10 +1,19 @@
 """Supervised fine-tuning of a (possibly ExPLoRA-adapted) ViT: LoRA-r8 (the paper's main setting), full, or head-only.
 
-The paper fine-tunes with LoRA rank 8 on Q and V of every block plus a linear head (paper-notes §2.1; 0.8M
-trainable parameters for ViT-L). Its epochs, lr and augmentation are not public, so the defaults here follow the
-SatMAE/MAE fine-tuning recipe (MAE ``main_finetune.py``, SatMAE README): RandomResizedCrop scale (0.08, 1) + flip,
-mixup 0.8 / cutmix 1.0 (switch 0.5), label smoothing 0.1, head weight trunc-normal std 2e-5, AdamW blr 1e-3
-(linear /256), layer decay 0.75, weight decay 0.05. All are configurable.
+Two named recipes (:data:`FINETUNE_RECIPES`, ``explora finetune --recipe``) give every setting; explicit arguments
+override their part:
+
+- ``official``: the official ExPLoRA ``scripts/finetune.sh`` / ``finetune/finetune.py`` (paper-notes §9): LoRA r8 on
+  Q,V of every block with loralib alpha 1 (preset ``LoRA-r8-official``) + the head, everything else frozen; global
+  average pool of the last block's patch tokens + ``fc_norm`` (timm/MAE ``global_pool='avg'``); 120 epochs, blr 1e-3
+  at batch 128, warm-up 5 epochs, weight decay 0, layer decay 1.0, drop path 0.2, label smoothing 0.1, RandAugment
+  ``rand-m9-mstd0.5-inc1``, no mixup/cutmix, no random erasing, no clipping.
+- ``explora`` (the default): explora's own, from the SatMAE/MAE fine-tuning recipe (MAE ``main_finetune.py``,
+  SatMAE README), chosen before the official scripts were public: preset ``LoRA-r8`` (alpha = rank), final-norm CLS
+  token, RandomResizedCrop (0.08, 1) + flip, mixup 0.8 / cutmix 1.0 (switch 0.5), label smoothing 0.1, AdamW blr
+  1e-3 (linear /256), layer decay 0.75, weight decay 0.05, 1,000 steps.
+
+Both: head weight trunc-normal std 2e-5 (MAE ``main_finetune.py``), evaluation every epoch, best epoch kept.
 
 The training loop is the engine's (:func:`explora.engine.trainer.train`); this module provides the model, the
 objective and the evaluation it calls.
@@ -18,9 +27,12 @@ travel from the dataset's third element through the batch transform, the model a
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 import math
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +49,8 @@ from explora.eval.features import EvalTransform, eval_transform_for
 from explora.eval.metrics import classification_metrics, save_metrics
 from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
 
-Pool = Literal["cls", "avg", "cls+avg", "auto"]
+Pool = Literal["cls", "avg", "cls+avg", "avg_fc_norm", "auto"]
+POOLS = ("cls", "avg", "cls+avg", "avg_fc_norm", "auto")
 Mode = Literal["lora", "full", "head"]
 
 
@@ -59,16 +72,26 @@ def takes_timestamps(backbone: nn.Module) -> bool:
 
 def resolve_pool(backbone: nn.Module, pool: Pool) -> str:
     """``auto``: the mean over all non-prefix tokens (``avg``) for group-channel / temporal wrappers, as SatMAE
-    fine-tunes them and as their pre-training export pools; the final-norm CLS token for plain ViTs."""
+    fine-tunes them and as their pre-training export pools; the final-norm CLS token for plain ViTs.
+    ``avg_fc_norm`` needs a plain timm ViT (its un-normalised last-block tokens come from ``forward_intermediates``)."""
     if pool == "auto":
         return "avg" if is_wrapped_encoder(backbone) else "cls"
-    if pool not in ("cls", "avg", "cls+avg"):
-        raise ConfigError(f"pool: got {pool!r}, expected 'cls', 'avg', 'cls+avg' or 'auto'")
+    if pool not in POOLS:
+        raise ConfigError(f"pool: got {pool!r}, expected one of {list(POOLS)}")
+    if pool == "avg_fc_norm" and (is_wrapped_encoder(backbone) or not hasattr(backbone, "forward_intermediates")):
+        raise ConfigError(
+            f"pool 'avg_fc_norm' pools the un-normalised tokens of a plain timm ViT; {type(backbone).__name__} is "
+            "not one (group-channel / temporal encoders: use pool 'avg' or 'auto')"
+        )
     return pool
 
 
 class ClassifierModel(nn.Module):
-    """A backbone and one linear head on the final-norm CLS token, the mean patch token, or both concatenated.
+    """A backbone and one linear head on the final-norm CLS token, the mean patch token, or both concatenated, or
+    (``avg_fc_norm``) on a LayerNorm ``fc_norm`` of the mean of the last block's patch tokens *before* the final
+    norm: timm's ``global_pool='avg'`` (``fc_norm`` after the pool, the final ``norm`` unused), which MAE fine-tuning
+    and the official ExPLoRA fine-tuning use. ``fc_norm`` starts fresh (weight 1, bias 0, the backbone norm's eps),
+    as the checkpoint has no such tensor (MAE ``main_finetune.py``: missing keys ``fc_norm.*``).
 
     ``backbone`` is a timm ViT or a group-channel / temporal wrapper (uses ``forward_features``; the wrappers
     return all G*L or T*L tokens after the prefix, so ``avg`` pools over every group/frame and position), or any
@@ -96,6 +119,9 @@ class ClassifierModel(nn.Module):
             raise ConfigError(f"cannot infer the feature size of {type(backbone).__name__}; pass in_dim")
         if self.is_vit and pool == "cls+avg":
             dim = 2 * dim
+        self.fc_norm = nn.LayerNorm(dim, eps=getattr(getattr(backbone, "norm", None), "eps", 1e-6)) if (
+            pool == "avg_fc_norm"
+        ) else None
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=head_init_std)  # MAE main_finetune.py
         nn.init.zeros_(self.head.bias)
@@ -104,6 +130,11 @@ class ClassifierModel(nn.Module):
         """(B, C, H, W) [+ timestamps (B, T, 3)] -> pooled (B, D) (2D for ``cls+avg``)."""
         if not self.is_vit:  # a pooling callable; like extract_features, extra inputs go positionally
             return self.backbone(images) if timestamps is None else self.backbone(images, timestamps)  # (B, D)
+        if self.fc_norm is not None:  # timm global_pool='avg': blocks -> mean of the patch tokens -> fc_norm
+            (patch,) = self.backbone.forward_intermediates(
+                images, indices=1, norm=False, output_fmt="NLC", intermediates_only=True
+            )  # [(B, N, D)]: the last block's patch tokens (prefix tokens dropped), final norm not applied
+            return self.fc_norm(patch.mean(dim=1))  # (B, D)
         if self.needs_timestamps:
             if timestamps is None:
                 raise DataError(
@@ -141,22 +172,30 @@ def prepare_classifier(
     num_classes: int,
     mode: Mode = "lora",
     pool: Pool = "auto",
-    lora_rank: int = 8,
-    lora_targets: tuple[str, ...] = ("q", "v"),
+    lora_rank: int | None = None,
+    lora_targets: tuple[str, ...] | None = None,
+    preset: str = "LoRA-r8",
     **head_kwargs: Any,
 ) -> ClassifierModel:
     """Freeze/unfreeze ``backbone`` for ``mode`` and add the head (always trainable).
 
-    ``lora``: the paper's LoRA-r8 (``explora.adapt`` preset ``LoRA-r8``: rank 8 on Q,V of every block, norms frozen);
-    on a group-channel / temporal wrapper everything else (group projections, position/time encodings) stays frozen
-    too. ``full``: every backbone parameter trains; ``head``: the backbone is frozen (a linear probe trained end to
-    end).
+    ``lora``: the paper's LoRA-r8 through the ``explora.adapt`` ``preset`` (``LoRA-r8``: rank 8 on Q,V of every
+    block, alpha = rank, norms frozen; ``LoRA-r8-official``: the same with loralib alpha 1); ``lora_rank`` /
+    ``lora_targets`` override the preset's. On a group-channel / temporal wrapper everything else (group
+    projections, position/time encodings) stays frozen too. ``full``: every backbone parameter trains; ``head``: the
+    backbone is frozen (a linear probe trained end to end). An ``avg_fc_norm`` pool's ``fc_norm`` trains in ``full``
+    mode only: the official LoRA script trains LoRA and the head alone.
     """
     if mode == "lora":
         from explora.adapt import apply_preset
 
+        overrides: dict[str, Any] = {}
+        if lora_rank is not None:
+            overrides["lora_rank"] = lora_rank
+        if lora_targets is not None:
+            overrides["lora_targets"] = tuple(lora_targets)
         backbone.requires_grad_(False)  # a wrapper's own embeddings, outside the ViT apply_explora freezes
-        apply_preset(lora_target(backbone), "LoRA-r8", lora_rank=lora_rank, lora_targets=tuple(lora_targets))
+        apply_preset(lora_target(backbone), preset, **overrides)
     elif mode == "full":
         backbone.requires_grad_(True)
     elif mode == "head":
@@ -165,18 +204,36 @@ def prepare_classifier(
         raise ConfigError(f"finetune mode: got {mode!r}, expected 'lora', 'full' or 'head'")
     model = ClassifierModel(backbone, num_classes, pool=pool, **head_kwargs)
     model.head.requires_grad_(True)
+    if model.fc_norm is not None:
+        model.fc_norm.requires_grad_(mode == "full")
     return model
 
 
+def set_linear_drop_path(backbone: nn.Module, rate: float) -> None:
+    """timm's stochastic-depth rule (``VisionTransformer(drop_path_rate=rate)``, which MAE fine-tuning uses): block
+    ``i`` of ``n`` drops its residual branches with probability ``rate * i / (n - 1)``; rate 0 removes drop path."""
+    from timm.layers import DropPath, calculate_drop_path_rates
+
+    blocks = lora_target(backbone).blocks
+    for block, p in zip(blocks, calculate_drop_path_rates(rate, len(blocks)), strict=True):
+        if not (hasattr(block, "drop_path1") and hasattr(block, "drop_path2")):
+            raise ConfigError(f"drop path: {type(block).__name__} blocks have no timm drop_path1/drop_path2")
+        block.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
+        block.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
+
+
 def trainable_counts(model: ClassifierModel) -> dict[str, int]:
-    """Trainable parameters of the backbone (LoRA / all) and of the head, reported separately as in the paper."""
-    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
-    return {"backbone": count(model.backbone), "head": count(model.head)}
+    """Trainable parameters of the backbone (LoRA / all) and of the head (with a trained ``fc_norm``), reported
+    separately as in the paper."""
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad) if m is not None else 0  # noqa: E731
+    return {"backbone": count(model.backbone), "head": count(model.head) + count(model.fc_norm)}
 
 
 @dataclass
 class AugConfig:
-    """Train-time augmentation; defaults: MAE/SatMAE fine-tuning (the paper's are not public)."""
+    """Train-time augmentation; defaults: the ``explora`` recipe (MAE/SatMAE fine-tuning). ``rand_augment``: a timm
+    RandAugment string (e.g. ``rand-m9-mstd0.5-inc1``, the official recipe's), applied per image on the uint8 crop;
+    ``None`` or ``""``: off."""
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -186,6 +243,77 @@ class AugConfig:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     label_smoothing: float = 0.1
+    rand_augment: str | None = None
+
+
+def build_rand_augment(config: str, image_size: int, mean: tuple[float, ...]) -> Callable:
+    """timm's ``rand_augment_transform`` with the hyper-parameters timm ``create_transform`` gives it in MAE's
+    fine-tuning transform (MAE ``util/datasets.py`` build_transform, ``interpolation='bicubic'``): translate
+    0.45 x the crop size, fill with the dataset mean in uint8, bicubic resampling. RandAugment's ops are PIL image
+    operations, so it is defined for 3-band RGB only."""
+    from timm.data.auto_augment import posterize as timm_posterize
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+
+    if len(mean) != 3:
+        raise ConfigError(
+            f"RandAugment {config!r} works on RGB images (PIL operations on 3 bands); this dataset has {len(mean)} "
+            "band(s). Turn it off (rand_augment none, or the 'explora' recipe) for other band counts."
+        )
+    hparams = {
+        "translate_const": int(image_size * 0.45),
+        "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+        "interpolation": str_to_pil_interp("bicubic"),
+    }
+    try:
+        transform = rand_augment_transform(config, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError) as err:
+        raise ConfigError(f"rand_augment {config!r} is not a timm RandAugment string like 'rand-m9-mstd0.5-inc1' "
+                          f"({err})") from None
+    for op in transform.ops:
+        if op.aug_fn is timm_posterize:
+            op.aug_fn = posterize_keeping_zero_bits
+    return transform
+
+
+def posterize_keeping_zero_bits(img, bits_to_keep: int, **_: Any):
+    """timm's posterize op, with 0 bits allowed as Pillow < 10 allowed them (a black image: no bit is kept).
+    timm's increasing-severity RandAugment (``inc1``) asks for 0 bits at magnitude 10, which ``mstd0.5`` reaches
+    (~2% of draws at m9); Pillow >= 10 raises there instead, which would stop training."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # every channel 0
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's and NumPy's global generators (timm's RandAugment draws from them) for one call, then restore
+    them, so the draws are a function of ``seed`` and the caller's own random state is left as it was."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def rand_augment_images(images: torch.Tensor, op: Callable, seeds: list[int]) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> (B, 3, S, S) uint8: ``op`` (a PIL transform) on each image, image ``i`` with its
+    global random generators seeded by ``seeds[i]``."""
+    from PIL import Image
+
+    out = []
+    for img, seed in zip(images, seeds, strict=True):
+        with _seeded_global_rngs(seed):
+            pil = op(Image.fromarray(img.permute(1, 2, 0).contiguous().numpy()))  # (S, S, 3)
+        out.append(torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1))  # (3, S, S)
+    return torch.stack(out)
 
 
 def sample_crop_boxes(
@@ -205,9 +333,10 @@ def sample_crop_boxes(
 
 class FinetuneTransform:
     """Picklable batch transform: batched RandomResizedCrop (``roi_align``: bilinear, averaged over each output
-    bin) + horizontal flip + per-band normalisation + mixup/cutmix against the batch reversed (timm ``Mixup``,
-    mode 'batch'). Labels are not visible here (the engine adds them), so it returns the per-sample mixing weight
-    ``mix_lam`` (1 = unmixed) and the objective mixes the targets with ``labels.flip(0)``.
+    bin) + horizontal flip + RandAugment (when ``aug.rand_augment`` is set: per image, on the crop rounded to uint8,
+    as timm's transform sits between flip and ToTensor) + per-band normalisation + mixup/cutmix against the batch
+    reversed (timm ``Mixup``, mode 'batch'). Labels are not visible here (the engine adds them), so it returns the
+    per-sample mixing weight ``mix_lam`` (1 = unmixed) and the objective mixes the targets with ``labels.flip(0)``.
 
     Temporal batches are (B, T*C, H, W) with ``timestamps`` (B, T, 3): the crop box and flip are drawn per sample
     and applied to all its channels, so every frame of a sample gets the same crop/flip; the timestamps are
@@ -216,6 +345,9 @@ class FinetuneTransform:
 
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], aug: AugConfig):
         self.image_size, self.mean, self.std, self.aug = int(image_size), tuple(mean), tuple(std), aug
+        self._rand_augment = build_rand_augment(aug.rand_augment, self.image_size, self.mean) if (
+            aug.rand_augment
+        ) else None
 
     def __call__(
         self,
@@ -236,6 +368,10 @@ class FinetuneTransform:
         x = roi_align(x, rois, (self.image_size, self.image_size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
         flip = torch.rand(b, generator=generator) < a.hflip  # (B,)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self._rand_augment is not None:
+            seeds = torch.randint(0, 2**31 - 1, (b,), generator=generator).tolist()
+            crops = (x * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, S, S)
+            x = rand_augment_images(crops, self._rand_augment, seeds).float() / 255.0
         mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
         x = (x - mean) / std  # (B, C, S, S)
@@ -297,6 +433,8 @@ class FinetuneObjective(Objective):
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.aug = aug or AugConfig()
+        if self.aug.rand_augment:  # a bad string or a non-RGB dataset fails here, not in a data-loader worker
+            build_rand_augment(self.aug.rand_augment, image_size, self.mean)
 
     def batch_transform(self) -> BatchTransform:
         return FinetuneTransform(self.image_size, self.mean, self.std, self.aug)
@@ -376,22 +514,135 @@ def evaluate(
     )
 
 
-def finetune_optim_defaults():
-    """Engine optimiser settings for fine-tuning (MAE ``main_finetune.py`` / SatMAE recipe)."""
-    from explora.engine.trainer import OptimConfig
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """Every setting of one named fine-tuning recipe; :meth:`optim_config`, :meth:`train_config` and
+    :meth:`aug_config` build the engine's configs with explicit overrides winning (``None`` = keep the recipe's).
 
-    return OptimConfig(
-        base_lr=1e-3,
-        lr_scaling="linear",
-        reference_batch=256,
-        min_lr=1e-6,
-        weight_decay=0.05,
-        weight_decay_end=0.05,
-        betas=(0.9, 0.999),
-        layer_decay=0.75,
-        patch_embed_lr_mult=1.0,
-        clip_grad=0.0,
-    )
+    Exactly one of ``steps``/``epochs`` gives the length and one of ``optim["warmup_steps"]``/``["warmup_epochs"]``
+    the warm-up; an explicit override of one replaces the recipe's other. ``effective_batch`` (``None``: batch x
+    world size) sets gradient accumulation; the lr scales with it (``optim["lr_scaling"]``).
+    """
+
+    name: str
+    preset: str  # explora.adapt preset for mode 'lora'
+    pool: Pool
+    drop_path: float | None  # timm's linear rule over the blocks (set_linear_drop_path); None: leave the backbone's
+    batch_size: int  # per device
+    effective_batch: int | None
+    steps: int | None
+    epochs: float | None
+    optim: dict[str, Any]  # OptimConfig fields
+    aug: AugConfig
+
+    def optim_config(self, **overrides: Any):
+        """The recipe's :class:`~explora.engine.trainer.OptimConfig` with the non-``None`` ``overrides``."""
+        from explora.engine.trainer import OptimConfig
+
+        return OptimConfig(**_override(self.optim, overrides, ("warmup_steps", "warmup_epochs")))
+
+    def train_config(self, **overrides: Any):
+        """The recipe's :class:`~explora.engine.trainer.TrainConfig` (length, batch, effective batch) with the
+        non-``None`` ``overrides`` (any TrainConfig field)."""
+        from explora.engine.trainer import TrainConfig
+
+        own = {"batch_size": self.batch_size, "effective_batch": self.effective_batch, "steps": self.steps,
+               "epochs": self.epochs}
+        return TrainConfig(**_override({k: v for k, v in own.items() if v is not None}, overrides, ("steps", "epochs")))
+
+    def aug_config(self, **overrides: Any) -> AugConfig:
+        """The recipe's :class:`AugConfig` with the non-``None`` ``overrides``."""
+        return dataclasses.replace(self.aug, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _override(own: dict[str, Any], overrides: dict[str, Any], exclusive: tuple[str, str]) -> dict[str, Any]:
+    """``own`` updated with the non-``None`` ``overrides``; an override of one ``exclusive`` key drops the other
+    from ``own`` (an explicit ``steps`` replaces the recipe's ``epochs``), both given are left to the engine's check."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    out = dict(own)
+    a, b = exclusive
+    if (a in given) != (b in given):
+        out.pop(b if a in given else a, None)
+    return out | given
+
+
+# One definition per recipe; docs/evaluation.md lays them side by side.
+FINETUNE_RECIPES: dict[str, FinetuneRecipe] = {
+    # explora's own (MAE main_finetune.py / SatMAE README values), chosen while the official recipe was not public.
+    "explora": FinetuneRecipe(
+        name="explora",
+        preset="LoRA-r8",  # rank 8 on Q,V of every block, alpha = rank (scaling 1), norms frozen
+        pool="auto",  # the final-norm CLS token (mean of all tokens for group-channel / temporal encoders)
+        drop_path=None,  # the backbone as built (0 for every registry backbone)
+        batch_size=256,
+        effective_batch=None,
+        steps=1000,
+        epochs=None,
+        optim=dict(
+            base_lr=1e-3,  # MAE main_finetune.py blr, per 256 images
+            lr_scaling="linear",
+            reference_batch=256,
+            min_lr=1e-6,  # MAE main_finetune.py
+            warmup_steps=0,
+            weight_decay=0.05,  # MAE main_finetune.py, constant
+            weight_decay_end=0.05,
+            betas=(0.9, 0.999),  # torch AdamW defaults, as MAE main_finetune.py
+            layer_decay=0.75,  # MAE main_finetune.py layer_decay
+            patch_embed_lr_mult=1.0,
+            clip_grad=0.0,
+            freeze_last_layer_steps=0,  # a classifier has no DINO last layer
+        ),
+        aug=AugConfig(),  # RandomResizedCrop (0.08, 1) + flip, mixup 0.8 / cutmix 1.0, label smoothing 0.1
+    ),
+    # The official ExPLoRA scripts/finetune.sh + finetune/finetune.py (paper-notes §9).
+    "official": FinetuneRecipe(
+        name="official",
+        preset="LoRA-r8-official",  # LoRA r8 on Q,V of every block, loralib alpha 1 (scaling 1/8); + head only
+        pool="avg_fc_norm",  # global average pool of the patch tokens + fc_norm (frozen, see ClassifierModel)
+        drop_path=0.2,  # finetune.sh drop path 0.2, timm's linear rule
+        batch_size=32,  # finetune.sh: 32 per GPU
+        effective_batch=128,  # 32 per GPU x 2 GPUs x accumulation 2
+        steps=None,
+        epochs=120,  # finetune.sh: 120 epochs
+        optim=dict(
+            base_lr=1e-3,  # finetune.sh blr 1e-3: lr = blr x 128 / 256 = 5e-4
+            lr_scaling="linear",
+            reference_batch=256,
+            min_lr=1e-6,  # finetune.sh min lr
+            warmup_epochs=5,  # finetune.sh warm-up 5 epochs
+            weight_decay=0.0,  # finetune.sh weight decay 0
+            weight_decay_end=0.0,
+            betas=(0.9, 0.999),  # torch AdamW defaults (finetune.py follows MAE main_finetune.py)
+            layer_decay=1.0,  # finetune.sh layer decay 1.0: one lr for every block
+            patch_embed_lr_mult=1.0,
+            clip_grad=0.0,  # finetune.sh: no gradient clipping
+            freeze_last_layer_steps=0,
+        ),
+        aug=AugConfig(
+            scale=(0.08, 1.0),  # timm create_transform RandomResizedCrop defaults (MAE build_transform)
+            ratio=(3 / 4, 4 / 3),
+            hflip=0.5,
+            mixup_alpha=0.0,  # finetune.sh: no mixup
+            cutmix_alpha=0.0,  # finetune.sh: no cutmix
+            label_smoothing=0.1,  # finetune.sh smoothing 0.1
+            rand_augment="rand-m9-mstd0.5-inc1",  # finetune.sh aa; random erasing 0 (not implemented here)
+        ),
+    ),
+}
+
+
+def finetune_recipe(recipe: str | FinetuneRecipe) -> FinetuneRecipe:
+    """A recipe by name (unknown names list the known ones), or the recipe itself."""
+    if isinstance(recipe, FinetuneRecipe):
+        return recipe
+    if recipe not in FINETUNE_RECIPES:
+        raise ConfigError(f"unknown fine-tuning recipe {recipe!r}; known recipes: {sorted(FINETUNE_RECIPES)}")
+    return FINETUNE_RECIPES[recipe]
+
+
+def finetune_optim_defaults():
+    """Engine optimiser settings of the ``explora`` recipe (MAE ``main_finetune.py`` / SatMAE values)."""
+    return FINETUNE_RECIPES["explora"].optim_config()
 
 
 def _save_best(model: nn.Module, out_dir: Path, metrics: dict[str, Any], step: int) -> None:
@@ -424,9 +675,11 @@ def run_finetune(
     out_dir: str | Path,
     *,
     image_size: int,
+    recipe: str | FinetuneRecipe = "explora",
     mode: Mode = "lora",
-    pool: Pool = "auto",
-    lora_rank: int = 8,
+    pool: Pool | None = None,
+    lora_rank: int | None = None,
+    drop_path: float | None = None,
     aug: AugConfig | None = None,
     optim=None,
     train_cfg=None,
@@ -434,6 +687,10 @@ def run_finetune(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune with the engine's loop, evaluating on ``val_set`` every epoch.
+
+    ``recipe`` (:data:`FINETUNE_RECIPES` name or a :class:`FinetuneRecipe`) supplies every argument left ``None``:
+    the LoRA preset and rank, ``pool``, ``drop_path``, ``aug``, ``optim`` (OptimConfig) and ``train_cfg``
+    (TrainConfig); a given argument replaces that part whole.
 
     ``backbone`` may be a timm ViT or a group-channel / temporal wrapper (e.g. ``explora.export.load_encoder`` of
     a wrapped MAE export); temporal datasets' timestamps reach the model in training and evaluation.
@@ -445,22 +702,33 @@ def run_finetune(
     from dataclasses import replace
 
     from explora.engine import distributed as D
-    from explora.engine.trainer import TrainConfig, mark_frozen, train
+    from explora.engine.lengths import resolve_lengths, run_length
+    from explora.engine.trainer import mark_frozen, train
 
     out_dir = Path(out_dir)
     num_classes = int(getattr(train_set, "num_classes", 0) or 0)
     if num_classes < 2:
         raise DataError(f"train dataset {type(train_set).__name__} has num_classes={num_classes}; expected >= 2")
-    model = prepare_classifier(backbone, num_classes, mode=mode, pool=pool, lora_rank=lora_rank)
+    chosen = finetune_recipe(recipe)
+    rate = chosen.drop_path if drop_path is None else drop_path
+    if rate is not None:
+        set_linear_drop_path(backbone, rate)
+    model = prepare_classifier(
+        backbone, num_classes, mode=mode, pool=pool or chosen.pool, lora_rank=lora_rank, preset=chosen.preset
+    )
     model.train()  # exports load in eval mode; the engine trains what it is given
     mark_frozen(model)
-    objective = FinetuneObjective(model, num_classes, image_size, train_set.mean, train_set.std, aug)
+    objective = FinetuneObjective(
+        model, num_classes, image_size, train_set.mean, train_set.std, aug or chosen.aug_config()
+    )
     transform = EvalTransform(image_size, tuple(val_set.mean), tuple(val_set.std))
     device = next(model.parameters()).device
-    cfg = train_cfg or TrainConfig()
-    if not cfg.eval_every:
-        epoch = max(1, len(train_set) // (cfg.batch_size * D.world_size()))
-        cfg = replace(cfg, eval_every=epoch)
+    cfg = train_cfg or chosen.train_config()
+    D.init_distributed()  # the world size below is torchrun's (a no-op in one process or when already set up)
+    optim, cfg = resolve_lengths(optim or chosen.optim_config(), cfg, len(train_set), D.world_size())
+    if not cfg.eval_every:  # one epoch of optimiser steps, at the effective batch (accumulation included)
+        epoch = run_length(cfg, optim, len(train_set), D.world_size()).epoch_steps
+        cfg = replace(cfg, eval_every=max(1, int(epoch)))
     history_path = out_dir / "eval_history.json"
     history: list[dict[str, Any]] = []
     if resume and history_path.is_file():
@@ -485,13 +753,12 @@ def run_finetune(
                 _save_best(obj.model, out_dir, m, step)
         return m
 
-    result = train(
-        objective, train_set, optim or finetune_optim_defaults(), cfg, out_dir, eval_fn=eval_fn, resume=resume
-    )
+    result = train(objective, train_set, optim, cfg, out_dir, eval_fn=eval_fn, resume=resume)
     metrics = dict(result.eval_metrics or eval_fn(objective, result.steps_done))
     best = max(history, key=lambda h: h["top1"]) if history else None
     metrics.update(
         protocol=f"finetune-{mode}",
+        recipe=chosen.name,
         mode=mode,
         pool=model.pool,
         backbone_kind=_backbone_kind(backbone),
