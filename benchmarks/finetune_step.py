@@ -1,4 +1,4 @@
-"""One supervised LoRA-r8 fine-tuning step: ours (explora.eval.finetune) vs the peft-based step a user would write.
+"""One supervised LoRA-r8 fine-tuning step: ours (explora.recipes.finetune) vs the peft-based step a user would write.
 
 OURS: ``build_backbone`` + ``prepare_classifier(mode="lora")`` (preset LoRA-r8: rank 8 on the q/v slices of every
 block's fused qkv, norms frozen) + ``FinetuneObjective`` (soft-target cross-entropy) + the engine's fused AdamW
@@ -47,8 +47,8 @@ def _batch(args) -> dict[str, torch.Tensor]:
 
 def ours(args):
     from explora.engine.optim import build_optimizer, build_param_groups
-    from explora.eval.finetune import FinetuneObjective, prepare_classifier
     from explora.models.backbone import build_backbone
+    from explora.recipes.finetune import FinetuneObjective, prepare_classifier
 
     torch.manual_seed(0)
     backbone = build_backbone(args.model, img_size=args.img_size)

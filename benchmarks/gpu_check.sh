@@ -30,7 +30,7 @@ import json, os, statistics, time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from explora.adapt import apply_explora, preset_options
+from explora.models.adapt import apply_explora, preset_options
 from explora.data.multicrop import MultiCrop
 from explora.engine.optim import build_optimizer, build_param_groups
 from explora.engine.step import forward_backward

@@ -60,8 +60,8 @@ def import_runtime() -> float:
     import peft  # noqa: F401
     import timm  # noqa: F401
 
-    import explora.adapt  # noqa: F401
     import explora.engine.optim  # noqa: F401
+    import explora.models.adapt  # noqa: F401
     import explora.objectives.dinov2  # noqa: F401
     import explora.objectives.mae  # noqa: F401
 
@@ -150,8 +150,8 @@ def matmul_peak(precision: str, size: int = 1024, budget_s: float = 6.0) -> floa
 
 
 def autocast(precision: str):
-    """The engine's autocast (``explora.engine.precision``) on this run's device."""
-    from explora.engine.precision import autocast as engine_autocast
+    """The engine's autocast (``explora.core.precision``) on this run's device."""
+    from explora.core.precision import autocast as engine_autocast
 
     return engine_autocast(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -241,7 +241,7 @@ def ours_dinov2(args, split_backward: str | None = None) -> tuple[nn.Module, Cal
     ``split_backward``: None keeps the library default (``view``: crops back-propagated view by view); the
     ``ours_joint`` variant passes ``none`` (one backward over all crops) to show what the split alone changes.
     """
-    from explora.adapt import apply_explora, preset_options
+    from explora.models.adapt import apply_explora, preset_options
     from explora.objectives.dinov2 import DinoV2Objective
 
     torch.manual_seed(0)
@@ -280,11 +280,11 @@ def _baseline_freeze(vit: nn.Module, unfrozen: list[int]) -> None:
 def baseline_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
     """timm + peft LoRA on fused qkv + deepcopy EMA teacher over all parameters + our losses + plain AdamW."""
 
-    from explora.models.masked_forward import forward_tokens
     from explora.objectives.dinov2.centering import EMACenter
     from explora.objectives.dinov2.heads import DINOHead
     from explora.objectives.dinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
     from explora.objectives.dinov2.objective import teacher_temperature
+    from explora.vit.tokens import forward_tokens
 
     cfg = _dinov2_cfg(args)
     torch.manual_seed(0)
@@ -376,7 +376,7 @@ def ours_mae(args) -> tuple[nn.Module, Callable[[int], None], dict]:
     """Our MAE step: apply_explora M-[1,L] (rank from ``--rank``) + MAEObjective + engine fused AdamW + clip."""
     import warnings
 
-    from explora.adapt import apply_explora, preset_options
+    from explora.models.adapt import apply_explora, preset_options
     from explora.objectives.mae import MAEConfig, MAEObjective
 
     torch.manual_seed(0)

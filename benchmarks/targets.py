@@ -41,10 +41,10 @@ def speedup_ceiling(ours: dict, baseline: dict) -> float | None:
 
 
 def native_bf16() -> bool:
-    """True on GPUs and on CPUs with AMX / AVX512-BF16 (``explora.engine.precision``)."""
+    """True on GPUs and on CPUs with AMX / AVX512-BF16 (``explora.core.precision``)."""
     import torch
 
-    from explora.engine.precision import cpu_has_fast_bf16
+    from explora.core.precision import cpu_has_fast_bf16
 
     return torch.cuda.is_available() or cpu_has_fast_bf16()
 

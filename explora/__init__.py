@@ -18,27 +18,27 @@ Most users run the same through the CLI: ``explora pretrain --config configs/din
 
 from __future__ import annotations
 
-from explora.adapt import PRESETS, ExploraSpec, apply_explora, apply_preset
+from explora.core.errors import CheckpointError, ConfigError, DataError, DivergenceError, ExploraError
 from explora.data import build_dataset, check_dataset, compute_stats
 from explora.data.multicrop import MultiCrop
-from explora.engine.pretrain import PretrainConfig, load_config, run_pretrain
 from explora.engine.step import StepOutput, forward_backward
 from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, train
-from explora.errors import CheckpointError, ConfigError, DataError, DivergenceError, ExploraError
 from explora.eval.features import extract_features
-from explora.eval.finetune import ClassifierModel, FinetuneObjective, prepare_classifier, run_finetune
 from explora.eval.knn import knn_classify
 from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
-from explora.export import export_backbone
-from explora.lora import LoRALinear, LoRAQKV, inject_lora, merge_lora, merged_state_dict, unmerge_lora
+from explora.models.adapt import PRESETS, ExploraSpec, apply_explora, apply_preset
 from explora.models.backbone import build_backbone
 from explora.models.checkpoints import convert_checkpoint, load_checkpoint_file
+from explora.models.export import export_backbone
 from explora.models.group_channel import GroupChannelViT
+from explora.models.params import ParamReport, parameter_report
 from explora.models.temporal import TemporalViT
 from explora.objectives.base import Objective, ObjectiveOutput
 from explora.objectives.dinov2 import DinoV2Config, DinoV2Objective
 from explora.objectives.mae import MAEConfig, MAEObjective
-from explora.params import ParamReport, parameter_report
+from explora.recipes.finetune import ClassifierModel, FinetuneObjective, prepare_classifier, run_finetune
+from explora.recipes.pretrain import PretrainConfig, load_config, run_pretrain
+from explora.vit.lora import LoRALinear, LoRAQKV, inject_lora, merge_lora, merged_state_dict, unmerge_lora
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 import sys
 
-from explora.cli import main
+from explora.cli.main import main
 
 sys.exit(main())

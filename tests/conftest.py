@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+# shared helpers (data_fixtures, tolerances, ...) import by name from any test folder
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 SHARED = Path(os.environ.get("EXPLORA_SHARED", REPO.parent / "shared"))
 DINOV2_VITS14 = SHARED / "weights" / "dinov2_vits14_pretrain.pth"
 LANDSAT_SCENE = SHARED / "data" / "landsat7_etm_olinda_6band.tif"
@@ -60,7 +65,7 @@ def simulate_disk_full(monkeypatch, writes_that_fit: int = 0) -> None:
     """Every atomic write after the first ``writes_that_fit`` fails with ENOSPC, as on a full disk."""
     import errno
 
-    import explora.atomic as atomic
+    import explora.core.io as atomic
 
     real_fdopen, opened = atomic.os.fdopen, []
 

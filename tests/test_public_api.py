@@ -11,7 +11,7 @@ def test_every_public_name_exists_and_is_documented():
 
 
 def test_cli_lists_every_command(capsys):
-    from explora.cli import main
+    from explora.cli.main import main
 
     assert main([]) == 1
     out = capsys.readouterr().out

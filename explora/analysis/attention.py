@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from explora.analysis.features import patch_grid
-from explora.errors import ConfigError
+from explora.core.errors import ConfigError
 
 
 def _attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:

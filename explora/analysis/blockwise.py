@@ -23,7 +23,7 @@ from explora.analysis.pca_image import pca_feature_image
 from explora.analysis.plots import plot_attention_grid, plot_block_metric, plot_pca_grid, plot_spectra
 from explora.analysis.probes import ProbeConfig, blockwise_probes, split_images
 from explora.analysis.spectrum import patch_eigenvalues
-from explora.errors import DataError
+from explora.core.errors import DataError
 
 OUTPUT_FILES = ("analysis.json", "eigenvalues_mean.png", "eigenvalues_std.png", "eigen_spectrum.png",
                 "position_accuracy.png", "attention.png", "pca_features.png")

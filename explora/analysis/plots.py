@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from explora.errors import DataError  # noqa: E402
+from explora.core.errors import DataError  # noqa: E402
 
 #: metric key in ``analysis.json["metrics"]`` -> (y-axis label, figure title)
 METRICS: dict[str, tuple[str, str]] = {

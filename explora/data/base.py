@@ -26,7 +26,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset, get_worker_info
 
-from explora.errors import ConfigError, DataError
+from explora.core.errors import ConfigError, DataError
 
 log = logging.getLogger("explora.data")
 

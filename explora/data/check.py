@@ -13,9 +13,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
+from explora.core.errors import DataError
 from explora.data.base import ExploraDataset
 from explora.data.stats import BandMoments, spread_indices
-from explora.errors import DataError
 
 
 @dataclass

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from explora.core.errors import ConfigError, DataError
 from explora.data.base import ExploraDataset
-from explora.errors import ConfigError, DataError
 
 
 def to_chw_tensor(image: Any, where: str) -> torch.Tensor:

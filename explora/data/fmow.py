@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from explora.core.errors import ConfigError, DataError
 from explora.data.base import ExploraDataset, located
 from explora.data.io import read_image, read_tiff_array
 from explora.data.lists import CsvDataset, column, parse_label, read_csv
-from explora.errors import ConfigError, DataError
 
 CATEGORIES = [
     "airport", "airport_hangar", "airport_terminal", "amusement_park", "aquaculture", "archaeological_site",

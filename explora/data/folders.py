@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from explora.core.errors import DataError
 from explora.data.base import ExploraDataset
 from explora.data.io import (
     DEFAULT_INT_SCALE,
@@ -21,7 +22,6 @@ from explora.data.io import (
     read_tiff_array,
 )
 from explora.data.lists import CsvDataset, ImageListDataset
-from explora.errors import DataError
 
 EUROSAT_CLASSES = [
     "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from explora.core.errors import ConfigError, DataError
 from explora.data.base import ExploraDataset
 from explora.data.io import open_maybe_gzip
-from explora.errors import ConfigError, DataError
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]

@@ -14,7 +14,7 @@ import tifffile
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from explora.errors import DataError
+from explora.core.errors import DataError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".ppm") + TIFF_SUFFIXES

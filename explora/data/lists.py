@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from explora.core.errors import DataError
 from explora.data.base import ExploraDataset, located
 from explora.data.io import DEFAULT_INT_SCALE, image_shape, read_image
-from explora.errors import DataError
 
 LABEL_COLUMNS = ("category", "label", "class", "target")
 PATH_COLUMNS = ("image_path", "path", "file", "filename", "image")

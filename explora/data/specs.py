@@ -23,13 +23,13 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from explora.core.errors import ConfigError
 from explora.data.base import ExploraDataset
 from explora.data.external import WrappedDataset, torchgeo_dataset, wilds_dataset
 from explora.data.fmow import FMoWRGB, FMoWSentinel, FMoWTemporal
 from explora.data.folders import RESISC45, EuroSAT, ImageFolderDataset, UnlabeledFolder
 from explora.data.idx import IdxDataset
 from explora.data.lists import CsvDataset
-from explora.errors import ConfigError
 
 _BAND_LIST = re.compile(r"^\d+(,\d+)*$")
 _INT_KEYS = {"chip", "stride", "frames", "image_size"}

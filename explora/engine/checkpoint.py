@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from explora.atomic import atomic_write_bytes
+from explora.core.io import atomic_write_bytes
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from typing import Any, TypeVar
 
-from explora.errors import ConfigError
+from explora.core.errors import ConfigError
 
 DEFAULT_STEPS = 1000  # train.steps when neither train.steps nor train.epochs is given
 WARMUP_DIVISOR = 10  # DinoV2: optim.warmup_epochs 10 of optim.epochs 100

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from explora.errors import DataError, ExploraError
+from explora.core.errors import DataError, ExploraError
 
 
 def _mix(*values: int) -> int:

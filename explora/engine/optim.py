@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from explora.engine import distributed as D
+from explora.engine import parallel as D
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _NO_WD_SUFFIXES = (".bias", "gamma")

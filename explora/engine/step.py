@@ -7,7 +7,7 @@ one level up: one optimiser step over ``n`` micro-batches, each through the obje
 scaled by ``1/n`` (MAE ``engine_pretrain.py``: ``loss /= accum_iter``), so the gradient is the mean over the
 effective batch wherever the loss is a mean over images. Gradients accumulate across stages and micro-batches;
 under DDP/FSDP2 only the last stage of the last micro-batch synchronises them
-(:func:`explora.engine.distributed.gradient_sync`), so the communication per optimiser step is unchanged. The
+(:func:`explora.engine.parallel.gradient_sync`), so the communication per optimiser step is unchanged. The
 trainer, the demo and the benchmarks take their steps through here.
 """
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from explora.engine import distributed as D
-from explora.engine.precision import autocast
+from explora.core.precision import autocast
+from explora.engine import parallel as D
 
 
 @dataclass

@@ -20,15 +20,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from explora.engine import distributed as D
+from explora.core.errors import CheckpointError, ConfigError, DivergenceError
+from explora.core.schedules import scaled_lr, warmup_cosine
+from explora.engine import parallel as D
 from explora.engine.checkpoint import CheckpointManager
 from explora.engine.lengths import DEFAULT_STEPS, resolve_lengths
 from explora.engine.loader import make_loader, resilient_batches
 from explora.engine.logs import MetricLogger
 from explora.engine.optim import apply_schedules, build_optimizer, build_param_groups, clip_gradients
-from explora.engine.schedules import scaled_lr, warmup_cosine
 from explora.engine.step import accumulate_step
-from explora.errors import CheckpointError, ConfigError, DivergenceError
 from explora.objectives.base import Objective
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from explora.errors import ConfigError, DataError
+from explora.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from explora.errors import ConfigError
+from explora.core.errors import ConfigError
 from explora.eval.metrics import classification_metrics
 
 UPSTREAM_KS = (10, 20, 100, 200)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from explora.errors import ConfigError
+from explora.core.errors import ConfigError
 from explora.eval.features import FeatureSet
 from explora.eval.metrics import classification_metrics
 

@@ -27,7 +27,7 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(K, K) int64 counts; row = true class, column = predicted class."""
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        from explora.errors import DataError
+        from explora.core.errors import DataError
 
         raise DataError(
             f"labels range over [{int(labels.min())}, {int(labels.max())}] but the classifier has {num_classes} "
@@ -73,7 +73,7 @@ def save_metrics(metrics: dict[str, Any], out_dir: str | Path, class_names: list
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     """Read ``RUN_DIR/metrics.json`` (or the file itself), with an error that names the path."""
-    from explora.errors import ExploraError
+    from explora.core.errors import ExploraError
 
     path = Path(run_dir)
     if path.is_dir():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from explora.errors import ExploraError
+from explora.core.errors import ExploraError
 from explora.eval.metrics import load_metrics
 
 REPORT_MD = "report.md"

@@ -26,7 +26,7 @@ import timm
 import torch
 from torch import nn
 
-from explora.errors import CheckpointError
+from explora.core.errors import CheckpointError
 from explora.models.checkpoints import (
     BackboneTarget,
     CheckpointParts,
@@ -67,7 +67,7 @@ def build_backbone(
     ``img_size`` is the input size the model is used at by default (the registry's ``default_img_size``: 224 for
     DinoV2/MAE, 32 for ``test_*``; timm's default for other names), recorded as ``pretrained_cfg["input_size"]``
     and read back with :func:`input_size`. ``in_chans != 3`` adapts RGB patch-embedding weights. ``timm_kwargs``
-    override the architecture (e.g. ``drop_path_rate``). Raises :class:`~explora.errors.CheckpointError` when the
+    override the architecture (e.g. ``drop_path_rate``). Raises :class:`~explora.core.errors.CheckpointError` when the
     weights do not fit.
     """
     spec = get_backbone_spec(name)
@@ -224,7 +224,7 @@ def _timm_pretrained_state(weights: str) -> dict[str, Any]:
 
 def _sidecar_grid(path: Path) -> tuple[int, int] | None:
     """Patch grid of the stored position embedding from a JSON sidecar: ``<file>.json``, ``<stem>.json``, or an
-    export's ``model.json`` whose ``files`` list this file (``explora.export`` writes one sidecar for all its
+    export's ``model.json`` whose ``files`` list this file (``explora.models.export`` writes one sidecar for all its
     formats). Keys: ``pos_embed_grid`` (exports), ``grid_size``, or ``img_size`` + ``patch_size`` (exports written
     before ``pos_embed_grid`` existed stored the grid of their ``img_size``). Only needed for non-square grids."""
     own = (path.with_name(path.name + ".json"), path.with_suffix(".json"))

@@ -37,7 +37,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
-from explora.errors import CheckpointError
+from explora.core.errors import CheckpointError
 
 # Keys under which upstream code nests the state dict, in the order we look for them. ``teacher`` comes first
 # because DinoV2 / ExPLoRA evaluation reads the teacher (ExPLoRA ``linprobe`` default ``checkpoint_key: teacher``).

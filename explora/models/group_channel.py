@@ -17,7 +17,7 @@ import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
-from explora.errors import ConfigError
+from explora.core.errors import ConfigError
 from explora.models.backbone import input_size
 
 # SatMAE's default groups over the 10 Sentinel-2 bands left after dropping B1, B9, B10 (indices 0, 9, 10 of 13).

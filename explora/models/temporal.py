@@ -26,7 +26,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from explora.errors import ConfigError, DataError
+from explora.core.errors import ConfigError, DataError
 from explora.models.backbone import input_size
 from explora.models.group_channel import _pair, _SlicedViT, sincos_1d, sincos_2d
 

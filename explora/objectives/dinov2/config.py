@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from explora.errors import ConfigError
+from explora.core.errors import ConfigError
 
 IBOT_HEAD_KEYS = ("ibot_n_prototypes", "ibot_hidden_dim", "ibot_bottleneck_dim", "ibot_head_nlayers")
 

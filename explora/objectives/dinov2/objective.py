@@ -17,15 +17,15 @@ import warnings
 import torch
 from torch import nn
 
+from explora.core.errors import ConfigError
 from explora.data.multicrop import MultiCrop
-from explora.errors import ConfigError
-from explora.models.masked_forward import FrozenWeightCastCache, forward_tokens
 from explora.objectives.base import Objective, ObjectiveOutput
 from explora.objectives.dinov2.centering import EMACenter, sinkhorn_knopp
 from explora.objectives.dinov2.config import DinoV2Config
 from explora.objectives.dinov2.heads import DINOHead
 from explora.objectives.dinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from explora.objectives.dinov2.masking import BlockMaskSampler
+from explora.vit.tokens import FrozenWeightCastCache, forward_tokens
 
 
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

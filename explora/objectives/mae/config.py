@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from explora.errors import ConfigError
-from explora.lora import split_lora_targets
+from explora.core.errors import ConfigError
 from explora.models.group_channel import SENTINEL2_GROUPS
+from explora.vit.lora import split_lora_targets
 
 
 @dataclass

@@ -19,11 +19,11 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from explora.adapt import is_norm
-from explora.errors import CheckpointError
-from explora.lora import inject_lora
+from explora.core.errors import CheckpointError
+from explora.models.adapt import is_norm
 from explora.models.group_channel import sincos_2d
 from explora.objectives.mae.masking import gather_tokens
+from explora.vit.lora import inject_lora
 
 DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
                     "decoder_pred.")

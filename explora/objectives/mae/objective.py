@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from explora.errors import ConfigError, DataError
+from explora.core.errors import ConfigError, DataError
 from explora.models.backbone import input_size
 from explora.models.group_channel import GroupChannelViT, run_blocks, sincos_1d
-from explora.models.masked_forward import FrozenWeightCastCache
 from explora.models.temporal import TemporalViT, timestamp_encoding
 from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
 from explora.objectives.mae.augment import random_resized_crop_flip, to_float
@@ -24,6 +23,7 @@ from explora.objectives.mae.config import MAEConfig
 from explora.objectives.mae.decoder import MAEDecoder, load_decoder_state
 from explora.objectives.mae.loss import group_masked_mse, masked_mse, normalize_patches, patchify
 from explora.objectives.mae.masking import Mask, draw_noise, gather_tokens, random_masking, shared_masking
+from explora.vit.tokens import FrozenWeightCastCache
 
 
 @dataclass
@@ -262,7 +262,7 @@ class MAEObjective(Objective):
 
     def parameter_report(self):
         """Trainable parameters of the encoder per ExPLoRA group, with the decoder as ``extra``."""
-        from explora.params import parameter_report
+        from explora.models.params import parameter_report
 
         return parameter_report(self.encoder, extra=self.extra_modules())
 

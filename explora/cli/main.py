@@ -1,0 +1,57 @@
+"""``explora <command>``: every area of the library registers its sub-commands here.
+
+Errors caused by user input (:class:`explora.core.errors.ExploraError`) are printed as one paragraph without a traceback
+and end the process with a non-zero exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import textwrap
+
+from explora.core.errors import ExploraError
+
+# Modules that define ``add_commands(subparsers)``; order is the order of ``explora --help``.
+COMMAND_MODULES = (
+    "explora.cli.demo",
+    "explora.cli.pretrain",
+    "explora.cli.evaluate",
+    "explora.cli.export",
+    "explora.cli.data",
+    "explora.cli.analyze",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="explora",
+        description="ExPLoRA: adapt pre-trained vision transformers to new domains with parameter-efficient "
+        "extended pre-training.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except ExploraError as e:
+        msg = textwrap.fill(str(e), width=100, break_long_words=False, break_on_hyphens=False)
+        print(f"explora {args.command}: error: {msg}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"explora {args.command}: interrupted; resume with --resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""``explora demo``: see ExPLoRA work on a laptop CPU before reading any docs.
+
+Starting from the real DinoV2 ViT-S/14, the demo measures a linear probe and kNN of the frozen model on the target
+domain, runs ExPLoRA extended pre-training (``D-[L]-r64``) and the paper's two ablations at the same budget
+(LoRA-only: no unfrozen block; unfreeze-only: no LoRA), measures each again, and writes ``report.md`` with loss
+curves, an accuracy table and bar chart with trainable-parameter counts, PCA-of-patch-feature images and attention
+maps before/after. Every number in the report is read from the metrics files this run wrote.
+
+The target domain defaults to Fashion-MNIST (Debian's ``dataset-fashion-mnist`` location); ``--data`` takes any
+dataset spec. Pre-training never reads labels; the probes use a fixed random subset of the labeled splits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+
+class Variant(NamedTuple):
+    """One pre-training run of the demo: an ExPLoRA preset, its label in the report, and overrides of the preset."""
+
+    preset: str
+    label: str
+    overrides: dict[str, Any] = {}
+
+
+VARIANTS: dict[str, Variant] = {
+    "explora": Variant("D-[L]-r64", "ExPLoRA D-[L]-r64"),
+    "lora_only": Variant("lora-only-r64", "LoRA-only r64"),
+    "unfreeze_only": Variant("unfreeze-only-[L]", "Unfreeze-only [L]"),
+    # the official scripts' LoRA scaling 1/r (loralib alpha 1) instead of explora's alpha = r: an A/B of the scaling
+    "explora_alpha1": Variant("D-[L]-r64", "ExPLoRA D-[L]-r64, scaling 1/r", {"lora_alpha": 1.0}),
+}
+
+
+@dataclass
+class DemoConfig:
+    """CPU-sized defaults (see docs/demo.md for how they were chosen)."""
+
+    model: str = "dinov2_vits14"
+    weights: str | None = "default"
+    data: str = ""  # "": Fashion-MNIST from Debian's dataset-fashion-mnist, else downloaded (default_data())
+    out: str = "demo-out"
+    image_size: int = 56  # global crop and evaluation size (4x4 patches of 14 px; Fashion-MNIST is 28 px)
+    local_size: int = 28
+    n_local: int = 2
+    prototypes: int = 4096
+    steps: int | None = None  # per variant; None: as many as fit in budget_minutes (measured on this machine)
+    budget_minutes: float = 20.0
+    min_steps: int = 5
+    max_steps: int = 300
+    batch_size: int = 32
+    base_lr: float = 2e-4
+    warmup_steps: int = 10
+    n_train_eval: int = 1000
+    n_test_eval: int = 500
+    n_show: int = 6  # images in the PCA / attention figures
+    variants: tuple[str, ...] = ("explora", "lora_only", "unfreeze_only")
+    seed: int = 0
+    num_workers: int = 1
+    precision: str = "auto"  # bf16 where the hardware is fast at it, else fp32 (explora/core/precision.py)
+    dinov2: dict[str, Any] = field(default_factory=dict)  # extra DinoV2 objective overrides
+
+    @classmethod
+    def smoke(cls, out: str, data: str) -> DemoConfig:
+        """A seconds-long run on the tiny test architecture (random weights), for tests."""
+        return cls(
+            model="test_dinov2",
+            weights=None,
+            data=data,
+            out=out,
+            image_size=32,
+            local_size=16,
+            n_local=2,
+            prototypes=64,
+            steps=None,  # exercise the budget planner: it times a step, then clamps to [min_steps, max_steps]
+            min_steps=2,
+            max_steps=3,
+            batch_size=4,
+            warmup_steps=1,
+            n_train_eval=40,
+            n_test_eval=20,
+            n_show=2,
+            num_workers=0,
+            precision="fp32",
+            dinov2={"hidden_dim": 32, "bottleneck_dim": 16},
+        )
+
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def default_data() -> str:
+    """Fashion-MNIST where Debian's ``dataset-fashion-mnist`` puts it, else torchvision's download into the cache."""
+    if DEBIAN_FASHION_MNIST.is_dir():
+        return f"fashion_mnist:{DEBIAN_FASHION_MNIST}:rgb=true"
+    cache = Path.home() / ".cache" / "explora" / "fashion-mnist"
+    return f"fashion_mnist:{cache}:rgb=true,download=true"
+
+
+def _pretrain_config(cfg: DemoConfig, variant: str):
+    from explora.engine.trainer import OptimConfig, TrainConfig
+    from explora.recipes.pretrain import AdaptConfig, DataConfig, ModelConfig, PretrainConfig
+
+    chosen = VARIANTS[variant]
+    dinov2 = {
+        "n_local": cfg.n_local,
+        "global_size": cfg.image_size,
+        "local_size": cfg.local_size,
+        "local_scale": (0.10, 0.32),  # DinoV2's 0.05 is a few source pixels on 28-px images
+        "n_prototypes": cfg.prototypes,
+        "warmup_teacher_temp_steps": 0,
+        "teacher_temp": 0.04,
+        **cfg.dinov2,
+    }
+    return PretrainConfig(
+        model=ModelConfig(name=cfg.model, weights=cfg.weights, img_size=cfg.image_size),
+        adapt=AdaptConfig(preset=chosen.preset, **chosen.overrides),
+        data=DataConfig(spec=cfg.data, image_size=cfg.image_size),
+        objective="dinov2",
+        dinov2=dinov2,
+        optim=OptimConfig(
+            base_lr=cfg.base_lr,
+            lr_scaling="none",
+            warmup_steps=min(cfg.warmup_steps, max(1, cfg.steps // 5)),
+            freeze_last_layer_steps=0,
+            weight_decay=0.04,
+            weight_decay_end=0.04,
+            layer_decay=1.0,
+            patch_embed_lr_mult=1.0,
+        ),
+        train=TrainConfig(
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            precision=cfg.precision,
+            num_workers=cfg.num_workers,
+            log_every=1,
+            ckpt_every=max(1, cfg.steps // 4),
+            tensorboard=False,
+        ),
+        output_dir=str(Path(cfg.out) / "runs" / variant),
+        export_formats=["safetensors"],
+    )
+
+
+def _eval_subset(dataset, n: int, seed: int):
+    from torch.utils.data import Subset
+
+    n = min(n, len(dataset))
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return Subset(dataset, idx)
+
+
+def _evaluate(backbone, name: str, cfg: DemoConfig, train_set, test_set, stats_source, num_classes: int, out: Path):
+    """Linear probe (DinoV2 protocol on cached features) and kNN of a frozen backbone -> metrics dict."""
+    from explora.core.precision import autocast_dtype
+    from explora.eval.features import eval_transform_for, extract_features
+    from explora.eval.knn import knn_classify
+    from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
+    from explora.eval.metrics import save_metrics
+
+    transform = eval_transform_for(stats_source, cfg.image_size, crop_pct=1.0)
+    autocast = autocast_dtype(cfg.precision, torch.device("cpu"))
+    feats = {
+        split: extract_features(
+            backbone,
+            ds,
+            transform,
+            n_blocks=4,
+            batch_size=64,
+            autocast_dtype=autocast,
+            dataset_key=f"{cfg.data}|{split}|{len(ds)}|seed{cfg.seed}",
+            progress=True,
+        )
+        for split, ds in (("train", train_set), ("test", test_set))
+    }
+    probe = train_linear_probe(
+        feats["train"], feats["test"], num_classes, LinearProbeConfig(seed=cfg.seed), progress=False
+    )
+    knn = knn_classify(
+        feats["train"].cls[:, -1],
+        feats["train"].labels,
+        feats["test"].cls[:, -1],
+        feats["test"].labels,
+        num_classes,
+        ks=(10, 20),
+    )
+    metrics = {
+        "model": name,
+        "linear_top1": probe.metrics["top1"],
+        "linear_top5": probe.metrics["top5"],
+        "linear_best_head": probe.best_head,
+        "knn_top1": knn["top1"],
+        "knn_best_k": knn["best_k"],
+        "knn_per_k": knn["per_k"],
+        "n_train": len(train_set),
+        "n_test": len(test_set),
+    }
+    save_metrics({**probe.metrics, "protocol": "linear", "best_head": probe.best_head}, out / "linear")
+    save_metrics(knn, out / "knn")
+    (out / "summary.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def plan_steps(cfg: DemoConfig, elapsed_s: float, eval_s: float, step_s: float) -> int:
+    """Steps per variant so that the whole demo fits ``budget_minutes``: what is left after the elapsed time, one
+    evaluation per variant (timed on the frozen model) and a reserve for figures, shared by the variants."""
+    n = len(cfg.variants)
+    reserve = 60.0
+    left = cfg.budget_minutes * 60.0 - elapsed_s - n * eval_s - reserve
+    steps = int(left / max(n * step_s, 1e-9))
+    return max(cfg.min_steps, min(cfg.max_steps, steps))
+
+
+def measure_step_seconds(cfg: DemoConfig, dataset) -> float:
+    """Seconds of one ExPLoRA optimisation step at the demo's settings (the second of two timed steps)."""
+    from explora.engine.step import forward_backward
+    from explora.recipes.pretrain import build_objective
+
+    pcfg = _pretrain_config(replace(cfg, steps=cfg.steps or cfg.max_steps), "explora")
+    objective = build_objective(pcfg, (tuple(dataset.mean), tuple(dataset.std)))
+    images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(cfg.batch_size)])
+    batch = objective.batch_transform()(images, torch.Generator().manual_seed(cfg.seed))
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    seconds = 0.0
+    for step in range(2):
+        t = time.perf_counter()
+        forward_backward(objective, objective, batch, step, cfg.precision, torch.device("cpu"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.on_optimizer_step(step)
+        seconds = time.perf_counter() - t
+    return seconds * 1.1  # data loading and logging
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run the whole demo; returns the path of ``report.md``. Finished stages are reused on a rerun."""
+    from explora.data.specs import build_dataset
+    from explora.models.adapt import apply_preset
+    from explora.models.backbone import build_backbone
+    from explora.models.params import parameter_report
+    from explora.recipes.pretrain import run_pretrain
+
+    if not cfg.data:
+        cfg = replace(cfg, data=default_data())
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train_full = build_dataset(cfg.data, split="train", image_size=cfg.image_size)
+    test_full = build_dataset(cfg.data, split="test", image_size=cfg.image_size)
+    num_classes = int(train_full.num_classes)
+    train_set = _eval_subset(train_full, cfg.n_train_eval, cfg.seed)
+    test_set = _eval_subset(test_full, cfg.n_test_eval, cfg.seed + 1)
+    timings: dict[str, float] = {}
+
+    def stage(name: str):
+        print(f"[demo] {name} ({time.perf_counter() - t0:.0f}s elapsed)", flush=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    params: dict[str, dict[str, Any]] = {}
+    stage("frozen backbone: linear probe + kNN")
+    frozen = build_backbone(cfg.model, weights=cfg.weights, img_size=cfg.image_size)
+    t = time.perf_counter()
+    results["frozen"] = _evaluate(
+        frozen, "frozen", cfg, train_set, test_set, train_full, num_classes, out / "eval" / "frozen"
+    )
+    timings["eval_frozen_s"] = time.perf_counter() - t
+    params["frozen"] = {"trainable": 0, "total": sum(p.numel() for p in frozen.parameters())}
+
+    plan_path = out / "plan.json"
+    if cfg.steps is None:
+        if plan_path.is_file():  # a rerun keeps the plan, so interrupted runs resume with the same config
+            cfg = replace(cfg, steps=int(json.loads(plan_path.read_text())["steps"]))
+        else:
+            stage("timing one pre-training step to fit the budget")
+            step_s = measure_step_seconds(cfg, train_full)
+            steps = plan_steps(cfg, time.perf_counter() - t0, timings["eval_frozen_s"], step_s)
+            plan = {
+                "steps": steps,
+                "step_seconds": round(step_s, 2),
+                "budget_minutes": cfg.budget_minutes,
+                "eval_seconds": round(timings["eval_frozen_s"], 1),
+            }
+            plan_path.write_text(json.dumps(plan, indent=2))
+            cfg = replace(cfg, steps=steps)
+            print(f"[demo] {step_s:.1f} s per step here: {steps} steps per variant fit {cfg.budget_minutes:g} minutes")
+
+    for variant in cfg.variants:
+        pcfg = _pretrain_config(cfg, variant)
+        run_dir = Path(pcfg.output_dir)
+        counted = build_backbone(cfg.model, weights=None, img_size=cfg.image_size)
+        apply_preset(counted, VARIANTS[variant].preset, **VARIANTS[variant].overrides)
+        report = parameter_report(counted)
+        params[variant] = {"trainable": report.paper_count, "total": report.backbone_total, **report.to_dict()}
+        if not (run_dir / "summary.json").is_file():
+            stage(f"pre-training: {VARIANTS[variant].label}, {cfg.steps} steps")
+            t = time.perf_counter()
+            run_pretrain(pcfg, resume=True)
+            timings[f"pretrain_{variant}_s"] = time.perf_counter() - t
+        stage(f"{VARIANTS[variant].label}: linear probe + kNN")
+        adapted = build_backbone(
+            cfg.model, weights=str(run_dir / "export" / "model.safetensors"), img_size=cfg.image_size
+        )
+        t = time.perf_counter()
+        results[variant] = _evaluate(
+            adapted, variant, cfg, train_set, test_set, train_full, num_classes, out / "eval" / variant
+        )
+        timings[f"eval_{variant}_s"] = time.perf_counter() - t
+
+    stage("figures")
+    from explora.recipes.demo.report import write_report
+
+    timings["total_s"] = time.perf_counter() - t0
+    report_path = write_report(cfg, out, results, params, timings, frozen, test_set, train_full)
+    print(f"[demo] report: {report_path.resolve()} ({timings['total_s']:.0f}s)", flush=True)
+    return report_path
+
+
+__all__ = ["DemoConfig", "run_demo", "VARIANTS", "replace"]

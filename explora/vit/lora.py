@@ -1,0 +1,340 @@
+"""LoRA layers for timm ViTs, including LoRA on the q/k/v *slices* of timm's fused ``attn.qkv``.
+
+ExPLoRA puts LoRA on the Q and V projections of every frozen block (paper §3, project page "Method"). timm fuses
+Q, K and V into one ``nn.Linear(dim, 3 * dim)`` whose output is laid out ``[q | k | v]``; peft can only adapt that
+module as a whole (peft PR#1705), so we implement the layer ourselves, following the standard LoRA recipe of
+Hu et al. (2021) and the fused-layer idea of microsoft/LoRA ``MergedLinear`` (``enable_lora=[True, False, True]``):
+
+    W' = W + (alpha / r) * B @ A,   A ~ Kaiming-uniform(a=sqrt(5)),  B = 0
+
+Both layers subclass ``nn.Linear`` and keep ``weight``/``bias``, so timm parameter names are unchanged and a merged
+model is a plain timm model; every LoRA parameter has ``lora_`` in its name (architecture contract).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explora.core.errors import ConfigError
+
+QKV_TARGETS = ("q", "k", "v")
+# Plain Linear targets inside a timm Block, by short name -> attribute path.
+LINEAR_TARGETS = {"proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+_TARGET_ALIASES = {"attn.proj": "proj", "mlp.fc1": "fc1", "mlp.fc2": "fc2", "qkv": "qkv", "attn.qkv": "qkv"}
+
+
+class LoRALayer(nn.Linear):
+    """Common base: rank/alpha/dropout bookkeeping and exact merge/unmerge of ``delta_weight()``."""
+
+    def _init_lora(self, rank: int, alpha: float | None, dropout: float) -> None:
+        if not isinstance(rank, int) or rank <= 0:
+            raise ConfigError(f"LoRA rank must be a positive integer, got {rank!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scaling = self.alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """The low-rank update ``scaling * B @ A`` laid out like ``weight`` (out, in)."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> torch.Tensor:
+        """``weight`` with the LoRA update folded in (a new tensor; the module is not modified)."""
+        w = self.weight.detach()
+        return w.clone() if self.merged else w + self.delta_weight().detach().to(w.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``weight``; forward then costs one matmul and the LoRA path is skipped."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (exact up to one fp rounding of ``W + d - d``)."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+    def _fold_on_the_fly(self) -> bool:
+        """Without autograd (the EMA teacher, feature extraction) fold the update into a temporary weight.
+
+        One (out, in) add per call replaces the low-rank path over every token (two extra matmuls, a batched
+        matmul and an ``index_add``), so an inference forward costs one matmul; same result up to fp rounding.
+        Not with active LoRA dropout (train mode), which the folded weight cannot express.
+        """
+        if self.merged or torch.is_grad_enabled():
+            return False
+        return not self.training or isinstance(self.lora_dropout, nn.Identity)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the merged weight (shares ``bias``; used by :func:`remove_lora`)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = nn.Parameter(self.merged_weight(), requires_grad=self.weight.requires_grad)
+        lin.bias = self.bias
+        return lin
+
+    def _adopt(self, base: nn.Linear) -> None:
+        """Share the base layer's parameters (same tensors, same ``requires_grad``) instead of copying them."""
+        self.weight = base.weight
+        self.bias = base.bias
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA on a whole Linear (``attn.proj``, ``mlp.fc1``, ``mlp.fc2``): ``y = x W^T + b + s * (x A^T) B^T``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_lora(rank, alpha, dropout)
+        self._make_lora_parameters(device, dtype)
+
+    def _make_lora_parameters(self, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=device, dtype=dtype))  # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.rank, device=device, dtype=dtype))  # (out, r)
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0) -> LoRALinear:
+        """Wrap an existing Linear, sharing its ``weight``/``bias`` parameters."""
+        layer = cls(
+            base.in_features, base.out_features, bias=base.bias is not None, rank=rank, alpha=alpha,
+            dropout=dropout, device="meta", dtype=base.weight.dtype,
+        )
+        layer._adopt(base)
+        layer._make_lora_parameters(base.weight.device, base.weight.dtype)
+        return layer
+
+    def reset_lora_parameters(self) -> None:
+        """A Kaiming-uniform (a=sqrt(5), as ``nn.Linear`` and peft), B zeros, so the update starts at 0."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fold_on_the_fly():
+            return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)  # (..., out)
+        out = F.linear(x, self.weight, self.bias)  # (..., out)
+        if self.merged:
+            return out
+        low = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+        return out + F.linear(low, self.lora_B) * self.scaling  # (..., out)
+
+
+class LoRAQKV(LoRALayer):
+    """timm's fused ``qkv`` Linear with independent LoRA pairs on a subset of its q/k/v output slices.
+
+    The A and B matrices of the ``T`` targets are stacked (``lora_A``: (T, r, in), ``lora_B``: (T, dim, r)), so the
+    low-rank path is one matmul down and one batched matmul up; the result is added to the target slices of the
+    single base matmul with ``index_add`` (no loop over targets or heads in forward).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        targets: Sequence[str] = ("q", "v"),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if out_features % 3:
+            raise ConfigError(f"a fused qkv layer needs out_features divisible by 3, got {out_features}")
+        targets = tuple(targets)
+        if not targets or any(t not in QKV_TARGETS for t in targets) or len(set(targets)) != len(targets):
+            raise ConfigError(f"LoRA qkv targets must be distinct entries of {QKV_TARGETS}, got {targets!r}")
+        self._init_lora(rank, alpha, dropout)
+        self.targets = tuple(sorted(targets, key=QKV_TARGETS.index))
+        self.dim = out_features // 3
+        self._make_lora_parameters(device, dtype)
+
+    def _make_lora_parameters(self, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        index = torch.tensor([QKV_TARGETS.index(t) for t in self.targets])
+        self.register_buffer("lora_index", index.to(device or "cpu"), persistent=False)  # (T,) slice ids
+        n, r = len(self.targets), self.rank
+        self.lora_A = nn.Parameter(torch.empty(n, r, self.in_features, device=device, dtype=dtype))  # (T, r, in)
+        self.lora_B = nn.Parameter(torch.empty(n, self.dim, r, device=device, dtype=dtype))  # (T, dim, r)
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        base: nn.Linear,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        targets: Sequence[str] = ("q", "v"),
+    ) -> LoRAQKV:
+        """Wrap timm's ``attn.qkv``, sharing its ``weight``/``bias`` parameters."""
+        layer = cls(
+            base.in_features, base.out_features, bias=base.bias is not None, rank=rank, alpha=alpha,
+            dropout=dropout, targets=targets, device="meta", dtype=base.weight.dtype,
+        )
+        layer._adopt(base)
+        layer._make_lora_parameters(base.weight.device, base.weight.dtype)
+        return layer
+
+    def reset_lora_parameters(self) -> None:
+        """Per target: A Kaiming-uniform with fan_in = in_features (as a separate ``nn.Linear``), B zeros."""
+        for a in self.lora_A:  # init only; fan_in of each (r, in) slice is in_features
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        per_target = torch.bmm(self.lora_B, self.lora_A) * self.scaling  # (T, dim, r) @ (T, r, in) -> (T, dim, in)
+        delta = per_target.new_zeros(3, self.dim, self.in_features)  # (3, dim, in)
+        delta = delta.index_add(0, self.lora_index, per_target)
+        return delta.reshape(self.out_features, self.in_features)  # (3*dim, in), rows laid out [q | k | v]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fold_on_the_fly():
+            return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)  # (..., 3*dim)
+        out = F.linear(x, self.weight, self.bias)  # (..., 3*dim)
+        if self.merged:
+            return out
+        n, r = self.lora_A.shape[:2]
+        low = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * r, -1))  # (..., T*r)
+        low = low.unflatten(-1, (n, r)) * self.scaling  # (..., T, r): scale the narrow tensor, not (..., T, dim)
+        up = torch.einsum("...tr,tdr->...td", low, self.lora_B)  # (..., T, dim)
+        # in place into the fresh matmul output (addmm's backward does not need it): no (..., 3*dim) copy
+        out.unflatten(-1, (3, self.dim)).index_add_(-2, self.lora_index, up.to(out.dtype))  # (..., 3, dim)
+        return out  # (..., 3*dim)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALayer]:
+    """All LoRA layers of ``model`` by qualified module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+def _resolve_blocks(model: nn.Module, blocks: Iterable[int] | None, blocks_attr: str = "blocks") -> list[int]:
+    """Block indices (negative allowed) -> sorted non-negative indices into ``model.<blocks_attr>``."""
+    if not isinstance(getattr(model, blocks_attr, None), nn.Sequential | nn.ModuleList):
+        raise ConfigError(
+            f"{type(model).__name__} has no `{blocks_attr}` block list; LoRA injection expects a timm "
+            "VisionTransformer (`blocks`) or a module holding timm Blocks (e.g. the MAE decoder's `decoder_blocks`)"
+        )
+    depth = len(getattr(model, blocks_attr))
+    if blocks is None:
+        return list(range(depth))
+    out = set()
+    for i in blocks:
+        if not -depth <= int(i) < depth:
+            raise ConfigError(f"block index {i} is out of range for a model with {depth} blocks")
+        out.add(int(i) % depth)
+    return sorted(out)
+
+
+def split_lora_targets(targets: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Target names -> (qkv slices, plain Linear short names); raises ConfigError naming unknown entries."""
+    qkv, linear = [], []
+    for t in targets:
+        t = _TARGET_ALIASES.get(t, t)
+        if t == "qkv":
+            qkv.extend(QKV_TARGETS)
+        elif t in QKV_TARGETS:
+            qkv.append(t)
+        elif t in LINEAR_TARGETS:
+            linear.append(t)
+        else:
+            allowed = list(QKV_TARGETS) + ["qkv"] + list(LINEAR_TARGETS) + list(LINEAR_TARGETS.values())
+            raise ConfigError(f"unknown LoRA target {t!r}; expected one of {allowed}")
+    return tuple(dict.fromkeys(qkv)), tuple(dict.fromkeys(linear))
+
+
+def inject_lora(
+    model: nn.Module,
+    blocks: Iterable[int] | None = None,
+    targets: Iterable[str] = ("q", "v"),
+    rank: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    *,
+    blocks_attr: str = "blocks",
+) -> list[str]:
+    """Replace the target Linears of the given blocks (all if None) by LoRA layers; returns the replaced names.
+
+    Targets: ``q``/``k``/``v`` (slices of ``attn.qkv``; ``qkv`` = all three), ``proj``, ``fc1``, ``fc2`` (or their
+    paths ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``). Base parameters are shared, so their ``requires_grad`` is kept;
+    new LoRA parameters are trainable. ``blocks_attr`` names the list of timm Blocks: ``blocks`` for a ViT,
+    ``decoder_blocks`` for the MAE decoder (the official ExPLoRA MAE recipe LoRA-tunes the decoder too).
+    """
+    qkv_targets, linear_targets = split_lora_targets(targets)
+    replaced: list[str] = []
+    for i in _resolve_blocks(model, blocks, blocks_attr):
+        block = getattr(model, blocks_attr)[i]
+        where = f"{blocks_attr}.{i}"
+        if qkv_targets:
+            attn = block.attn
+            if isinstance(attn.qkv, LoRALayer):
+                raise ConfigError(f"{where}.attn.qkv already carries LoRA; inject once per model")
+            attn.qkv = LoRAQKV.from_linear(attn.qkv, rank, alpha, dropout, qkv_targets)
+            replaced.append(f"{where}.attn.qkv")
+        for t in linear_targets:
+            parent_name, attr = LINEAR_TARGETS[t].split(".")
+            parent = getattr(block, parent_name)
+            base = getattr(parent, attr)
+            if isinstance(base, LoRALayer):
+                raise ConfigError(f"{where}.{LINEAR_TARGETS[t]} already carries LoRA; inject once per model")
+            if type(base) is not nn.Linear:
+                raise ConfigError(f"{where}.{LINEAR_TARGETS[t]} is {type(base).__name__}, expected nn.Linear")
+            setattr(parent, attr, LoRALinear.from_linear(base, rank, alpha, dropout))
+            replaced.append(f"{where}.{LINEAR_TARGETS[t]}")
+    return replaced
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight (in place, reversible with :func:`unmerge_lora`)."""
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo :func:`merge_lora`."""
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain timm state dict with LoRA folded in and no ``lora_`` keys; ``model`` is left untouched."""
+    sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    for name, m in lora_modules(model).items():
+        sd[f"{name}.weight" if name else "weight"] = m.merged_weight()
+    return sd
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRA layer by a plain ``nn.Linear`` holding the merged weight; returns ``model``."""
+    for name, m in lora_modules(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, m.to_linear())
+    return model

@@ -1,0 +1,83 @@
+"""The demo pipeline end to end on the tiny architecture and a generated IDX dataset."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from data_fixtures import idx_files
+
+from explora.recipes.demo.run import VARIANTS, DemoConfig, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    idx_files(root / "fm", n=64, prefix="train")
+    idx_files(root / "fm", n=32, prefix="t10k")
+    cfg = DemoConfig.smoke(out=str(root / "out"), data=f"fashion_mnist:{root / 'fm'}:rgb=true")
+    return cfg, run_demo(cfg)
+
+
+def test_every_artefact_is_written(demo_run):
+    cfg, report = demo_run
+    out = report.parent
+    for name in (
+        "report.md",
+        "params.json",
+        "results.json",
+        "figures/accuracy.png",
+        "figures/loss_curves.png",
+        "figures/before_after.png",
+    ):
+        assert (out / name).is_file(), name
+    for variant in ("frozen", *cfg.variants):
+        assert (out / "eval" / variant / "summary.json").is_file()
+    for variant in cfg.variants:
+        assert (out / "runs" / variant / "metrics.csv").is_file()
+        assert (out / "runs" / variant / "export" / "model.safetensors").is_file()
+
+
+def test_every_number_in_the_report_comes_from_the_metrics_files(demo_run):
+    _, report = demo_run
+    out = report.parent
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "top-1" not in line and "---" not in line]
+    params = json.loads((out / "params.json").read_text())
+    checked = 0
+    labels = {"frozen": "DinoV2 (frozen)", **{k: v[1] for k, v in VARIANTS.items()}}
+    for name in ("frozen", "explora", "lora_only", "unfreeze_only"):
+        summary = json.loads((out / "eval" / name / "summary.json").read_text())
+        row = next(r for r in rows if r.startswith(f"| {labels[name]} |"))
+        assert f"| {summary['linear_top1']:.2f} | {summary['knn_top1']:.2f} (k={summary['knn_best_k']}) |" in row
+        assert f"{params[name]['trainable'] / 1e6:.2f}M" in row
+        checked += 1
+    assert checked == 4
+    # every percentage-like number in the table appears in some summary
+    values = {
+        f"{v:.2f}"
+        for name in ("frozen", "explora", "lora_only", "unfreeze_only")
+        for k, v in json.loads((out / "eval" / name / "summary.json").read_text()).items()
+        if k in ("linear_top1", "knn_top1")
+    }
+    table_numbers = set(re.findall(r"\| (\d+\.\d\d) ", "\n".join(rows)))
+    assert table_numbers <= values
+
+
+def test_rerun_reuses_finished_stages(demo_run, capsys):
+    cfg, report = demo_run
+    run_demo(cfg)
+    out = capsys.readouterr().out
+    assert "pre-training:" not in out  # every variant had finished
+
+
+def test_step_plan_fits_the_budget():
+    from explora.recipes.demo.run import plan_steps
+
+    cfg = DemoConfig(budget_minutes=20)
+    steps = plan_steps(cfg, elapsed_s=120, eval_s=90, step_s=10)
+    used = 120 + 3 * 90 + 60 + 3 * steps * 10
+    assert steps == 25 and used <= 20 * 60
+    assert plan_steps(cfg, elapsed_s=1190, eval_s=90, step_s=10) == cfg.min_steps
+    assert plan_steps(cfg, elapsed_s=0, eval_s=0, step_s=0.01) == cfg.max_steps
