@@ -1,0 +1,2 @@
+"""Layer 3: the self-supervised (DinoV2, MAE) objectives the engine trains.
+"""
