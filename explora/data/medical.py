@@ -121,6 +121,33 @@ class MedicalDataset(ExploraDataset):
         return out
 
 
+def medical_report(dataset: Any, indices: Sequence[int]) -> tuple[dict[str, Any], list[str]]:
+    """For ``explora data check`` / ``data stats``: header summary + intensity ranges, and consistency warnings,
+    of a DICOM / NIfTI dataset (also behind a patient-level split); ``({}, [])`` for any other dataset."""
+    from explora.data.splits import GroupSplit
+
+    if isinstance(dataset, GroupSplit):
+        dataset, indices = dataset.inner, [dataset.indices[i] for i in indices]
+    if not isinstance(dataset, MedicalDataset):
+        return {}, []
+    return ({**dataset.header_summary(), "intensity": dataset.intensity_summary(indices)},
+            dataset.consistency_warnings())
+
+
+def input_channels_record(dataset: Any) -> dict[str, Any]:
+    """``{'input_channels': {...}}`` for an export's sidecar when the data is DICOM / NIfTI: how grayscale met the
+    backbone's channels and the window, so evaluation can read its data the same way; ``{}`` otherwise."""
+    from explora.data.splits import GroupSplit
+
+    if isinstance(dataset, GroupSplit):
+        dataset = dataset.inner
+    if not isinstance(dataset, MedicalDataset):
+        return {}
+    mode = "replicate" if dataset.channels == 3 else "in_chans_1 (RGB patch filters summed)"
+    return {"input_channels": {"grayscale": mode, "channels": dataset.channels, "window": dataset.window.describe(),
+                               "spec_options": f"channels={dataset.channels}"}}
+
+
 def _min(a: float | None, b: float) -> float:
     return b if a is None or b < a else a
 
@@ -166,4 +193,4 @@ def labels_table(csv_path, key_column: str, classes: Sequence[str] | None) -> tu
     return table, list(classes)
 
 
-__all__ = ["Header", "MedicalDataset", "labels_table"]
+__all__ = ["Header", "MedicalDataset", "input_channels_record", "labels_table", "medical_report"]

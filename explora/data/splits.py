@@ -82,8 +82,9 @@ class GroupSplit(ExploraDataset):
         self.indices = [i for i, k in enumerate(keys) if self.assignment[k] == split]
         self.groups = sorted({keys[i] for i in self.indices})
         if not self.indices:
+            knob = "test_fraction" if split == "test" else "val_fraction"
             raise DataError(f"{inner.source}: no samples in split {split!r} grouped by {by} "
-                            f"({len(self.assignment)} group(s)); lower/raise val_fraction or add data")
+                            f"({len(self.assignment)} group(s)); set or raise {knob}, or add data")
 
     def __len__(self) -> int:
         return len(self.indices)
