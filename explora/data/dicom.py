@@ -53,7 +53,7 @@ def require_pydicom() -> Any:
     try:
         import pydicom
     except ImportError as e:
-        raise DataError("reading DICOM files needs pydicom: pip install 'explora[medical]' (or pydicom>=2.4)") from e
+        raise DataError("reading DICOM files needs pydicom>=3: pip install 'explora[medical]'") from e
     return pydicom
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-pydicom = pytest.importorskip("pydicom")
+pydicom = pytest.importorskip("pydicom", minversion="3.0")
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from explora.cli.main import main  # noqa: E402

@@ -62,7 +62,7 @@ def test_spec_option_splits_a_csv_by_patient_folder(patient_folder):
 
 
 def test_dicom_split_by_patient_id(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pydicom = pytest.importorskip("pydicom", minversion="3.0")
     from pydicom.data import get_testdata_file
 
     root = tmp_path / "d"
