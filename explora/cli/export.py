@@ -36,11 +36,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _build(name: str, device: str | torch.device = "cpu") -> nn.Module:
+def _build(name: str, device: str | torch.device = "cpu", in_chans: int = 3) -> nn.Module:
     from explora.models.backbone import build_backbone
 
     with torch.device(device):
-        return build_backbone(name)
+        return build_backbone(name, in_chans=in_chans)
 
 
 def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,12 +119,13 @@ def params_command(args: argparse.Namespace) -> int:
         return objective_params_command(args)
     if args.model is None:
         raise ConfigError("explora params: give --model NAME (with --preset) or --config CONFIG.yaml --memory")
-    model = _build(args.model, "meta")
+    model = _build(args.model, "meta", args.in_chans)
     apply_explora(model, **_spec_from_args(args))
     report = parameter_report(model)
     mem = memory_estimate(report) if args.memory else None
     if args.json:
-        payload: dict[str, Any] = {"model": args.model, "preset": args.preset, **report.to_dict()}
+        payload: dict[str, Any] = {"model": args.model, "preset": args.preset, "in_chans": args.in_chans,
+                                   **report.to_dict()}
         if mem is not None:
             payload["memory_bytes"] = mem.to_dict()
         print(json.dumps(payload, indent=2))
@@ -221,6 +222,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", action="store_true",
                    help="with --config: predicted peak training memory (weights, optimiser, activations); "
                         "with --model only: weights/gradients/AdamW")
+    p.add_argument("--in-chans", type=int, default=3,
+                   help="input channels (1: grayscale backbone with the RGB patch filters summed; default 3)")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.set_defaults(func=params_command)
 

@@ -2,7 +2,9 @@
 
 The report lists counts per class (per split), band counts and dtypes, native image sizes, every unreadable
 file with the reason, and per-band statistics of the readable samples. ``clean`` is true only when nothing was
-unreadable, nothing was dropped while indexing, and all samples agree on bands and dtype.
+unreadable, nothing was dropped while indexing, and all samples agree on bands and dtype. DICOM / NIfTI datasets
+add ``medical`` (sizes, bit depths, photometric interpretations, transfer syntaxes, the intensity range before and
+after windowing) and ``warnings`` (inconsistent sizes or bit depths), which also make the report not clean.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from explora.core.errors import DataError
 from explora.data.base import ExploraDataset
+from explora.data.medical import medical_report
 from explora.data.stats import BandMoments, spread_indices
 
 
@@ -33,10 +36,13 @@ class CheckReport:
     sizes: dict[str, int] = field(default_factory=dict)  # "HxW" -> samples
     unreadable: list[str] = field(default_factory=list)
     stats: dict[str, list[float]] = field(default_factory=dict)
+    medical: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return not self.unreadable and len(self.bands) <= 1 and len(self.dtypes) <= 1 and self.checked > 0
+        return (not self.unreadable and len(self.bands) <= 1 and len(self.dtypes) <= 1 and self.checked > 0
+                and not self.warnings)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "clean": self.clean}
@@ -94,6 +100,7 @@ def check_dataset(dataset: ExploraDataset, *, split: str = "", max_samples: int 
                 moments.update(image)
     report.counts, report.bands, report.dtypes, report.sizes = dict(counts), dict(bands), dict(dtypes), dict(sizes)
     report.stats = moments.result()
+    report.medical, report.warnings = medical_report(dataset, indices)
     return report
 
 
@@ -115,6 +122,9 @@ def format_report(report: CheckReport, max_listed: int = 50) -> str:
         lines += [f"    {msg}" for msg in report.unreadable[:max_listed]]
         if len(report.unreadable) > max_listed:
             lines.append(f"    ... and {len(report.unreadable) - max_listed} more")
+    for key, value in report.medical.items():
+        lines.append(f"  {key}: {value}")
+    lines += [f"  warning: {w}" for w in report.warnings]
     if len(report.bands) > 1 or len(report.dtypes) > 1:
         lines.append("  inconsistent band counts or dtypes across samples")
     lines.append("  clean" if report.clean else "  NOT clean")

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from explora.core.errors import ConfigError, DataError
+from explora.data.windowing import require_unit_range
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -280,6 +281,7 @@ def _as_batch(images: torch.Tensor | np.ndarray) -> torch.Tensor:
         images = images.unsqueeze(0)
     if images.ndim != 4:
         raise DataError(f"MultiCrop expects images shaped (B, C, H, W), got {tuple(images.shape)}")
+    require_unit_range(images, "MultiCrop")
     return images if images.dtype == torch.uint8 else images.float()
 
 

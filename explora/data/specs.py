@@ -8,6 +8,9 @@ Examples::
     fashion_mnist:/usr/share/datasets/fashion-mnist:rgb=1
     eurosat:/data/EuroSAT                          resisc45:/data/NWPU-RESISC45
     wilds:camelyon17:train:/data/wilds             torchgeo:EuroSAT:/data/eurosat
+    dicom:/data/ct:window=lung,frame=all           nifti:/data/vols:axis=2,skip_empty=1,window=brain
+
+Any spec also takes ``by=<group>,val_fraction=0.2`` for a patient-level split (:mod:`explora.data.splits`).
 
 Options come after the path as ``key=value`` pairs separated by commas (a value may itself be a comma list, as
 ``drop=0,9,10``); ExPLoRA's bare band list ``fmow_sentinel:<csv>:0,9,10`` means ``drop=0,9,10``.
@@ -25,16 +28,20 @@ from torch.utils.data import Dataset
 
 from explora.core.errors import ConfigError
 from explora.data.base import ExploraDataset
+from explora.data.dicom import DicomDataset
 from explora.data.external import WrappedDataset, torchgeo_dataset, wilds_dataset
 from explora.data.fmow import FMoWRGB, FMoWSentinel, FMoWTemporal
 from explora.data.folders import RESISC45, EuroSAT, ImageFolderDataset, UnlabeledFolder
 from explora.data.idx import IdxDataset
 from explora.data.lists import CsvDataset
+from explora.data.nifti import NiftiSlices
+from explora.data.splits import OPTIONS as GROUP_OPTIONS
+from explora.data.splits import grouped_split
 
 _BAND_LIST = re.compile(r"^\d+(,\d+)*$")
-_INT_KEYS = {"chip", "stride", "frames", "image_size"}
+_INT_KEYS = {"chip", "stride", "frames", "image_size", "channels", "axis", "seed"}
 _LIST_KEYS = {"drop"}
-_BOOL_KEYS = {"rgb", "download"}
+_BOOL_KEYS = {"rgb", "download", "skip_empty"}
 
 
 def parse_spec(spec: str) -> tuple[str, list[str], dict[str, Any]]:
@@ -110,6 +117,8 @@ BUILDERS: dict[str, Callable[..., ExploraDataset]] = {
     "mnist": _idx("mnist"),
     "wilds": _wilds,
     "torchgeo": _torchgeo,
+    "dicom": lambda parts, split, **kw: DicomDataset(_path("dicom", parts), **kw),
+    "nifti": lambda parts, split, **kw: NiftiSlices(_path("nifti", parts), **kw),
 }
 
 
@@ -130,9 +139,12 @@ def build_dataset(spec: str | Dataset, *, split: str = "train", image_size: int 
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"dataset spec {spec!r}: unknown dataset {name!r}{hint} (known: {', '.join(BUILDERS)})")
     kwargs: dict[str, Any] = {"image_size": image_size, "on_error": on_error, **kw, **opts}
+    grouping = {k: kwargs.pop(k) for k in GROUP_OPTIONS if k in kwargs}
+    split = kwargs.pop("split", split)
     try:
-        return builder(parts, kwargs.pop("split", split), **kwargs)
+        dataset = builder(parts, split, **kwargs)
     except TypeError as e:
         if "unexpected keyword" in str(e):
             raise ConfigError(f"dataset spec {spec!r}: {e}") from e
         raise
+    return grouped_split(dataset, split, grouping) if grouping else dataset

@@ -67,4 +67,7 @@ def compute_stats(dataset: Dataset, max_samples: int | None = None, *, batch_siz
             by_shape.setdefault(tuple(im.shape), []).append(im)
         for group in by_shape.values():
             moments.update(torch.stack(group))  # (B, C, H, W)
-    return {**moments.result(), "samples": len(indices)}
+    from explora.data.medical import medical_report
+
+    medical, _ = medical_report(dataset, indices)  # DICOM / NIfTI: intensity range before and after windowing
+    return {**moments.result(), "samples": len(indices), **({"intensity": medical["intensity"]} if medical else {})}

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from explora.core.errors import ConfigError, DataError
+from explora.data.windowing import require_unit_range
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class EvalTransform:
         )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        require_unit_range(images, "evaluation transform")
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()  # (B, C, H, W) in [0, 1]
         if x.shape[1] != len(self.mean):
             raise DataError(f"images have {x.shape[1]} bands but the transform has {len(self.mean)} mean values")

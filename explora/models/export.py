@@ -180,6 +180,7 @@ def export_backbone(
     family = _family(model, timm_name, meta)
     sd = _plain(merged_state_dict(model))
     model_args = dict(meta.pop("model_args", None) or infer_model_args(model, timm_name))
+    input_channels = meta.pop("input_channels", None)  # how grayscale data met the channels (medical data)
     extras = getattr(model, "explora_extras", None) or {}
     paths: dict[str, Path] = {}
 
@@ -212,6 +213,7 @@ def export_backbone(
         "pos_embed_grid": stored,
         "pos_embed_trained_grid": _trained_grid(model, size) if stored is not None else None,
         "in_chans": int(model.patch_embed.proj.in_channels),
+        **({"input_channels": input_channels} if input_channels else {}),
         "num_features": int(model.num_features),
         "files": {k: {"path": p.name, "sha256": _sha256(p)} for k, p in paths.items()},
         "provenance": {

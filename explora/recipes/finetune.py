@@ -45,6 +45,7 @@ from torchvision.ops import roi_align
 
 from explora.core.errors import ConfigError, DataError
 from explora.data.multicrop import random_resized_crop_boxes
+from explora.data.windowing import require_unit_range
 from explora.eval.features import EvalTransform, eval_transform_for
 from explora.eval.metrics import classification_metrics, save_metrics
 from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
@@ -356,6 +357,7 @@ class FinetuneTransform:
         timestamps: torch.Tensor | None = None,
         **extras: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        require_unit_range(images, "fine-tuning augmentation")
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()  # (B, C, H, W) in [0, 1]
         b, c, h, w = x.shape
         if timestamps is not None and (timestamps.ndim != 3 or timestamps.shape[0] != b or timestamps.shape[2] != 3):

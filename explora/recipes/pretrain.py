@@ -194,7 +194,9 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
 
         spec = get_backbone_spec(cfg.model.name)
         encoder = objective.export_backbone()
-        metadata = {"config": to_dict(cfg), "steps": result.steps_done}
+        from explora.data.medical import input_channels_record
+
+        metadata = {"config": to_dict(cfg), "steps": result.steps_done, **input_channels_record(dataset)}
         if is_wrapped(encoder):  # group-channel / temporal MAE: safetensors + sidecar describing the wrapper
             paths = export_wrapped_encoder(
                 encoder, out / "export", spec.timm_name, base_model_args(cfg, spec.timm_name), metadata

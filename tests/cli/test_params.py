@@ -39,3 +39,15 @@ def test_params_official_presets_reproduce_the_paper(capsys):
         assert report["trainable_backbone"] == count and report["preset"] == preset
     assert main(["params", "--model", "dinov2_vitl14", "--preset", "D-[L]-r64-official"]) == 0
     assert "| embeddings | 1,024 |" in capsys.readouterr().out  # the cls token's row
+
+
+def test_params_counts_a_one_channel_patch_embedding(capsys):
+    """Grayscale with in_chans=1: the summed RGB filters make the patch embedding 2/3 smaller."""
+    counts = {}
+    for c in (3, 1):
+        assert main(["params", "--json", "--model", "test_dinov2", "--in-chans", str(c)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["in_chans"] == c
+        counts[c] = out["backbone_total"]
+    embed, patch = 64, 8  # test_dinov2: width 64, patch 8
+    assert counts[3] - counts[1] == 2 * embed * patch * patch

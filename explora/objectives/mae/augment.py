@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from explora.data.multicrop import random_resized_crop_boxes
+from explora.data.windowing import require_unit_range
 
 
 def random_resized_crop_flip(
@@ -33,5 +34,6 @@ def random_resized_crop_flip(
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float in [0, 1]; float images pass through (the Samples contract)."""
+    """uint8 images -> float in [0, 1]; float images pass through (the Samples contract); raw 16-bit is refused."""
+    require_unit_range(images, "MAE augmentation")
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
