@@ -54,6 +54,9 @@ def require_pydicom() -> Any:
         import pydicom
     except ImportError as e:
         raise DataError("reading DICOM files needs pydicom>=3: pip install 'explora[medical]'") from e
+    if int(pydicom.__version__.split(".")[0]) < 3:  # pydicom.pixels (per-frame decoding) arrived in 3.0
+        raise DataError(f"reading DICOM files needs pydicom>=3, found {pydicom.__version__}: "
+                        "pip install -U 'explora[medical]'")
     return pydicom
 
 
