@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from explora.core.errors import DivergenceError
-from explora.engine.trainer import OptimConfig, TrainConfig, mark_frozen, train, training_state
+from explora.engine.trainer import OptimConfig, TrainConfig, train, training_state
 from explora.objectives.base import Objective, ObjectiveOutput
 
 
@@ -26,7 +26,6 @@ class ToyObjective(Objective):
         super().__init__()
         self.blocks = nn.ModuleList([nn.Linear(12, 16), nn.Linear(16, 4)])
         self.blocks[0].requires_grad_(False)
-        mark_frozen(self)
         self.drop = nn.Dropout(0.2)
         self.register_buffer("ema", torch.zeros(4, 16))
         self.fail_at, self.nan_from = fail_at, nan_from
