@@ -124,10 +124,7 @@ def untie_shared_parameters(module: nn.Module) -> int:
             if p is None:
                 continue
             if id(p) in seen:
-                clone = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-                if getattr(p, "_explora_frozen", False):
-                    clone._explora_frozen = True  # type: ignore[attr-defined]
-                sub._parameters[name] = clone
+                sub._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
                 copies += 1
             else:
                 seen.add(id(p))
@@ -185,16 +182,13 @@ def gather_full_(module: nn.Module) -> nn.Module:
     """Replace every DTensor parameter and buffer of ``module`` by its full plain tensor, in place (a collective).
 
     Ends FSDP2 training of ``module``: every process calls it after the last step; then rank 0 exports, evaluates
-    or saves the model exactly as in a single-process run. ``requires_grad`` and the ``_explora_frozen`` tag are
-    kept. A no-op for modules that were never sharded.
+    or saves the model exactly as in a single-process run. ``requires_grad`` is kept (the frozen state is known by
+    name: ``Objective.frozen_state_names``). A no-op for modules that were never sharded.
     """
     for sub in module.modules():  # same order on every rank, so the all-gathers pair up
         for name, p in list(sub._parameters.items()):
             if isinstance(p, DTensor):
-                full = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
-                if getattr(p, "_explora_frozen", False):
-                    full._explora_frozen = True  # type: ignore[attr-defined]
-                sub._parameters[name] = full
+                sub._parameters[name] = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
         for name, b in list(sub._buffers.items()):
             if isinstance(b, DTensor):
                 sub._buffers[name] = b.full_tensor().detach().clone()
