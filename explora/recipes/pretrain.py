@@ -140,9 +140,9 @@ def build_objective(cfg: PretrainConfig, dataset_stats: tuple[tuple[float, ...],
         objective = DinoV2Objective(backbone, from_dict(DinoV2Config, section, "dinov2"), total_steps=cfg.train.steps)
     else:
         from explora.objectives.mae.config import MAEConfig
-        from explora.objectives.mae.objective import MAEObjective
+        from explora.objectives.mae.variants import build_mae_objective
 
-        objective = MAEObjective(backbone, from_dict(MAEConfig, section, "mae"))
+        objective = build_mae_objective(backbone, from_dict(MAEConfig, section, "mae"))
     if cfg.model.compile:
         if cfg.train.strategy == "fsdp2":
             raise ConfigError("model.compile with train.strategy=fsdp2 is not tested; use ddp or model.compile=false.")
