@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explora.core.errors import ConfigError
+from explora.models.params import gradient_and_moment_bytes
 
 MIB = 1024**2
 PRECISIONS = ("fp32", "bf16")
@@ -171,8 +172,7 @@ def _static(objective: nn.Module) -> dict[str, int]:
         if name.startswith("teacher.") and id(p) not in student:
             out["teacher_ema_copies"] += p.numel() * p.element_size()
     out["buffers"] = sum(b.numel() * b.element_size() for b in objective.buffers())
-    out["gradients"] = trainable * 4  # grads have the parameter dtype (fp32) under autocast too
-    out["adamw_moments"] = 2 * trainable * 4  # exp_avg + exp_avg_sq per trainable tensor (fp32)
+    out["gradients"], out["adamw_moments"] = gradient_and_moment_bytes(trainable)  # fp32 parameters
     out["_trainable_params"] = trainable
     return out
 
