@@ -2,7 +2,7 @@
 
 DinoV2 precomputes numpy arrays indexed by iteration (``dinov2/utils/utils.py: CosineScheduler``); MAE computes a
 half-cycle cosine per iteration (``util/lr_sched.py``). Both are "linear warm-up, then cosine from base to final";
-one function covers them.
+one function covers them. The DinoV2 objective's teacher temperature and momentum are the two others here.
 """
 
 from __future__ import annotations
@@ -21,11 +21,24 @@ def warmup_cosine(
     return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
 
 
-def linear_warmup_then_constant(step: int, warmup_steps: int, start: float, end: float) -> float:
-    """Linear ramp from ``start`` to ``end`` over ``warmup_steps`` then constant (DinoV2 teacher temperature)."""
-    if warmup_steps <= 0 or step >= warmup_steps:
+def linspace_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """``np.linspace(start, end, warmup_steps)[step]`` during the warm-up, then ``end`` (``warmup_steps`` 0: ``end``).
+
+    DinoV2's teacher temperature (``dinov2/train/train.py``: ``CosineScheduler`` with ``base_value = final_value``
+    and a warm-up): the last warm-up step already has ``end``; one warm-up step is ``start``.
+    """
+    if step >= warmup_steps:
         return end
-    return start + (end - start) * step / warmup_steps
+    if warmup_steps == 1:
+        return start
+    return start + max(step, 0) * (end - start) / (warmup_steps - 1)
+
+
+def cosine(step: int, total_steps: int, base: float, final: float) -> float:
+    """Cosine from ``base`` (step 0) to ``final`` (step ``total_steps`` and after), no warm-up (DinoV2 teacher
+    momentum: ``CosineScheduler`` over ``optim.epochs * OFFICIAL_EPOCH_LENGTH`` iterations)."""
+    frac = min(max(step, 0) / max(total_steps, 1), 1.0)
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * frac))
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:

@@ -92,6 +92,11 @@ class CheckpointManager:
 
     def load_latest(self) -> dict[str, Any] | None:
         """The newest intact checkpoint (warning about each broken newer one), or None when there is none."""
+        found = self.latest()
+        return None if found is None else found[1]
+
+    def latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest intact checkpoint's path and contents (warning about each broken newer one), or None."""
         for step in reversed(self._steps()):
             problem = self.verify(step)
             if problem is not None:
@@ -100,7 +105,7 @@ class CheckpointManager:
                 )
                 continue
             try:
-                return torch.load(self.path_for(step), map_location="cpu", weights_only=True)
+                return self.path_for(step), torch.load(self.path_for(step), map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - any unpickling failure means this file is unusable
                 warnings.warn(f"skipping checkpoint {self.path_for(step)}: cannot be read ({e}).", stacklevel=2)
         return None

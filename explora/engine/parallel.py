@@ -1,74 +1,34 @@
-"""torch.distributed set-up for ``torchrun`` (DDP or FSDP2), degrading to one process when no launcher is present.
+"""Data-parallel wrapping for ``torchrun`` (DDP or FSDP2), degrading to the module itself in one process.
 
-Every collective in explora goes through guarded helpers that are no-ops without a process group — DinoV2's own
-Sinkhorn-Knopp calls ``dist.all_reduce`` unguarded and crashes single-process runs. See docs/distributed.md for
-what is all-reduced and the tolerances measured against single-process runs.
+The process helpers (rank, world size, guarded collectives, set-up) live in :mod:`explora.core.distributed` and are
+re-exported here, so ``from explora.engine import parallel as D`` keeps giving the whole toolbox. See
+docs/distributed.md for what is all-reduced and the tolerances measured against single-process runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
 from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from explora.core.distributed import (  # noqa: F401 - re-exported: the engine's callers use D.rank() etc.
+    all_gather_objects,
+    all_reduce_,
+    barrier,
+    cleanup,
+    full_tensor,
+    init_distributed,
+    is_dist,
+    is_main,
+    local_shards,
+    rank,
+    world_size,
+)
 from explora.core.errors import ConfigError
-
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_dist() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (sum or mean) across processes; identity in a single process."""
-    if is_dist():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        if op == "mean":
-            tensor /= world_size()
-    return tensor
-
-
-def barrier() -> None:
-    if is_dist():
-        dist.barrier()
-
-
-def init_distributed() -> torch.device:
-    """Initialise from torchrun's environment (nccl on CUDA, gloo on CPU); return this process's device."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not is_dist():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            backend = "nccl"
-        else:
-            backend = "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def cleanup() -> None:
-    if is_dist():
-        dist.destroy_process_group()
-
 
 # -- logging values of the global batch ------------------------------------------------------------------------
 
@@ -129,12 +89,15 @@ def gradient_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     if enabled:
         yield
         return
-    if hasattr(model, "no_sync"):  # DDP
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
         return
-    sharded = getattr(model, "module", model)
-    if not hasattr(sharded, "set_requires_gradient_sync"):  # not wrapped: gradients are local anyway
+    sharded = model.module if isinstance(model, _GlobalOutput) else model
+    if not isinstance(sharded, FSDPModule):  # not wrapped: gradients are local anyway
         yield
         return
     sharded.set_requires_gradient_sync(False)
@@ -161,10 +124,7 @@ def untie_shared_parameters(module: nn.Module) -> int:
             if p is None:
                 continue
             if id(p) in seen:
-                clone = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-                if getattr(p, "_explora_frozen", False):
-                    clone._explora_frozen = True  # type: ignore[attr-defined]
-                sub._parameters[name] = clone
+                sub._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
                 copies += 1
             else:
                 seen.add(id(p))
@@ -209,19 +169,6 @@ def shard_fsdp2(module: nn.Module, device: torch.device, precision: str = "fp32"
     return _GlobalOutput(module)
 
 
-def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """This process's local shard of each tensor (DTensor -> ``to_local()``, plain tensors unchanged).
-
-    In-place ops on the result modify the sharded parameter, which is what a shard-to-shard EMA needs.
-    """
-    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor (a collective: every process must call it); plain tensors unchanged."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def full_state_dict(module: nn.Module, exclude: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """``module.state_dict()`` with every DTensor gathered to a plain tensor (collective under FSDP2).
 
@@ -235,18 +182,15 @@ def gather_full_(module: nn.Module) -> nn.Module:
     """Replace every DTensor parameter and buffer of ``module`` by its full plain tensor, in place (a collective).
 
     Ends FSDP2 training of ``module``: every process calls it after the last step; then rank 0 exports, evaluates
-    or saves the model exactly as in a single-process run. ``requires_grad`` and the ``_explora_frozen`` tag are
-    kept. A no-op for modules that were never sharded.
+    or saves the model exactly as in a single-process run. ``requires_grad`` is kept (the frozen state is known by
+    name: ``Objective.frozen_state_names``). A no-op for modules that were never sharded.
     """
     for sub in module.modules():  # same order on every rank, so the all-gathers pair up
         for name, p in list(sub._parameters.items()):
-            if p is not None and hasattr(p, "full_tensor"):
-                full = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
-                if getattr(p, "_explora_frozen", False):
-                    full._explora_frozen = True  # type: ignore[attr-defined]
-                sub._parameters[name] = full
+            if isinstance(p, DTensor):
+                sub._parameters[name] = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
         for name, b in list(sub._buffers.items()):
-            if b is not None and hasattr(b, "full_tensor"):
+            if isinstance(b, DTensor):
                 sub._buffers[name] = b.full_tensor().detach().clone()
     return module
 

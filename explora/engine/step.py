@@ -8,12 +8,13 @@ scaled by ``1/n`` (MAE ``engine_pretrain.py``: ``loss /= accum_iter``), so the g
 effective batch wherever the loss is a mean over images. Gradients accumulate across stages and micro-batches;
 under DDP/FSDP2 only the last stage of the last micro-batch synchronises them
 (:func:`explora.engine.parallel.gradient_sync`), so the communication per optimiser step is unchanged. The
-trainer, the demo and the benchmarks take their steps through here.
+trainer, the demo and the benchmarks take their steps through here; :func:`optimizer_step` adds the rest of one
+optimiser step (the non-finite checks, clipping, the update and the objective's after-step hook).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from explora.core.precision import autocast
 from explora.engine import parallel as D
+from explora.engine.optim import clip_gradients
 
 
 @dataclass
@@ -44,7 +46,7 @@ def forward_backward(model: nn.Module, objective: nn.Module, batch: dict[str, to
     ``loss_scale`` multiplies the loss before its backward (not the returned values); ``sync=False`` keeps every
     stage's gradients local (a micro-batch before the last of an accumulated step).
     """
-    stages = objective.backward_stages() if hasattr(objective, "backward_stages") else 1
+    stages = objective.backward_stages()  # type: ignore[operator]
     loss, terms = None, {}
     for k in range(stages):
         with D.gradient_sync(model, enabled=sync and k == stages - 1):
@@ -91,3 +93,53 @@ def mean_output(outputs: list[StepOutput]) -> StepOutput:
     loss = sum(o.loss for o in outputs) / n
     terms = {k: sum(o.terms[k] for o in outputs if k in o.terms) / n for k in outputs[0].terms}
     return StepOutput(loss, terms, finite=all(o.finite for o in outputs))
+
+
+class StepBatches:
+    """The micro-batches of one optimiser step on ``device``: ``first``, then the next ``accum - 1`` drawn from
+    ``batches`` only when the previous one has run (one micro-batch on the device at a time). ``images`` counts
+    the images handed out."""
+
+    def __init__(self, first: dict[str, torch.Tensor], batches: Iterator, step: int, accum: int,
+                 device: torch.device) -> None:
+        self.first, self.batches, self.step, self.accum, self.device = first, batches, step, accum, device
+        self.images = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        batch = self.first
+        for micro in range(self.accum):
+            if micro:
+                got_step, got_micro, batch = next(self.batches)
+                assert (got_step, got_micro) == (self.step, micro), (got_step, got_micro, self.step, micro)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            self.images += batch["labels"].shape[0] if "labels" in batch else next(iter(batch.values())).shape[0]
+            yield batch
+
+
+@dataclass
+class OptimizerStep:
+    """One optimiser step's outcome: the (mean) output, the gradient norm before clipping (None when the loss was
+    not finite), and what was non-finite when the update was dropped (``"loss"``, ``"gradients"``; None: done)."""
+
+    out: StepOutput
+    grad_norm: torch.Tensor | None = None
+    nonfinite: str | None = None
+
+
+def optimizer_step(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                   clip: list[list[torch.Tensor]], clip_grad: float, batches: StepBatches, precision: str,
+                   device: torch.device) -> OptimizerStep:
+    """Forward/backward over ``batches``, then clip (per group of ``clip``) and update, unless the loss or the
+    gradient norm is not finite: then the gradients are dropped and nothing changes (the caller counts the skip)."""
+    out = accumulate_step(model, objective, batches, batches.accum, batches.step, precision, device)
+    if not out.finite:
+        optimizer.zero_grad(set_to_none=True)
+        return OptimizerStep(out, nonfinite="loss")
+    grad_norm = clip_gradients(clip, clip_grad)  # the total norm before clipping
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return OptimizerStep(out, grad_norm, nonfinite="gradients")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    objective.on_optimizer_step(batches.step)  # type: ignore[operator]
+    return OptimizerStep(out, grad_norm)

@@ -175,16 +175,26 @@ class MemoryEstimate:
         return "\n".join(lines + [""] + self.notes)
 
 
+def gradient_and_moment_bytes(trainable: int, bytes_per_param: int = 4) -> tuple[int, int]:
+    """Bytes of the gradients (parameter dtype, also under autocast) and of AdamW's two fp32 moments (exp_avg,
+    exp_avg_sq) of ``trainable`` parameters: the part of training memory both estimates share
+    (:func:`memory_estimate` here, ``explora.recipes.memory`` per step)."""
+    return trainable * bytes_per_param, 2 * trainable * 4
+
+
 def memory_estimate(report: ParamReport, bytes_per_param: int = 4, teacher_copy: bool = False) -> MemoryEstimate:
-    """Weights (+ an EMA teacher copy of the trainable tensors if asked), fp32 grads and two AdamW moments."""
+    """Weights (+ an EMA teacher copy of the trainable tensors if asked), fp32 grads and two AdamW moments.
+
+    The static part only, from a parameter count; ``explora.recipes.memory.estimate_pretrain_memory`` predicts a
+    whole pre-training step (activations included) from a config."""
     all_params = report.backbone_total + report.lora_total + report.extra_total
     weights = all_params * bytes_per_param
     if teacher_copy:
         weights += report.trainable_total * bytes_per_param
-    trainable = report.trainable_total
+    gradients, optimizer = gradient_and_moment_bytes(report.trainable_total, bytes_per_param)
     return MemoryEstimate(
         weights=weights,
-        gradients=trainable * bytes_per_param,
-        optimizer=2 * trainable * 4,
+        gradients=gradients,
+        optimizer=optimizer,
         notes=["Activations are not included; they depend on batch size, crops and gradient checkpointing."],
     )

@@ -6,11 +6,14 @@ is computed. Keeping the boundary this small is what lets DinoV2, MAE and superv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+
+from explora.models.params import ParamReport, parameter_report
 
 BatchTransform = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
 
@@ -23,10 +26,40 @@ class ObjectiveOutput:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def parameter_names(module: nn.Module, params: Iterable[nn.Parameter]) -> frozenset[str]:
+    """The state-dict names under which ``module`` holds ``params`` (every name of a tensor registered twice, as the
+    DinoV2 teacher's shared frozen copies are); empty tensors are left out."""
+    ids = {id(p) for p in params}
+    return frozenset(n for n, p in module.named_parameters(remove_duplicate=False) if id(p) in ids and p.numel())
+
+
 class Objective(nn.Module):
-    """Base class: subclasses implement ``batch_transform``, ``forward`` and ``export_backbone``."""
+    """Base class: subclasses implement ``batch_transform``, ``forward``, ``export_backbone`` and
+    ``parameter_report``, and keep their settings in ``self.config`` (a dataclass)."""
 
     name: str = "objective"
+    config: Any = None
+    _frozen_names: frozenset[str] | None = None  # set by record_frozen
+
+    def record_frozen(self, pretrained: Iterable[nn.Parameter]) -> None:
+        """Declare ``pretrained`` (the backbone's tensors frozen by ``apply_explora``) as the frozen state.
+
+        Call it at the end of ``__init__``, with the tensors taken from the backbone before the objective froze
+        anything of its own (an EMA teacher's copies, a fixed head gain): those change or are random, so they stay
+        in checkpoints. Recorded as names, which survive ``.to()``, FSDP2 sharding and ``model.compile``.
+        """
+        self._frozen_names = parameter_names(self, pretrained)
+
+    def frozen_state_names(self) -> frozenset[str]:
+        """State-dict names of the pre-trained tensors training never changes: left out of checkpoints, rebuilt
+        from the source weights on resume (ViT-L: 18.7M instead of 300M+ parameters per file).
+
+        Those given to :meth:`record_frozen`; an objective that records none (supervised fine-tuning, whose every
+        frozen tensor is pre-trained) has every parameter with ``requires_grad=False`` now.
+        """
+        if self._frozen_names is not None:
+            return self._frozen_names
+        return parameter_names(self, [p for p in self.parameters() if not p.requires_grad])
 
     def batch_transform(self) -> BatchTransform:
         """A picklable callable run in data-loader workers: ``(images (B,C,H,W), generator) -> batch dict``."""
@@ -66,3 +99,8 @@ class Objective(nn.Module):
     def export_backbone(self) -> nn.Module:
         """The backbone to export at the end of training (LoRA not yet merged)."""
         raise NotImplementedError
+
+    def parameter_report(self) -> ParamReport:
+        """Trainable parameters per ExPLoRA group: the backbone's in the paper's count, every other trained module
+        (heads, decoder) as ``extra``. Default: the exported backbone, no extras."""
+        return parameter_report(self.export_backbone())

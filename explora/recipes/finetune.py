@@ -705,7 +705,7 @@ def run_finetune(
 
     from explora.engine import parallel as D
     from explora.engine.lengths import resolve_lengths, run_length
-    from explora.engine.trainer import mark_frozen, train
+    from explora.engine.trainer import train
 
     out_dir = Path(out_dir)
     num_classes = int(getattr(train_set, "num_classes", 0) or 0)
@@ -719,7 +719,6 @@ def run_finetune(
         backbone, num_classes, mode=mode, pool=pool or chosen.pool, lora_rank=lora_rank, preset=chosen.preset
     )
     model.train()  # exports load in eval mode; the engine trains what it is given
-    mark_frozen(model)
     objective = FinetuneObjective(
         model, num_classes, image_size, train_set.mean, train_set.std, aug or chosen.aug_config()
     )

@@ -22,7 +22,7 @@ transients that are freed before the student's activations exist (reported as it
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explora.core.errors import ConfigError
+from explora.models.params import gradient_and_moment_bytes
 
 MIB = 1024**2
 PRECISIONS = ("fp32", "bf16")
@@ -142,20 +143,16 @@ def _tokens(size: int, patch: int, prefix: int) -> int:
 
 
 def _meta_objective(cfg: Any) -> nn.Module:
-    """The configured DinoV2 objective on the meta device (no memory, no weights read)."""
-    from explora.models.adapt import apply_explora, apply_preset
-    from explora.models.backbone import build_backbone
-    from explora.objectives.dinov2.objective import DinoV2Objective
-    from explora.recipes.pretrain import objective_config
+    """The configured DinoV2 objective on the meta device (no memory, no weights read), as the run builds it.
 
+    Compilation, gradient checkpointing and the uniform drop-path layout are left out: the estimate models
+    checkpointing itself, and the others do not change what a step keeps alive.
+    """
+    from explora.recipes.pretrain import build_objective
+
+    model = replace(cfg.model, weights=None, compile=False, grad_checkpointing=False, drop_path_uniform=False)
     with torch.device("meta"):
-        backbone = build_backbone(cfg.model.name, weights=None, img_size=cfg.model.img_size,
-                                  in_chans=cfg.model.in_chans, drop_path_rate=cfg.model.drop_path_rate)
-        if cfg.adapt.preset:
-            apply_preset(backbone, cfg.adapt.preset, **cfg.adapt.overrides())
-        else:
-            apply_explora(backbone, **cfg.adapt.overrides())
-        return DinoV2Objective(backbone, objective_config(cfg), total_steps=cfg.train.steps)
+        return build_objective(replace(cfg, model=model))
 
 
 def _static(objective: nn.Module) -> dict[str, int]:
@@ -175,8 +172,7 @@ def _static(objective: nn.Module) -> dict[str, int]:
         if name.startswith("teacher.") and id(p) not in student:
             out["teacher_ema_copies"] += p.numel() * p.element_size()
     out["buffers"] = sum(b.numel() * b.element_size() for b in objective.buffers())
-    out["gradients"] = trainable * 4  # grads have the parameter dtype (fp32) under autocast too
-    out["adamw_moments"] = 2 * trainable * 4  # exp_avg + exp_avg_sq per trainable tensor (fp32)
+    out["gradients"], out["adamw_moments"] = gradient_and_moment_bytes(trainable)  # fp32 parameters
     out["_trainable_params"] = trainable
     return out
 
@@ -197,7 +193,7 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
         raise ConfigError(f"train.precision: got {precision!r}, expected one of {PRECISIONS}")
     ckpt = cfg.model.grad_checkpointing if grad_checkpointing is None else grad_checkpointing
     objective = _meta_objective(cfg)
-    dcfg = objective.cfg
+    dcfg = objective.config
     vit = objective.student["backbone"]
     if fused_attention is not None:
         for blk in vit.blocks:

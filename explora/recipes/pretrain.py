@@ -18,7 +18,7 @@ from explora.core.config import from_dict, load_yaml, merge_overrides, save_yaml
 from explora.core.errors import ConfigError, DataError
 from explora.engine import parallel as D
 from explora.engine.lengths import resolve_lengths
-from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, mark_frozen, train
+from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, train
 
 
 @dataclass
@@ -130,7 +130,6 @@ def build_objective(cfg: PretrainConfig, dataset_stats: tuple[tuple[float, ...],
         apply_preset(backbone, cfg.adapt.preset, **cfg.adapt.overrides())
     else:
         apply_explora(backbone, **cfg.adapt.overrides())
-    mark_frozen(backbone)
     section = dict(cfg.dinov2 if cfg.objective == "dinov2" else cfg.mae)
     if dataset_stats is not None and "mean" not in section and "std" not in section:
         section["mean"], section["std"] = (list(v) for v in dataset_stats)
@@ -141,9 +140,9 @@ def build_objective(cfg: PretrainConfig, dataset_stats: tuple[tuple[float, ...],
         objective = DinoV2Objective(backbone, from_dict(DinoV2Config, section, "dinov2"), total_steps=cfg.train.steps)
     else:
         from explora.objectives.mae.config import MAEConfig
-        from explora.objectives.mae.objective import MAEObjective
+        from explora.objectives.mae.variants import build_mae_objective
 
-        objective = MAEObjective(backbone, from_dict(MAEConfig, section, "mae"))
+        objective = build_mae_objective(backbone, from_dict(MAEConfig, section, "mae"))
     if cfg.model.compile:
         if cfg.train.strategy == "fsdp2":
             raise ConfigError("model.compile with train.strategy=fsdp2 is not tested; use ddp or model.compile=false.")

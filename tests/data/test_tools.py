@@ -15,7 +15,6 @@ from explora.cli.data import add_commands
 from explora.core.errors import ConfigError
 from explora.data.base import resize_square
 from explora.data.check import check_dataset
-from explora.data.loader import make_loader
 from explora.data.specs import build_dataset, parse_spec
 from explora.data.stats import BandMoments, compute_stats
 
@@ -102,11 +101,3 @@ def test_cli_check_and_stats(tmp_path, capsys):
     assert _run_cli(["data", "stats", f"imagefolder:{tmp_path / 'ok2'}"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["in_chans"] == 3 and len(stats["std"]) == 3 and stats["samples"] == 6
-
-
-def test_make_loader_batches_resized_samples(tmp_path):
-    image_folder(tmp_path)
-    ds = build_dataset(f"imagefolder:{tmp_path}", image_size=16)
-    loader = make_loader(ds, batch_size=4, num_workers=0, generator=torch.Generator().manual_seed(0))
-    images, labels = next(iter(loader))
-    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8 and len(loader) == 1

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explora.engine.step import accumulate_step, forward_backward
-from explora.engine.trainer import OptimConfig, TrainConfig, mark_frozen, train
+from explora.engine.trainer import OptimConfig, TrainConfig, train
 from explora.models.adapt import apply_preset
 from explora.objectives.base import Objective, ObjectiveOutput
 
@@ -237,7 +237,6 @@ class _Toy(Objective):
         super().__init__()
         self.blocks = nn.ModuleList([nn.Linear(12, 16), nn.Linear(16, 4)])
         self.blocks[0].requires_grad_(False)
-        mark_frozen(self)
         self.drop = nn.Dropout(0.2)
         self.register_buffer("ema", torch.zeros(4, 16))
         self.fail_at_call, self.nan_at_call, self.calls, self.ema_updates = fail_at_call, nan_at_call, 0, []

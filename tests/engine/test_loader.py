@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from explora.core.errors import DataError
-from explora.core.schedules import linear_warmup_then_constant, scaled_lr, warmup_cosine
+from explora.core.schedules import cosine, linspace_warmup, scaled_lr, warmup_cosine
 from explora.engine.loader import StepBatchSampler
 
 
@@ -36,7 +36,10 @@ def test_schedules():
     assert warmup_cosine(10, 100, 1.0, 0.0, warmup_steps=10) == pytest.approx(1.0)
     assert warmup_cosine(100, 100, 1.0, 0.1, warmup_steps=10) == pytest.approx(0.1)
     assert warmup_cosine(55, 100, 1.0, 0.0, warmup_steps=10) == pytest.approx(0.5)
-    assert linear_warmup_then_constant(15, 30, 0.04, 0.07) == pytest.approx(0.055)
+    assert linspace_warmup(15, 31, 0.04, 0.07) == pytest.approx(0.055)
+    assert linspace_warmup(30, 31, 0.04, 0.07) == 0.07 and linspace_warmup(0, 1, 0.04, 0.07) == 0.04
+    assert cosine(0, 100, 0.992, 1.0) == 0.992 and cosine(100, 100, 0.992, 1.0) == 1.0
+    assert cosine(50, 100, 0.992, 1.0) == pytest.approx(0.996) and cosine(200, 100, 0.992, 1.0) == 1.0
     assert scaled_lr(4e-3, 256, 1024, "sqrt") == pytest.approx(2e-3)
     assert scaled_lr(1.5e-4, 512, 256, "linear") == pytest.approx(3e-4)
     assert torch.tensor(1.0).item() == 1.0

@@ -9,7 +9,7 @@ from torch import nn
 
 from explora.core.errors import ConfigError
 from explora.engine.optim import apply_schedules, build_optimizer, build_param_groups, clip_gradients
-from explora.engine.trainer import OptimConfig, TrainConfig, clip_partition, mark_frozen, train
+from explora.engine.trainer import OptimConfig, TrainConfig, clip_partition, train
 from explora.models.adapt import apply_preset
 from explora.objectives.base import Objective, ObjectiveOutput
 
@@ -113,7 +113,6 @@ class _Head(Objective):
         super().__init__()
         self.blocks = nn.ModuleList([nn.Linear(12, 16)])
         self.blocks.requires_grad_(False)
-        mark_frozen(self)
         self.last_layer = nn.Linear(16, 4)
 
     def batch_transform(self):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from explora.core.errors import DivergenceError
-from explora.engine.trainer import OptimConfig, TrainConfig, mark_frozen, train, training_state
+from explora.core.errors import CheckpointError, DivergenceError
+from explora.engine.trainer import OptimConfig, TrainConfig, train, training_state
 from explora.objectives.base import Objective, ObjectiveOutput
 
 
@@ -26,7 +26,6 @@ class ToyObjective(Objective):
         super().__init__()
         self.blocks = nn.ModuleList([nn.Linear(12, 16), nn.Linear(16, 4)])
         self.blocks[0].requires_grad_(False)
-        mark_frozen(self)
         self.drop = nn.Dropout(0.2)
         self.register_buffer("ema", torch.zeros(4, 16))
         self.fail_at, self.nan_from = fail_at, nan_from
@@ -95,6 +94,22 @@ def test_checkpoints_leave_out_frozen_weights(tmp_path):
     obj = ToyObjective()
     state = training_state(obj)
     assert "blocks.0.weight" not in state and "blocks.1.weight" in state and "ema" in state
+
+
+def test_frozen_state_names_are_the_frozen_parameters_unless_recorded():
+    obj = ToyObjective()
+    assert obj.frozen_state_names() == {"blocks.0.weight", "blocks.0.bias"}
+    obj.record_frozen([obj.blocks[0].weight])  # e.g. the bias was frozen by the objective itself: checkpointed
+    assert obj.frozen_state_names() == {"blocks.0.weight"}
+    assert "blocks.0.bias" in training_state(obj) and "blocks.0.weight" not in training_state(obj)
+
+
+def test_resume_with_other_trainable_tensors_names_the_checkpoint(tmp_path):
+    train(ToyObjective(), Data(), _optim(), _cfg(steps=4), tmp_path / "run")
+    other = ToyObjective()
+    other.blocks[1].bias.requires_grad_(False)  # e.g. a checkpoint written before a tensor became trainable
+    with pytest.raises(CheckpointError, match=r"ckpt-00000004\.pt: its optimiser state does not match .*tensors"):
+        train(other, Data(), _optim(), _cfg(steps=8), tmp_path / "run", resume=True)
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):

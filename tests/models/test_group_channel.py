@@ -13,7 +13,7 @@ from conftest import LANDSAT_SCENE, require
 from explora.core.errors import ConfigError
 from explora.models.backbone import build_backbone
 from explora.models.group_channel import SENTINEL2_GROUPS, GroupChannelViT, sincos_1d, sincos_2d
-from explora.objectives.mae import MAEConfig, MAEObjective, build_feature_extractor
+from explora.objectives.mae import MAEConfig, MAEObjective, build_feature_extractor, build_mae_objective
 from explora.objectives.mae.loss import group_masked_mse
 
 SMALL = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4, group_dim=16, decoder_group_dim=8)
@@ -22,7 +22,7 @@ SMALL = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4, group_dim=16, dec
 def _obj(**kw) -> MAEObjective:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return MAEObjective(build_backbone("test_mae"), MAEConfig(kind="group_channel", **{**SMALL, **kw}))
+        return build_mae_objective(build_backbone("test_mae"), MAEConfig(kind="group_channel", **{**SMALL, **kw}))
 
 
 def test_sincos_values():

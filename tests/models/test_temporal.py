@@ -9,7 +9,7 @@ import torch
 
 from explora.models.backbone import build_backbone
 from explora.models.temporal import TemporalViT, timestamp_encoding
-from explora.objectives.mae import MAEConfig, MAEObjective, build_feature_extractor
+from explora.objectives.mae import MAEConfig, MAEObjective, build_feature_extractor, build_mae_objective
 
 TS = torch.tensor([[[2016, 1, 10], [2017, 6, 12], [2018, 11, 15]]] * 2)
 
@@ -43,7 +43,7 @@ def test_temporal_tokens_and_pooling(tiny_mae):
 def test_temporal_objective_same_mask_and_training_step():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        obj = MAEObjective(build_backbone("test_mae"), MAEConfig(
+        obj = build_mae_objective(build_backbone("test_mae"), MAEConfig(
             kind="temporal", decoder_dim=32, decoder_depth=1, decoder_heads=4, time_dim=16, decoder_time_dim=8,
             same_mask=True))
     batch = obj.batch_transform()(torch.rand(2, 9, 32, 32), torch.Generator().manual_seed(0), timestamps=TS)
@@ -60,7 +60,7 @@ def test_temporal_objective_same_mask_and_training_step():
 def _temporal_objective(**kw) -> MAEObjective:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return MAEObjective(build_backbone("test_mae"), MAEConfig(
+        return build_mae_objective(build_backbone("test_mae"), MAEConfig(
             kind="temporal", decoder_dim=32, decoder_depth=1, decoder_heads=4, time_dim=16, decoder_time_dim=8, **kw))
 
 

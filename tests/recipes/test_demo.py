@@ -7,6 +7,7 @@ import re
 
 import pytest
 from data_fixtures import idx_files
+from log_capture import explora_log
 
 from explora.recipes.demo.run import VARIANTS, DemoConfig, run_demo
 
@@ -65,10 +66,12 @@ def test_every_number_in_the_report_comes_from_the_metrics_files(demo_run):
     assert table_numbers <= values
 
 
-def test_rerun_reuses_finished_stages(demo_run, capsys):
+def test_rerun_reuses_finished_stages(demo_run):
     cfg, report = demo_run
-    run_demo(cfg)
-    out = capsys.readouterr().out
+    with explora_log() as messages:
+        run_demo(cfg)
+    out = "\n".join(messages)
+    assert "demo: figures" in out and "demo: report" in out
     assert "pre-training:" not in out  # every variant had finished
 
 

@@ -1,30 +1,20 @@
 """Teacher target normalisation: EMA centering (DINO) and Sinkhorn-Knopp (SwAV; DinoV2's ``train.centering``).
 
-Both follow DinoV2's ``dinov2/loss/dino_clstoken_loss.py`` and ``ibot_patch_loss.py``. Every collective is guarded by
-``torch.distributed.is_available() and is_initialized()`` so the same code runs in one process (upstream's iBOT
-Sinkhorn all-reduce is unguarded and crashes without a process group). Both run in fp32 with autocast disabled
-(:func:`~explora.objectives.dinov2.losses.autocast_off`), whatever the dtype of the teacher's logits.
+Both follow DinoV2's ``dinov2/loss/dino_clstoken_loss.py`` and ``ibot_patch_loss.py``. Every collective goes through
+:func:`explora.core.distributed.all_reduce_`, a no-op without a process group, so the same code runs in one process
+(upstream's iBOT Sinkhorn all-reduce is unguarded and crashes without a process group). Both run in fp32 with
+autocast disabled (:func:`~explora.objectives.dinov2.losses.autocast_off`), whatever the dtype of the teacher's
+logits.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from explora.core.distributed import all_reduce_
 from explora.objectives.dinov2.losses import autocast_off
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
-    """In-place all-reduce (sum by default) when a process group is initialised; identity otherwise."""
-    if _distributed():
-        dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
-    return t
 
 
 class EMACenter(nn.Module):
@@ -73,8 +63,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int 
 def _sinkhorn_knopp_fp32(teacher_logits: torch.Tensor, temp: float, n_iterations: int) -> torch.Tensor:
     """:func:`sinkhorn_knopp` on fp32 logits (N, K), autocast already off."""
     t = teacher_logits / temp  # (N, K)
-    shift = all_reduce_(t.max().reshape(1) if t.numel() else t.new_full((1,), -1e30), dist.ReduceOp.MAX
-                        if _distributed() else None)
+    shift = all_reduce_(t.max().reshape(1) if t.numel() else t.new_full((1,), -1e30), "max")
     q = torch.exp(t - shift).t()  # (K, N); the global shift cancels in the normalisation
     k = q.shape[0]
     n_global = all_reduce_(q.new_tensor([q.shape[1]])).item()

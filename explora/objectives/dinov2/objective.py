@@ -10,15 +10,17 @@ deep copy that *shares* every frozen tensor with the student and keeps its own E
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import warnings
 
 import torch
 from torch import nn
 
+from explora.core.distributed import full_tensor, local_shards
 from explora.core.errors import ConfigError
+from explora.core.schedules import cosine, linspace_warmup
 from explora.data.multicrop import MultiCrop
+from explora.models.params import ParamReport, parameter_report
 from explora.objectives.base import Objective, ObjectiveOutput
 from explora.objectives.dinov2.centering import EMACenter, sinkhorn_knopp
 from explora.objectives.dinov2.config import DinoV2Config
@@ -26,11 +28,6 @@ from explora.objectives.dinov2.heads import DINOHead
 from explora.objectives.dinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from explora.objectives.dinov2.masking import BlockMaskSampler
 from explora.vit.tokens import FrozenWeightCastCache, forward_tokens
-
-
-def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Local shards of DTensors (FSDP2), plain tensors unchanged; in-place ops on them update the parameter."""
-    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
 
 
 class DinoV2BatchTransform:
@@ -52,22 +49,12 @@ def teacher_temperature(cfg: DinoV2Config, step: int) -> float:
     ``np.linspace(warmup_teacher_temp, teacher_temp, W)`` over the ``W`` warm-up iterations, so the last warm-up step
     already has ``teacher_temp``; ``W = 0`` means no warm-up.
     """
-    w = cfg.warmup_teacher_temp_steps
-    if step >= w:
-        return cfg.teacher_temp
-    if w == 1:
-        return cfg.warmup_teacher_temp
-    return cfg.warmup_teacher_temp + max(step, 0) * (cfg.teacher_temp - cfg.warmup_teacher_temp) / (w - 1)
+    return linspace_warmup(step, cfg.warmup_teacher_temp_steps, cfg.warmup_teacher_temp, cfg.teacher_temp)
 
 
 def teacher_momentum(cfg: DinoV2Config, step: int, total_steps: int) -> float:
-    """Cosine schedule from ``momentum_teacher`` (step 0) to ``final_momentum_teacher`` (step ``total_steps``).
-
-    As upstream's ``CosineScheduler`` (no warm-up) over ``optim.epochs * OFFICIAL_EPOCH_LENGTH`` iterations.
-    """
-    frac = min(max(step, 0) / max(total_steps, 1), 1.0)
-    m0, m1 = cfg.momentum_teacher, cfg.final_momentum_teacher
-    return m1 + 0.5 * (m0 - m1) * (1 + math.cos(math.pi * frac))
+    """Cosine schedule from ``momentum_teacher`` (step 0) to ``final_momentum_teacher`` (step ``total_steps``)."""
+    return cosine(step, total_steps, cfg.momentum_teacher, cfg.final_momentum_teacher)
 
 
 def _checked_total_steps(total_steps: int, cfg: DinoV2Config) -> int:
@@ -112,7 +99,8 @@ class DinoV2Objective(Objective):
 
     def __init__(self, backbone: nn.Module, cfg: DinoV2Config | None = None, *, total_steps: int) -> None:
         super().__init__()
-        self.cfg = cfg = cfg or DinoV2Config()
+        self.config = cfg = cfg or DinoV2Config()
+        pretrained = [p for p in backbone.parameters() if not p.requires_grad]  # frozen by apply_explora
         self.total_steps = _checked_total_steps(total_steps, cfg)
         dim = backbone.embed_dim
         gain = dict(freeze_weight_norm_gain=cfg.freeze_weight_norm_gain)
@@ -145,6 +133,7 @@ class DinoV2Objective(Objective):
         self.patch_size = patch[0] if isinstance(patch, tuple | list) else int(patch)
         self._cast_cache = FrozenWeightCastCache()  # one bf16 copy of each frozen weight under autocast
         self._kept_targets: tuple | None = None  # (step, teacher targets) between the stages of a split backward
+        self.record_frozen(pretrained)  # in the student and, shared, in the teacher; not the heads' fixed gains
 
     # -- engine contract ---------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> DinoV2Objective:
@@ -153,7 +142,7 @@ class DinoV2Objective(Objective):
         return self
 
     def batch_transform(self) -> DinoV2BatchTransform:
-        cfg = self.cfg
+        cfg = self.config
         multicrop = MultiCrop(cfg.global_size, cfg.local_size, cfg.n_local, cfg.global_scale, cfg.local_scale,
                               cfg.mean, cfg.std, cfg.photometric, blur_p=cfg.blur_p)
         masks = BlockMaskSampler(cfg.global_size // self.patch_size, cfg.mask_probability, cfg.mask_ratio_min_max)
@@ -166,6 +155,11 @@ class DinoV2Objective(Objective):
         extras["mask_token"] = self.teacher_mask_token.detach().clone()
         backbone.explora_extras = extras
         return backbone
+
+    def parameter_report(self) -> ParamReport:
+        """The student backbone per ExPLoRA group; the DINO (and iBOT) head as ``extra``."""
+        student = self.student
+        return parameter_report(student["backbone"], extra={k: v for k, v in student.items() if k != "backbone"})
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Matching (student, teacher) lists of the trainable tensors, looked up by name (robust to ``.to()``)."""
@@ -184,20 +178,20 @@ class DinoV2Objective(Objective):
     @torch.no_grad()
     def on_optimizer_step(self, step: int) -> None:
         """EMA update of the teacher's trainable tensors (frozen ones are shared, nothing to do)."""
-        m = teacher_momentum(self.cfg, step, self.total_steps)
+        m = teacher_momentum(self.config, step, self.total_steps)
         s, t = self.ema_pairs()
         if t:  # under FSDP2 both sides are DTensors sharded alike: update shard-to-shard, no gather
-            t = _local(t)
+            t = local_shards(t)
             torch._foreach_mul_(t, m)
-            torch._foreach_add_(t, _local([p.detach() for p in s]), alpha=1 - m)
+            torch._foreach_add_(t, local_shards([p.detach() for p in s]), alpha=1 - m)
         token = self.mask_token.detach()
-        token = token.full_tensor() if hasattr(token, "full_tensor") else token  # (1, D); a collective under FSDP2
+        token = full_tensor(token)  # (1, D); a collective under FSDP2
         self.teacher_mask_token.mul_(m).add_(token, alpha=1 - m)
 
     # -- loss --------------------------------------------------------------------------------------------------
     def _targets(self, logits: torch.Tensor, center: EMACenter, temp: float) -> torch.Tensor:
-        if self.cfg.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, temp, self.cfg.sinkhorn_iterations)
+        if self.config.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temp, self.config.sinkhorn_iterations)
         probs = center.softmax_centered(logits, temp)
         center.update(logits)
         return probs
@@ -210,7 +204,7 @@ class DinoV2Objective(Objective):
         separate calls (up to matmul rounding) while its weights are read and cast once and the matmuls are larger.
         """
         sizes = [c.shape[0] for c in cls]
-        if self.cfg.separate_head:
+        if self.config.separate_head:
             return (list(net["dino_head"](torch.cat(cls)).split(sizes)),
                     None if patch is None else net["ibot_head"](patch))
         rows = cls if patch is None else [*cls, patch.to(cls[0].dtype)]
@@ -226,14 +220,14 @@ class DinoV2Objective(Objective):
         because they use every trainable tensor (the mask token, the iBOT head): the last stage is the one DDP
         synchronises, and DDP expects a gradient for every parameter it manages.
         """
-        mode, n_local = self.cfg.split_backward, self.cfg.n_local
+        mode, n_local = self.config.split_backward, self.config.n_local
         if mode == "none" or (mode == "crop_size" and not n_local):
             return [("all", 0, 0)]
         if mode == "crop_size":
             return [("local", 0, n_local), ("global", 0, 2)]
         prefix = getattr(self.student["backbone"], "num_prefix_tokens", 1)
-        t_global = (self.cfg.global_size // self.patch_size) ** 2 + prefix
-        t_local = (self.cfg.local_size // self.patch_size) ** 2 + prefix
+        t_global = (self.config.global_size // self.patch_size) ** 2 + prefix
+        t_local = (self.config.local_size // self.patch_size) ** 2 + prefix
         n_stages = -(-n_local // max(1, t_global // t_local)) if n_local else 0  # ceil
         sizes = [n_local // n_stages + (i < n_local % n_stages) for i in range(n_stages)]
         starts = [sum(sizes[:i]) for i in range(n_stages)]
@@ -278,7 +272,7 @@ class DinoV2Objective(Objective):
         return kept[1], kept[2]
 
     def _forward(self, batch: dict[str, torch.Tensor], step: int, stage: int | None) -> ObjectiveOutput:
-        cfg = self.cfg
+        cfg = self.config
         glob, local, masks = batch["global"], batch["local"], batch["masks"].bool()  # (2B,C,G,G) (nB,C,L,L) (2B,N)
         n_img = glob.shape[0]
         B = n_img // 2

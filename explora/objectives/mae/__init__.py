@@ -10,15 +10,25 @@ from explora.objectives.mae.objective import (
     build_feature_extractor,
     encode_visible,
 )
+from explora.objectives.mae.variants import (
+    MAE_OBJECTIVES,
+    GroupChannelMAEObjective,
+    TemporalMAEObjective,
+    build_mae_objective,
+)
 
 __all__ = [
+    "MAE_OBJECTIVES",
     "AllTokenPool",
+    "GroupChannelMAEObjective",
     "MAEBatchTransform",
     "MAEConfig",
     "MAEDecoder",
     "MAEObjective",
     "Mask",
+    "TemporalMAEObjective",
     "build_feature_extractor",
+    "build_mae_objective",
     "draw_noise",
     "encode_visible",
     "load_decoder_state",

@@ -1,8 +1,9 @@
 """ExPLoRA's MAE objective: continue masked reconstruction on target-domain images (paper-notes 1.5).
 
-One class covers the three input kinds of the paper: plain RGB (MAE, He et al. 2022), multispectral with
-SatMAE group-channel tokens, and SatMAE temporal frames (Cong et al. 2022). The encoder runs on visible tokens
-only; the decoder comes from the checkpoint's ``explora_extras["mae_decoder"]`` when it has one.
+:class:`MAEObjective` is plain RGB (MAE, He et al. 2022) and the shape the paper's other two input kinds share:
+multispectral with SatMAE group-channel tokens and SatMAE temporal frames (Cong et al. 2022), one subclass each in
+``variants.py``. The encoder runs on visible tokens only; the decoder comes from the checkpoint's
+``explora_extras["mae_decoder"]`` when it has one.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from torch import nn
 
 from explora.core.errors import ConfigError, DataError
 from explora.models.backbone import input_size
-from explora.models.group_channel import GroupChannelViT, run_blocks, sincos_1d
-from explora.models.temporal import TemporalViT, timestamp_encoding
+from explora.models.group_channel import run_blocks
+from explora.models.params import ParamReport, parameter_report
 from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
 from explora.objectives.mae.augment import random_resized_crop_flip, to_float
 from explora.objectives.mae.config import MAEConfig
 from explora.objectives.mae.decoder import MAEDecoder, load_decoder_state
-from explora.objectives.mae.loss import group_masked_mse, masked_mse, normalize_patches, patchify
+from explora.objectives.mae.loss import masked_mse, normalize_patches, patchify
 from explora.objectives.mae.masking import Mask, draw_noise, gather_tokens, random_masking, shared_masking
 from explora.vit.tokens import FrozenWeightCastCache
 
@@ -114,14 +115,27 @@ def encode_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor)
 
 
 class MAEObjective(Objective):
-    """Masked reconstruction with an MAE decoder; ``config.kind`` picks 'rgb', 'group_channel' or 'temporal'."""
+    """Masked reconstruction of RGB images with an MAE decoder (He et al. 2022), and the shared shape of the
+    SatMAE variants (``objectives/mae/variants.py``), which override the hooks marked below.
+
+    Pick the class for a config with :func:`explora.objectives.mae.variants.build_mae_objective`
+    (``config.kind``); each class accepts only its own kind.
+    """
 
     name = "mae"
+    kind = "rgb"  # the MAEConfig.kind this class implements
+    needs_timestamps = False  # batches carry (B, T, 3) timestamps
+    strict_decoder = True  # the checkpoint's decoder must fit exactly (the variants add their own decoder parts)
 
     def __init__(self, backbone: nn.Module, config: MAEConfig | None = None) -> None:
         super().__init__()
-        cfg = config or MAEConfig()
+        cfg = config or MAEConfig(kind=self.kind)
+        if cfg.kind != self.kind:
+            raise ConfigError(f"{type(self).__name__} implements mae.kind={self.kind!r}, got {cfg.kind!r}: build it "
+                              "with explora.objectives.mae.build_mae_objective(backbone, config), which picks the "
+                              "class for the kind.")
         self.config = cfg
+        pretrained = [p for p in backbone.parameters() if not p.requires_grad]  # frozen by apply_explora
         patch = backbone.patch_embed.patch_size
         base_patch = int(patch[0] if isinstance(patch, tuple) else patch)
         self.patch_size = int(cfg.patch_size or base_patch)  # group-channel may use its own patch (SatMAE: 8)
@@ -130,33 +144,12 @@ class MAEObjective(Objective):
             raise ConfigError(f"mae.img_size {self.img_size} is not a multiple of the patch size {self.patch_size}")
         g = self.img_size // self.patch_size
         self.grid = (g, g)
-        d = cfg.decoder_dim
-        dec_kw = dict(dim=d, depth=cfg.decoder_depth, heads=cfg.decoder_heads, mlp_ratio=cfg.decoder_mlp_ratio)
-        if cfg.kind == "rgb":
-            self.encoder: nn.Module = backbone
-            self.channels = backbone.patch_embed.proj.in_channels
-            self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size, self.channels, **dec_kw)
-        elif cfg.kind == "group_channel":
-            self.encoder = GroupChannelViT(backbone, cfg.groups, cfg.drop_bands, None, cfg.group_pos_mode,
-                                           cfg.group_dim, cfg.patch_size)
-            self.channels = max(max(gr) for gr in cfg.groups) + 1
-            self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size,
-                                      [len(gr) for gr in cfg.groups], slice_dim=cfg.decoder_group_dim, **dec_kw)
-            # SatMAE decoder_channel_embed: sin-cos of 0..G; rows 0..G-1 tag the groups, row G the cls token.
-            # A fixed function of the config, so not part of checkpoints.
-            self.register_buffer(
-                "decoder_group_embed", sincos_1d(cfg.decoder_group_dim, torch.arange(len(cfg.groups) + 1))[None],
-                persistent=False,
-            )  # (1, G + 1, Dg)
-        else:
-            self.encoder = TemporalViT(backbone, cfg.num_frames, cfg.time_dim, cfg.time_offset)
-            self.channels = backbone.patch_embed.proj.in_channels
-            self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size, self.channels,
-                                      slice_dim=3 * cfg.decoder_time_dim, **dec_kw)
+        self.encoder, self.channels, self.decoder = self.build_encoder_decoder(backbone, dict(
+            dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.decoder_heads, mlp_ratio=cfg.decoder_mlp_ratio))
         extras = getattr(backbone, "explora_extras", None) or {}
         state = extras.get("mae_decoder")
         if state:
-            load_decoder_state(self.decoder, state, strict=cfg.kind == "rgb")
+            load_decoder_state(self.decoder, state, strict=self.strict_decoder)
             warn_decoder_targets(extras, cfg.norm_pix_loss)
         else:
             warnings.warn(
@@ -169,20 +162,46 @@ class MAEObjective(Objective):
         if cfg.decoder_lora_rank:  # MAEConfig guarantees train_decoder here
             self.decoder.lora_tune(cfg.decoder_lora_rank, cfg.decoder_lora_alpha, cfg.decoder_lora_targets)
         self._cast_cache = FrozenWeightCastCache()  # one bf16 copy of each frozen weight under autocast
+        self.record_frozen(pretrained)  # the encoder's pre-trained tensors; the decoder is always checkpointed
+
+    # -- hooks of the variants ---------------------------------------------------------------------------------
+    def build_encoder_decoder(self, backbone: nn.Module, dec_kw: dict) -> tuple[nn.Module, int, MAEDecoder]:
+        """The encoder, the input channel count and the decoder (``dec_kw``: its size settings)."""
+        channels = backbone.patch_embed.proj.in_channels
+        return backbone, channels, MAEDecoder(backbone.embed_dim, self.grid, self.patch_size, channels, **dec_kw)
 
     @property
     def slices(self) -> int:
-        return {"rgb": 1, "group_channel": len(self.config.groups), "temporal": self.config.num_frames}[
-            self.config.kind
-        ]
+        """Token sets per image position: 1 for RGB, the band groups or the frames of the variants."""
+        return 1
 
+    @property
+    def shared_mask(self) -> bool:
+        """One mask for every slice (the batch transform draws (B, L) noise instead of (B, slices*L))."""
+        return False
+
+    def target_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel targets before normalisation: (B, N, p*p*C)."""
+        return patchify(images, self.patch_size)
+
+    def encode(self, batch: dict[str, torch.Tensor], mask: Mask) -> tuple[torch.Tensor, tuple[int, int],
+                                                                        torch.Tensor | None, torch.Tensor | None]:
+        """Visible tokens through the encoder: (latent, grid, slice encoding, prefix slice encoding) for the
+        decoder (the encodings are None for RGB)."""
+        images = batch["images"]
+        latent = encode_visible(self.encoder, images, mask.ids_keep)
+        return latent, (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size), None, None
+
+    def loss_from(self, pred: torch.Tensor | list[torch.Tensor], target: torch.Tensor, mask: Mask) -> torch.Tensor:
+        return masked_mse(pred, target, mask.mask)
+
+    # -- shared ------------------------------------------------------------------------------------------------
     def batch_transform(self) -> BatchTransform:
         cfg = self.config
-        shared = (cfg.kind == "group_channel" and cfg.spatial_mask) or (cfg.kind == "temporal" and cfg.same_mask)
         return MAEBatchTransform(
-            img_size=self.img_size, patch_size=self.patch_size, slices=self.slices, shared=shared,
+            img_size=self.img_size, patch_size=self.patch_size, slices=self.slices, shared=self.shared_mask,
             crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip,
-            mean=cfg.mean, std=cfg.std, needs_timestamps=cfg.kind == "temporal",
+            mean=cfg.mean, std=cfg.std, needs_timestamps=self.needs_timestamps,
         )
 
     def make_mask(self, noise: torch.Tensor) -> Mask:
@@ -196,49 +215,16 @@ class MAEObjective(Objective):
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """Pixel targets (B, N, p*p*C); norm_pix statistics over each (multi-band) patch."""
-        p, cfg = self.patch_size, self.config
-        if cfg.kind == "group_channel":
-            t = patchify(self.encoder.patch_embed.select_bands(images), p)  # (B, L, p*p*C)
-        elif cfg.kind == "temporal":
-            B = images.shape[0]
-            t = patchify(self.encoder.split_frames(images), p)  # (B*T, L, p*p*C)
-            t = t.reshape(B, -1, t.shape[-1])  # (B, T*L, p*p*C)
-        else:
-            t = patchify(images, p)
-        return normalize_patches(t, cfg.norm_pix_eps) if cfg.norm_pix_loss else t
+        t = self.target_patches(images)
+        return normalize_patches(t, self.config.norm_pix_eps) if self.config.norm_pix_loss else t
 
     def predict(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | list[torch.Tensor], Mask]:
         """Encoder on visible tokens, decoder on all: returns predictions and the mask."""
-        images = batch["images"]
-        mask = self.make_mask(batch["noise"].to(images.device))
-        kind = self.config.kind
-        if kind == "rgb":
-            latent = encode_visible(self.encoder, images, mask.ids_keep)
-            grid, slice_enc, prefix_slice_enc = self._grid_of(images), None, None
-        elif kind == "group_channel":
-            tokens, grid = self.encoder.embed(images)
-            latent = self.encoder.encode(gather_tokens(tokens, mask.ids_keep))
-            G = len(self.config.groups)
-            slice_enc, prefix_slice_enc = self.decoder_group_embed[:, :G], self.decoder_group_embed[:, G:]
-        else:
-            ts = batch["timestamps"].to(images.device)
-            tokens, grid = self.encoder.embed(images, ts)
-            latent = self.encoder.encode(gather_tokens(tokens, mask.ids_keep))
-            shifted = self.encoder.shift_timestamps(ts)  # (B, T, 3) minus time_offset, as the encoder sees them
-            slice_enc = timestamp_encoding(shifted, self.config.decoder_time_dim).to(latent.dtype)
-            prefix_slice_enc = None  # SatMAE temporal decoder: zeros for the cls token's time part
+        mask = self.make_mask(batch["noise"].to(batch["images"].device))
+        latent, grid, slice_enc, prefix_slice_enc = self.encode(batch, mask)
         pred = self.decoder(latent, mask.ids_restore, grid, self.encoder.num_prefix_tokens, slice_enc,
                             prefix_slice_enc)
         return pred, mask
-
-    def _grid_of(self, images: torch.Tensor) -> tuple[int, int]:
-        return images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
-
-    def loss_from(self, pred: torch.Tensor | list[torch.Tensor], target: torch.Tensor, mask: Mask) -> torch.Tensor:
-        if self.config.kind == "group_channel":
-            cfg = self.config
-            return group_masked_mse(pred, target, mask.mask, cfg.groups, self.channels, cfg.group_loss)
-        return masked_mse(pred, target, mask.mask)
 
     def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> ObjectiveOutput:  # type: ignore[override]
         with self._cast_cache:
@@ -260,10 +246,8 @@ class MAEObjective(Objective):
         """
         return {"decoder": self.decoder}
 
-    def parameter_report(self):
+    def parameter_report(self) -> ParamReport:
         """Trainable parameters of the encoder per ExPLoRA group, with the decoder as ``extra``."""
-        from explora.models.params import parameter_report
-
         return parameter_report(self.encoder, extra=self.extra_modules())
 
 

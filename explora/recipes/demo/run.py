@@ -13,12 +13,15 @@ dataset spec. Pre-training never reads labels; the probes use a fixed random sub
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+_log = logging.getLogger(__name__)
 
 
 class Variant(NamedTuple):
@@ -261,7 +264,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     timings: dict[str, float] = {}
 
     def stage(name: str):
-        print(f"[demo] {name} ({time.perf_counter() - t0:.0f}s elapsed)", flush=True)
+        _log.info("demo: %s (%.0fs elapsed)", name, time.perf_counter() - t0)
 
     results: dict[str, dict[str, Any]] = {}
     params: dict[str, dict[str, Any]] = {}
@@ -290,7 +293,8 @@ def run_demo(cfg: DemoConfig) -> Path:
             }
             plan_path.write_text(json.dumps(plan, indent=2))
             cfg = replace(cfg, steps=steps)
-            print(f"[demo] {step_s:.1f} s per step here: {steps} steps per variant fit {cfg.budget_minutes:g} minutes")
+            _log.info("demo: %.1f s per step here: %d steps per variant fit %g minutes", step_s, steps,
+                      cfg.budget_minutes)
 
     for variant in cfg.variants:
         pcfg = _pretrain_config(cfg, variant)
@@ -319,7 +323,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     timings["total_s"] = time.perf_counter() - t0
     report_path = write_report(cfg, out, results, params, timings, frozen, test_set, train_full)
-    print(f"[demo] report: {report_path.resolve()} ({timings['total_s']:.0f}s)", flush=True)
+    _log.info("demo: report %s (%.0fs)", report_path.resolve(), timings["total_s"])
     return report_path
 
 

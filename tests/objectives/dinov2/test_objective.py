@@ -85,7 +85,7 @@ def test_only_trainable_params_get_grads_and_ema_leaves_frozen(tiny_dinov2):
                 p.add_(1.0)
     t_before = {n: p.clone() for n, p in obj.teacher.named_parameters()}
     obj.on_optimizer_step(0)
-    m = teacher_momentum(obj.cfg, 0, 30)
+    m = teacher_momentum(obj.config, 0, 30)
     for n, p in obj.teacher.named_parameters():
         if n in trainable:
             assert torch.allclose(p, m * t_before[n] + (1 - m) * s[n], **FP32_ONE_OP)
@@ -238,9 +238,9 @@ def test_stage_plans(tiny_dinov2):
     obj = DinoV2Objective(tiny_dinov2, DinoV2Config(**{**TINY, "global_size": 64, "local_size": 32, "n_local": 8}),
                           total_steps=30)
     assert obj.stage_plan() == [("local", 0, 3), ("local", 3, 3), ("local", 6, 2), ("global", 0, 1), ("global", 1, 1)]
-    obj.cfg.split_backward = "crop_size"
+    obj.config.split_backward = "crop_size"
     assert obj.stage_plan() == [("local", 0, 8), ("global", 0, 2)]
-    obj.cfg.split_backward = "none"
+    obj.config.split_backward = "none"
     assert obj.stage_plan() == [("all", 0, 0)] and obj.backward_stages() == 1
     assert DinoV2Config(split_backward=True).split_backward == "view"
     assert DinoV2Config(split_backward=False).split_backward == "none"
@@ -261,5 +261,5 @@ def test_split_backward_stage_order_and_off_switches(tiny_dinov2):
         obj(batch, 1, stage=last)
     only_global = DinoV2Objective(tiny_dinov2, DinoV2Config(**{**TINY, "n_local": 0}), total_steps=30)
     assert only_global.stage_plan() == [("global", 0, 1), ("global", 1, 1)]
-    only_global.cfg.split_backward = "crop_size"
+    only_global.config.split_backward = "crop_size"
     assert only_global.backward_stages() == 1

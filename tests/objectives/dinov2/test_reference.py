@@ -98,7 +98,7 @@ def _features(vit, x: torch.Tensor, masks: torch.Tensor | None = None, token: to
 def reference_step(obj: DinoV2Objective, batch: dict[str, torch.Tensor], step: int,
                    centers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
     """DinoV2's ``forward_backward`` loss on the objective's modules; returns (loss, terms, centres after)."""
-    cfg = obj.cfg
+    cfg = obj.config
     student, teacher, token = obj.student, obj.teacher, obj.mask_token
     global_crops, local_crops, masks = batch["global"], batch["local"], batch["masks"].bool()
     n_local_crops = local_crops.shape[0] // B

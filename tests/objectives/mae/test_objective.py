@@ -16,6 +16,7 @@ from explora.objectives.mae import (
     MAEConfig,
     MAEObjective,
     build_feature_extractor,
+    build_mae_objective,
     draw_noise,
     random_masking,
     shared_masking,
@@ -30,7 +31,7 @@ SMALL = dict(decoder_dim=32, decoder_depth=2, decoder_heads=4)
 def _objective(**kw) -> MAEObjective:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return MAEObjective(build_backbone("test_mae"), MAEConfig(**{**SMALL, **kw}))
+        return build_mae_objective(build_backbone("test_mae"), MAEConfig(**{**SMALL, **kw}))
 
 
 def test_random_masking_counts_and_restore():
@@ -357,3 +358,16 @@ def test_consistent_or_unknown_decoder_targets_say_nothing(targets, norm_pix, ab
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MAEObjective(_backbone_with_decoder(targets, absent), MAEConfig(**SMALL, norm_pix_loss=norm_pix))
+
+
+def test_each_kind_has_its_class_and_mae_objective_refuses_another_kind():
+    from explora.objectives.mae import GroupChannelMAEObjective, TemporalMAEObjective
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert type(_objective()) is MAEObjective
+        assert type(_objective(kind="group_channel", group_dim=16, decoder_group_dim=8)) is GroupChannelMAEObjective
+        assert type(_objective(kind="temporal", time_dim=16, decoder_time_dim=8)) is TemporalMAEObjective
+        with pytest.raises(ConfigError, match="MAEObjective implements mae.kind='rgb'.*build_mae_objective"):
+            MAEObjective(build_backbone("test_mae"), MAEConfig(kind="temporal", **SMALL))
+

@@ -20,7 +20,7 @@ from explora.models.backbone import build_backbone
 from explora.models.export import is_wrapped_export, load_encoder
 from explora.models.group_channel import GroupChannelViT
 from explora.models.temporal import TemporalViT
-from explora.objectives.mae import MAEConfig, MAEObjective
+from explora.objectives.mae import MAEConfig, MAEObjective, build_mae_objective
 from explora.recipes.pretrain import load_config, objective_config
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -172,7 +172,7 @@ def _tiny_objective(**kw) -> MAEObjective:
     cfg = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return MAEObjective(build_backbone("test_mae"), MAEConfig(**cfg, **kw))
+        return build_mae_objective(build_backbone("test_mae"), MAEConfig(**cfg, **kw))
 
 
 def test_parameter_report_counts_the_decoder_when_it_trains():
