@@ -143,7 +143,7 @@ def _tokens(size: int, patch: int, prefix: int) -> int:
 
 def _meta_objective(cfg: Any) -> nn.Module:
     """The configured DinoV2 objective on the meta device (no memory, no weights read)."""
-    from explora.models.adapt import apply_explora, apply_preset
+    from explora.models.adapt import apply_explora
     from explora.models.backbone import build_backbone
     from explora.objectives.dinov2.objective import DinoV2Objective
     from explora.recipes.pretrain import objective_config
@@ -151,10 +151,7 @@ def _meta_objective(cfg: Any) -> nn.Module:
     with torch.device("meta"):
         backbone = build_backbone(cfg.model.name, weights=None, img_size=cfg.model.img_size,
                                   in_chans=cfg.model.in_chans, drop_path_rate=cfg.model.drop_path_rate)
-        if cfg.adapt.preset:
-            apply_preset(backbone, cfg.adapt.preset, **cfg.adapt.overrides())
-        else:
-            apply_explora(backbone, **cfg.adapt.overrides())
+        apply_explora(backbone, cfg.adapt)
         return DinoV2Objective(backbone, objective_config(cfg), total_steps=cfg.train.steps)
 
 
