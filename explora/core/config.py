@@ -39,8 +39,10 @@ def _suggest(key: str, options: list[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(options))}."
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is not None or not isinstance(tp, type):
+        return str(tp).replace("typing.", "")
+    return tp.__name__
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -61,7 +63,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         if len(options) == 1 and options[0] in (int, float, str, bool):  # e.g. int | None: "an integer or null"
             raise ConfigError(errors[0].rstrip(".") + (" or null." if type(None) in args else "."))
-        raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}.")
+        raise ConfigError(f"{where}: got {value!r}, expected {type_name(tp)}.")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(
@@ -110,9 +112,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def section(default_factory: Any, read: Any = None) -> Any:
-    """A dataclass field holding a config section; ``read(mapping, default, where)`` builds it from YAML instead of
-    :func:`from_dict` (e.g. the ExPLoRA spec, whose ``preset`` key supplies the defaults of the other keys)."""
-    return dataclasses.field(default_factory=default_factory, metadata={"read": read} if read else {})
+    """A dataclass field holding a config section (``default_factory`` None: the section defaults to null);
+    ``read(mapping, default, where)`` builds it from YAML instead of :func:`from_dict` (e.g. the ExPLoRA spec, whose
+    ``preset`` key supplies the defaults of the other keys)."""
+    metadata = {"read": read} if read else {}
+    if default_factory is None:
+        return dataclasses.field(default=None, metadata=metadata)
+    return dataclasses.field(default_factory=default_factory, metadata=metadata)
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
@@ -256,21 +262,35 @@ def save_yaml(obj: Any, path: str | Path) -> None:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """``{field: help}`` from the ``# comment`` after each field of dataclass ``cls`` (for generated ``--help``)."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    docs = {}
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
-        if m:
-            docs[m.group(1)] = m.group(2).strip()
+    """``{field: help}`` from the ``# comment`` after each field of dataclass ``cls`` and its bases (for generated
+    ``--help``); empty where the source is not available."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+            if m:
+                docs[m.group(1)] = m.group(2).strip()
     return docs
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """Every settable key of dataclass ``cls``, nested sections flattened: ``(dotted key, type, default, help)``."""
+def section_type(tp: Any) -> Any:
+    """The dataclass of a section annotation (``Spec`` or ``Spec | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return None
+
+
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, Any, Any, str]]:
+    """Every settable key of dataclass ``cls``, nested sections flattened: ``(dotted key, type, default, help)``;
+    the defaults are read from the instance ``defaults`` when given (a section's own default)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     out = []
@@ -278,8 +298,10 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         if f.metadata.get("derived"):
             continue
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.extend(describe(tp, f"{prefix}{f.name}."))
+        default = getattr(defaults, f.name) if defaults is not None else _default(f)
+        inner = section_type(tp)
+        if inner is not None:
+            out.extend(describe(inner, f"{prefix}{f.name}.", default))
         else:
-            out.append((f"{prefix}{f.name}", _type_name(tp), to_dict(_default(f)), docs.get(f.name, "")))
+            out.append((f"{prefix}{f.name}", tp, to_dict(default), docs.get(f.name, "")))
     return out

@@ -48,13 +48,17 @@ def config_path(name_or_path: str | Path) -> Path:
     )
 
 
-def _description(path: Path) -> str:
+def _description(path: Path, width: int = 100) -> str:
+    """The file's opening comment, up to its first sentence end, at most ``width`` characters."""
+    lines = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-        if line.strip():
+        if not line.startswith("#"):
             break
-    return ""
+        lines.append(line.lstrip("# ").strip())
+    text = " ".join(lines)
+    end = min((i for i in (text.find(". "), text.find("; ")) if i > 0), default=len(text))
+    text = text[: end + 1].rstrip(";")
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
 
 
 def info(name: str) -> PresetInfo:

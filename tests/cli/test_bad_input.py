@@ -165,7 +165,7 @@ def test_resume_with_a_different_config_is_refused_and_harms_nothing(m, done, tm
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert main([*_pre(m, *same, "train.seed=1", "adapt.lora_rank=4"), "--resume"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "adapt.lora_rank: saved None, now 4" in err and "train.seed: saved 0, now 1" in err
+    assert "adapt.lora_rank: saved 64, now 4" in err and "train.seed: saved 0, now 1" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     # logging/checkpoint settings may differ
     assert main([*_pre(m, *same, "train.log_every=2", "train.keep_last=3"), "--resume"]) == 0
