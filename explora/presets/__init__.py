@@ -43,8 +43,8 @@ def config_path(name_or_path: str | Path) -> Path:
     close = difflib.get_close_matches(path.stem, names(), n=1, cutoff=0.5)
     hint = f" Did you mean the preset '{close[0]}'?" if close else ""
     raise ConfigError(
-        f"config {str(name_or_path)!r} is neither a file nor a shipped preset.{hint} `explora presets` lists the "
-        "presets; a path to your own YAML file works too."
+        f"config file {name_or_path} does not exist, nor is it the name of a shipped preset.{hint} "
+        "`explora presets` lists the presets; a path to your own YAML file works too."
     )
 
 
