@@ -16,8 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+import yaml
 from torch import nn
 
+from explora.core import config as _config
 from explora.core.errors import ConfigError
 from explora.vit.lora import inject_lora, lora_modules
 
@@ -71,15 +73,13 @@ class ExploraSpec:
         A section written before issue 14 (``AdaptConfig``: every unset field saved as ``null``) reads the same way:
         there a null meant "the preset's value", so nulls are dropped when any non-nullable field holds one.
         """
-        from explora.core.config import from_dict, to_dict
-
         data = dict(data)
         default = default if default is not None else cls()
         name = data.pop("preset", default.preset)
         if any(data.get(k, 0) is None for k in _NOT_NULLABLE):
             data = {k: v for k, v in data.items() if v is not None}
         start = cls() if name is None else preset_spec(name)
-        return from_dict(cls, {**to_dict(start), **data, "preset": name}, where)
+        return _config.from_dict(cls, {**_config.to_dict(start), **data, "preset": name}, where)
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`apply_explora` this spec stands for."""
@@ -101,14 +101,10 @@ class ExploraSpec:
         return cls(**kwargs)
 
     def to_yaml(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> ExploraSpec:
-        import yaml
-
         data = yaml.safe_load(text)
         if not isinstance(data, dict):
             raise ConfigError(f"an ExploraSpec YAML must be a mapping, got {type(data).__name__}")
