@@ -13,7 +13,7 @@ The public API, by stage::
     train(objective, build_dataset("fmow:/data/train.csv", image_size=256), OptimConfig(), TrainConfig(), "runs/x")
     export_backbone(objective.export_backbone(), "runs/x/export", timm_name="vit_large_patch14_dinov2")
 
-Most users run the same through the CLI: ``explora pretrain --config configs/dinov2_vitl14_fmow_D-L-r64.yaml``.
+Most users run the same through the CLI: ``explora pretrain --config dinov2_vitl14_fmow_D-L-r64``.
 """
 
 from __future__ import annotations

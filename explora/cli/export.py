@@ -5,35 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from explora.cli.config_args import add_config_arguments, config_from_args
 from explora.core.errors import CheckpointError, ConfigError
-from explora.models.adapt import PRESETS, ExploraSpec, apply_explora, preset_options
-from explora.models.export import FORMATS, export_backbone
+from explora.models.adapt import ExploraSpec, apply_explora
+from explora.models.export import export_backbone
 from explora.models.params import ParamReport, memory_estimate, parameter_report
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    """``"0,-1"`` -> (0, -1); ``""`` -> ()."""
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices like '0,-1', got {text!r}") from err
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if args.unfrozen_blocks is not None:
-        out["unfrozen_blocks"] = args.unfrozen_blocks
-    if args.lora_rank is not None:
-        out["lora_rank"] = args.lora_rank
-    if args.lora_targets is not None:
-        out["lora_targets"] = tuple(t for t in args.lora_targets.split(",") if t)
-    return out
+from explora.recipes.export_config import ExportConfig, ParamsConfig
 
 
 def _build(name: str, device: str | torch.device = "cpu", in_chans: int = 3) -> nn.Module:
@@ -43,33 +25,28 @@ def _build(name: str, device: str | torch.device = "cpu", in_chans: int = 3) -> 
         return build_backbone(name, in_chans=in_chans)
 
 
-def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    if getattr(args, "spec", None):
-        if not Path(args.spec).is_file():
-            raise ConfigError(f"--spec {args.spec}: file not found; expected an ExploraSpec YAML file")
-        return ExploraSpec.from_yaml(Path(args.spec).read_text()).options()
-    return preset_options(args.preset, **_overrides(args)) | {"preset": args.preset}
+def _spec_options(spec: ExploraSpec | None) -> dict[str, Any] | None:
+    return None if spec is None else spec.options() | {"preset": spec.preset}
 
 
-def _memory_config(args: argparse.Namespace):
-    """The PretrainConfig to estimate: ``--config`` + overrides, or the defaults for ``--model``/``--preset``."""
+def _memory_config(cfg: ParamsConfig, overrides: list[str]):
+    """The PretrainConfig to estimate: ``config`` + overrides, or the defaults for ``model``/``adapt.preset``."""
     from explora.recipes.pretrain import load_config
 
-    overrides = list(args.overrides or [])
-    if args.config is None:
-        overrides = [f"model.name={args.model}", f"adapt.preset={args.preset}", "model.weights=null", *overrides]
-    return load_config(args.config, overrides)
+    if cfg.config is None:
+        overrides = [f"model.name={cfg.model}", f"adapt.preset={cfg.adapt.preset}", "model.weights=null", *overrides]
+    return load_config(cfg.config, overrides)
 
 
-def memory_command(args: argparse.Namespace) -> int:
+def memory_command(cfg: ParamsConfig, overrides: list[str]) -> int:
     """Predicted peak training memory (explora.recipes.memory) of a config: the configured setting plus all four."""
     from explora.recipes.memory import estimate_all, summary_markdown
 
-    cfg = _memory_config(args)
-    reports = estimate_all(cfg)
-    chosen = next(r for r in reports if r.precision == cfg.train.precision
-                  and r.grad_checkpointing == cfg.model.grad_checkpointing)
-    if args.json:
+    pretrain = _memory_config(cfg, overrides)
+    reports = estimate_all(pretrain)
+    chosen = next(r for r in reports if r.precision == pretrain.train.precision
+                  and r.grad_checkpointing == pretrain.model.grad_checkpointing)
+    if cfg.json:
         print(json.dumps({"configured": chosen.to_dict(), "all": [r.to_dict() for r in reports]}, indent=2))
     else:
         d = chosen.details
@@ -98,39 +75,42 @@ def objective_report(cfg) -> ParamReport:
     return parameter_report(student["backbone"], extra={k: v for k, v in student.items() if k != "backbone"})
 
 
-def objective_params_command(args: argparse.Namespace) -> int:
+def objective_params_command(cfg: ParamsConfig, overrides: list[str]) -> int:
     from explora.recipes.pretrain import load_config
 
-    cfg = load_config(args.config, list(args.overrides or []))
-    report = objective_report(cfg)
-    if args.json:
-        print(json.dumps({"config": args.config, "objective": cfg.objective, **report.to_dict()}, indent=2))
+    pretrain = load_config(cfg.config, overrides)
+    report = objective_report(pretrain)
+    if cfg.json:
+        print(json.dumps({"config": cfg.config, "objective": pretrain.objective, **report.to_dict()}, indent=2))
     else:
-        print(f"## {cfg.model.name}, {cfg.objective} objective, preset {cfg.adapt.preset}\n")
+        print(f"## {pretrain.model.name}, {pretrain.objective} objective, preset {pretrain.adapt.preset}\n")
         print(report.to_markdown())
     return 0
 
 
 def params_command(args: argparse.Namespace) -> int:
     """Print the trainable-parameter report of a backbone under a preset (built on the meta device: no memory)."""
-    if args.memory and (args.config or args.overrides):
-        return memory_command(args)
-    if args.config:
-        return objective_params_command(args)
-    if args.model is None:
+    cfg: ParamsConfig = config_from_args(args)
+    overrides = list(args.pretrain_overrides or [])
+    if cfg.memory and (cfg.config or overrides):
+        return memory_command(cfg, overrides)
+    if cfg.config:
+        return objective_params_command(cfg, overrides)
+    if cfg.model is None:
         raise ConfigError("explora params: give --model NAME (with --preset) or --config CONFIG.yaml --memory")
-    model = _build(args.model, "meta", args.in_chans)
-    apply_explora(model, **_spec_from_args(args))
+    spec = cfg.explora_spec()
+    model = _build(cfg.model, "meta", cfg.in_chans)
+    apply_explora(model, spec)
     report = parameter_report(model)
-    mem = memory_estimate(report) if args.memory else None
-    if args.json:
-        payload: dict[str, Any] = {"model": args.model, "preset": args.preset, "in_chans": args.in_chans,
+    mem = memory_estimate(report) if cfg.memory else None
+    if cfg.json:
+        payload: dict[str, Any] = {"model": cfg.model, "preset": spec.preset, "in_chans": cfg.in_chans,
                                    **report.to_dict()}
         if mem is not None:
             payload["memory_bytes"] = mem.to_dict()
         print(json.dumps(payload, indent=2))
     else:
-        print(f"## {args.model}, preset {args.preset}\n")
+        print(f"## {cfg.model}, preset {spec.preset}\n")
         print(report.to_markdown())
         if mem is not None:
             print()
@@ -193,45 +173,26 @@ def export_command(args: argparse.Namespace) -> int:
     """Load adapted weights, merge LoRA and write the export formats."""
     from explora.models.registry import get_backbone_spec
 
-    options = _spec_from_args(args) if (args.spec or args.preset) else None
-    model = load_adapted(args.model, args.weights, options)
-    timm_name = args.timm_name or get_backbone_spec(args.model).timm_name
+    cfg: ExportConfig = config_from_args(args)
+    model = load_adapted(cfg.model, cfg.weights, _spec_options(cfg.explora_spec()))
+    timm_name = cfg.timm_name or get_backbone_spec(cfg.model).timm_name
     paths = export_backbone(
-        model, args.out, timm_name, formats=tuple(args.formats.split(",")), metadata={"weights": str(args.weights)}
+        model, cfg.out, timm_name, formats=tuple(cfg.formats), metadata={"weights": str(cfg.weights)}
     )
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
 
 
-def _add_spec_args(p: argparse.ArgumentParser, preset_default: str | None) -> None:
-    p.add_argument("--preset", default=preset_default, help=f"one of {sorted(PRESETS)}")
-    p.add_argument("--spec", help="an ExploraSpec YAML (overrides --preset)")
-    p.add_argument("--unfrozen-blocks", type=_int_list, help="override, e.g. '0,-1' ('' for none)")
-    p.add_argument("--lora-rank", type=int, help="override the LoRA rank (0 = no LoRA)")
-    p.add_argument("--lora-targets", help="override, e.g. 'q,v' or 'q,k,v,proj'")
-
-
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``params`` and ``export``."""
+    """Register ``params`` and ``export``; their flags are the fields of ParamsConfig / ExportConfig (adapt
+    flattened: ``--preset``, ``--lora-rank`` ...)."""
     p = subparsers.add_parser("params", help="trainable parameters of a backbone under an ExPLoRA preset")
-    p.add_argument("--model", help="backbone short name (e.g. dinov2_vitl14) or timm name")
-    _add_spec_args(p, "D-[L]-r64")
-    p.add_argument("--config", help="a pretrain config YAML: with --memory, predict its peak training memory")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (with --config/--memory)")
-    p.add_argument("--memory", action="store_true",
-                   help="with --config: predicted peak training memory (weights, optimiser, activations); "
-                        "with --model only: weights/gradients/AdamW")
-    p.add_argument("--in-chans", type=int, default=3,
-                   help="input channels (1: grayscale backbone with the RGB patch filters summed; default 3)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    add_config_arguments(p, ParamsConfig, flatten=("adapt",), config_file=False, overrides=False)
+    p.add_argument("pretrain_overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides of the pretrain config (with --config / --memory), e.g. model.name=dinov2_vitb14")
     p.set_defaults(func=params_command)
 
     e = subparsers.add_parser("export", help="merge LoRA and export timm safetensors / encoder-only / teacher files")
-    e.add_argument("--model", required=True, help="backbone short name or timm name the weights belong to")
-    e.add_argument("--weights", required=True, help="adapted checkpoint (with LoRA tensors) or any upstream file")
-    e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {list(FORMATS)}")
-    e.add_argument("--timm-name", help="timm architecture to record (default: the registry's for --model)")
-    _add_spec_args(e, None)
+    add_config_arguments(e, ExportConfig, flatten=("adapt",))
     e.set_defaults(func=export_command)

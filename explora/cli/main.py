@@ -7,11 +7,15 @@ and end the process with a non-zero exit code; anything else is a bug and keeps 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
 import textwrap
+from collections.abc import Iterator
 
 from explora.core.errors import ExploraError
+from explora.core.logging import PACKAGE, configure
 
 # Modules that define ``add_commands(subparsers)``; order is the order of ``explora --help``.
 COMMAND_MODULES = (
@@ -30,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="ExPLoRA: adapt pre-trained vision transformers to new domains with parameter-efficient "
         "extended pre-training.",
     )
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
+                       help="show warnings and errors only (progress bars stay)")
+    level.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                       help="show debug messages too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
@@ -39,9 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
+    if args.command is None or "func" not in vars(args):
         parser.print_help()
         return 1
+    with _cli_logging(args.verbosity):
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _cli_logging(verbosity: int) -> Iterator[None]:
+    """The CLI's stderr handler for one command; the ``explora`` logger is restored afterwards, so calling
+    :func:`main` in-process (tests, notebooks) leaves the application's logging as it was."""
+    logger = logging.getLogger(PACKAGE)
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    configure(verbosity)
+    try:
+        yield
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except ExploraError as e:

@@ -1,8 +1,9 @@
 """``explora pretrain``: backbone -> ExPLoRA parameterisation -> objective -> data; train; export the merged model.
 
-The config mirrors the paper's recipe (``configs/*.yaml``); every section is a dataclass, so a misspelled key is an
-error with a suggestion, and the effective config is saved as ``config.yaml`` in the run directory (``--resume``
-re-reads it from there).
+The config mirrors the paper's recipe (the shipped presets in ``explora/presets/``, loaded by name); every section is a
+dataclass, so a misspelled key is an error with a suggestion, and the effective config is saved atomically as
+``config.yaml`` in the run directory (``--resume`` re-reads it from there). The ``adapt:`` section is the
+:class:`~explora.models.adapt.ExploraSpec` itself: its ``preset`` supplies the values of the keys not given.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any, Literal
 
 import torch
 
-from explora.core.config import from_dict, load_yaml, merge_overrides, save_yaml, to_dict
+from explora.core.config import compose, from_dict, save_yaml, section, to_dict
 from explora.core.errors import ConfigError, DataError
 from explora.engine import parallel as D
 from explora.engine.lengths import resolve_lengths
 from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, train
+from explora.models.adapt import ExploraSpec, apply_explora, preset_spec
+from explora.presets import config_path
 
 
 @dataclass
@@ -34,30 +37,6 @@ class ModelConfig:
 
 
 @dataclass
-class AdaptConfig:
-    """ExPLoRA parameterisation: a named preset, each field overriding it when set."""
-
-    preset: str | None = "D-[L]-r64"
-    unfrozen_blocks: list[int] | None = None
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float | None = None
-    lora_targets: list[str] | None = None
-    train_norms: bool | None = None
-    train_patch_embed: bool | None = None
-    train_pos_embed: bool | None = None
-    train_tokens: bool | None = None
-    train_cls_token: bool | None = None
-
-    def overrides(self) -> dict[str, Any]:
-        out = {k: v for k, v in to_dict(self).items() if k != "preset" and v is not None}
-        for k in ("unfrozen_blocks", "lora_targets"):
-            if k in out:
-                out[k] = tuple(out[k])
-        return out
-
-
-@dataclass
 class DataConfig:
     spec: str = ""  # dataset selection, e.g. "folder:/data/chips" or "fmow:/data/train_62classes.csv"
     image_size: int = 256  # every image is resized (shorter side) and centre-cropped to this before batching
@@ -67,7 +46,7 @@ class DataConfig:
 @dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    adapt: ExploraSpec = section(lambda: preset_spec("D-[L]-r64"), read=ExploraSpec.from_config)
     data: DataConfig = field(default_factory=DataConfig)
     objective: Literal["dinov2", "mae"] = "dinov2"
     dinov2: dict[str, Any] = field(default_factory=dict)  # explora.objectives.dinov2 config (validated at build)
@@ -79,10 +58,8 @@ class PretrainConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
-    """YAML file (optional) + ``key=value`` overrides -> validated :class:`PretrainConfig`."""
-    data = load_yaml(path) if path else {}
-    data = merge_overrides(data, overrides or [])
-    cfg = from_dict(PretrainConfig, data)
+    """YAML file or shipped preset name (optional) + ``key=value`` overrides -> validated :class:`PretrainConfig`."""
+    cfg = compose(PretrainConfig, config_path(path) if path else None, overrides)
     objective_config(cfg)  # validate the objective section now, not after minutes of set-up
     return cfg
 
@@ -111,7 +88,6 @@ def build_objective(cfg: PretrainConfig, dataset_stats: tuple[tuple[float, ...],
 
     ``dataset_stats`` (per-band mean, std) fill the objective's normalisation when the config does not set it.
     """
-    from explora.models.adapt import apply_explora, apply_preset
     from explora.models.backbone import build_backbone
 
     torch.manual_seed(cfg.train.seed)  # random parts of the model (heads, decoder) are reproducible on resume
@@ -126,10 +102,7 @@ def build_objective(cfg: PretrainConfig, dataset_stats: tuple[tuple[float, ...],
         set_uniform_drop_path(backbone, cfg.model.drop_path_rate)
     if cfg.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
-    if cfg.adapt.preset:
-        apply_preset(backbone, cfg.adapt.preset, **cfg.adapt.overrides())
-    else:
-        apply_explora(backbone, **cfg.adapt.overrides())
+    apply_explora(backbone, cfg.adapt)
     section = dict(cfg.dinov2 if cfg.objective == "dinov2" else cfg.mae)
     if dataset_stats is not None and "mean" not in section and "std" not in section:
         section["mean"], section["std"] = (list(v) for v in dataset_stats)

@@ -147,7 +147,7 @@ def _copy(done: Path, tmp_path: Path) -> Path:
 
 
 def test_no_space_left_while_saving_keeps_the_previous_checkpoint(m, tmp_path, monkeypatch, capsys):
-    simulate_disk_full(monkeypatch, writes_that_fit=2)  # the first checkpoint (.pt + manifest) fits
+    simulate_disk_full(monkeypatch, writes_that_fit=3)  # config.yaml and the first checkpoint (.pt + manifest)
     run = tmp_path / "run"
     assert main(_pre(m, f"output_dir={run}", "train.ckpt_every=1", "train.keep_last=1")) == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -165,7 +165,7 @@ def test_resume_with_a_different_config_is_refused_and_harms_nothing(m, done, tm
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert main([*_pre(m, *same, "train.seed=1", "adapt.lora_rank=4"), "--resume"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "adapt.lora_rank: saved None, now 4" in err and "train.seed: saved 0, now 1" in err
+    assert "adapt.lora_rank: saved 64, now 4" in err and "train.seed: saved 0, now 1" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     # logging/checkpoint settings may differ
     assert main([*_pre(m, *same, "train.log_every=2", "train.keep_last=3"), "--resume"]) == 0

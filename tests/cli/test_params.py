@@ -8,7 +8,7 @@ from explora.cli.main import main
 
 
 def test_mae_config_reports_decoder_and_its_trainability(capsys):
-    base = ["params", "--json", "--config", "configs/mae_vitb16_fmow_rgb.yaml", "model.name=test_mae"]
+    base = ["params", "--json", "--config", "mae_vitb16_fmow_rgb", "model.name=test_mae"]
     assert main(base) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["objective"] == "mae" and trained["extra"]["decoder"] > 0
@@ -19,7 +19,7 @@ def test_mae_config_reports_decoder_and_its_trainability(capsys):
 
 
 def test_dinov2_config_reports_heads_outside_the_paper_count(capsys):
-    args = ["params", "--config", "configs/dinov2_vits14_cpu.yaml", "model.name=test_dinov2", "dinov2.n_prototypes=64",
+    args = ["params", "--config", "dinov2_vits14_cpu", "model.name=test_dinov2", "dinov2.n_prototypes=64",
             "dinov2.hidden_dim=32", "dinov2.bottleneck_dim=16", "--json"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)

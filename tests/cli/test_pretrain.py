@@ -149,7 +149,7 @@ def test_compiled_blocks_train_like_eager(idx_dir, tmp_path, monkeypatch):
         build_objective(load_config(None, [*TINY, "model.compile=true", "train.strategy=fsdp2"]))
 
 
-CONFIGS = REPO / "configs"
+CONFIGS = REPO / "explora" / "presets"
 
 
 def test_out_of_range_unfrozen_block_in_a_config_is_refused(idx_dir, tmp_path, capsys):

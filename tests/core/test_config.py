@@ -132,3 +132,37 @@ def test_a_base_config_in_steps_overridden_with_epochs_asks_to_unset_steps(tmp_p
     with pytest.raises(ConfigError, match=r"both set.*train.steps=null"):
         load_config(tmp_path / "run.yaml", ["train.epochs=3"])
     assert load_config(tmp_path / "run.yaml", ["train.epochs=3", "train.steps=null"]).train.epochs == 3
+
+
+# -- OmegaConf mechanics, atomic saving, generated help ------------------------------------------------------------
+
+
+def test_override_values_use_omegaconf_grammar_and_interpolate(tmp_path):
+    from explora.core.config import compose, parse_value
+
+    assert parse_value("1e-3") == 1e-3 and parse_value("[1,2]") == [1, 2] and parse_value("") == ""
+    assert parse_value("fmow:/d/train.csv") == "fmow:/d/train.csv"
+    (tmp_path / "c.yaml").write_text("steps: 8\nlog_every: ${steps}\n")
+    cfg = compose(TrainConfig, tmp_path / "c.yaml", ["steps=12"])
+    assert (cfg.steps, cfg.log_every) == (12, 12)  # resolved after the overrides
+    with pytest.raises(ConfigError, match="config"):
+        compose(TrainConfig, None, ["log_every=${nope}"])
+
+
+def test_save_yaml_is_atomic(tmp_path):
+    path = tmp_path / "run" / "config.yaml"
+    save_yaml(TrainConfig(steps=3), path)
+    save_yaml(TrainConfig(steps=4), path)
+    assert from_dict(TrainConfig, load_yaml(path)).steps == 4
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temporary file left behind
+
+
+def test_describe_lists_every_key_with_its_comment():
+    from explora.core.config import describe, field_docs
+    from explora.recipes.pretrain import PretrainConfig
+
+    rows = {key: (default, doc) for key, _, default, doc in describe(PretrainConfig)}
+    assert rows["adapt.lora_rank"][0] == 64 and rows["adapt.preset"][0] == "D-[L]-r64"
+    assert "adapt.depth" not in rows  # derived fields are not settings
+    assert "checkpoint grid" in rows["model.img_size"][1]
+    assert "per process" in field_docs(TrainConfig)["batch_size"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -242,3 +244,39 @@ def test_paper_count_vitb_and_memory() -> None:
     mem = memory_estimate(report)
     assert mem.gradients == 4 * report.trainable_total and mem.optimizer == 8 * report.trainable_total
     assert mem.weights == 4 * (report.backbone_total + report.lora_total)
+
+
+# -- one spec: presets are instances, config sections read into it ---------------------------------------------------
+
+
+def test_presets_are_specs_and_both_call_forms_agree(tiny_dinov2):
+    from explora.models.adapt import preset_options
+
+    assert all(isinstance(s, ExploraSpec) and s.preset == name for name, s in PRESETS.items())
+    a = apply_explora(build_backbone("test_dinov2"), PRESETS["M-[1,L]-r32"], lora_rank=4)
+    b = apply_explora(build_backbone("test_dinov2"), **preset_options("M-[1,L]-r32", lora_rank=4), preset="M-[1,L]-r32")
+    assert a == b and a.lora_rank == 4 and a.resolved_unfrozen_blocks == (0, len(tiny_dinov2.blocks) - 1)
+    assert ExploraSpec.from_preset("LoRA-r8", lora_rank=2) == replace(PRESETS["LoRA-r8"], lora_rank=2)
+    with pytest.raises(TypeError, match="lora_rnak"):
+        apply_explora(build_backbone("test_dinov2"), lora_rnak=3)
+
+
+def test_config_section_starts_from_its_preset():
+    default = PRESETS["D-[L]-r64"]
+    spec = ExploraSpec.from_config({"preset": "D-[L]-r64-official", "lora_rank": 8}, default)
+    assert spec == replace(PRESETS["D-[L]-r64-official"], lora_rank=8)
+    assert ExploraSpec.from_config({"lora_rank": 8}, default) == replace(default, lora_rank=8)
+    assert ExploraSpec.from_config({"preset": None}, default) == ExploraSpec()
+    with pytest.raises(ConfigError, match="did you mean 'M-\\[1,L\\]-r32'"):
+        ExploraSpec.from_config({"preset": "M-[1,L]-r23"}, default)
+    with pytest.raises(ConfigError, match="Did you mean 'lora_rank'"):
+        ExploraSpec.from_config({"lora_rnak": 8}, default)
+
+
+def test_pre_issue_14_adapt_section_reads_the_same():
+    """config.yaml saved by earlier versions (every unset field null) must rebuild the same spec on --resume."""
+    old = {"preset": "D-[L]-r64-official", "unfrozen_blocks": None, "lora_rank": None, "lora_alpha": None,
+           "lora_dropout": None, "lora_targets": None, "train_norms": None, "train_patch_embed": None,
+           "train_pos_embed": None, "train_tokens": None, "train_cls_token": None}
+    assert ExploraSpec.from_config(old, None) == PRESETS["D-[L]-r64-official"]  # alpha 1.0, not null
+    assert ExploraSpec.from_config({**old, "lora_rank": 16}, None).lora_rank == 16

@@ -108,7 +108,8 @@ def default_data() -> str:
 
 def _pretrain_config(cfg: DemoConfig, variant: str):
     from explora.engine.trainer import OptimConfig, TrainConfig
-    from explora.recipes.pretrain import AdaptConfig, DataConfig, ModelConfig, PretrainConfig
+    from explora.models.adapt import ExploraSpec
+    from explora.recipes.pretrain import DataConfig, ModelConfig, PretrainConfig
 
     chosen = VARIANTS[variant]
     dinov2 = {
@@ -123,7 +124,7 @@ def _pretrain_config(cfg: DemoConfig, variant: str):
     }
     return PretrainConfig(
         model=ModelConfig(name=cfg.model, weights=cfg.weights, img_size=cfg.image_size),
-        adapt=AdaptConfig(preset=chosen.preset, **chosen.overrides),
+        adapt=ExploraSpec.from_preset(chosen.preset, **chosen.overrides),
         data=DataConfig(spec=cfg.data, image_size=cfg.image_size),
         objective="dinov2",
         dinov2=dinov2,

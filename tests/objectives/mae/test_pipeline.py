@@ -23,8 +23,8 @@ from explora.models.temporal import TemporalViT
 from explora.objectives.mae import MAEConfig, MAEObjective, build_mae_objective
 from explora.recipes.pretrain import load_config, objective_config
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-SENTINEL_PRESET = REPO / "configs" / "mae_vitl16_fmow_sentinel_M-1-L-r32.yaml"
+CONFIGS = sorted((REPO / "explora" / "presets").glob("*.yaml"))
+SENTINEL_PRESET = REPO / "explora" / "presets" / "mae_vitl16_fmow_sentinel_M-1-L-r32.yaml"
 
 # Tiny model + decoder on top of any MAE config; fp32 and no workers so runs are bitwise reproducible.
 TINY = [
