@@ -19,63 +19,12 @@ from torch import nn
 
 from explora.core.errors import ConfigError
 from explora.models.backbone import input_size
+from explora.vit.sincos import sincos_1d, sincos_2d
+from explora.vit.tokens import run_blocks
 
 # SatMAE's default groups over the 10 Sentinel-2 bands left after dropping B1, B9, B10 (indices 0, 9, 10 of 13).
 SENTINEL2_DROPPED_BANDS: tuple[int, ...] = (0, 9, 10)
 SENTINEL2_GROUPS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 6), (3, 4, 5, 7), (8, 9))
-
-
-def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """Transformer sin-cos encoding of arbitrary (float) positions: (...,) -> (..., dim), [sin | cos] halves.
-
-    Frequencies 1/10000^(i/(dim/2)) as in Vaswani et al. 2017 and MAE's fixed position embeddings.
-    """
-    if dim % 2:
-        raise ConfigError(f"sin-cos encoding width must be even, got {dim}")
-    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2)
-    omega = 1.0 / 10000**omega  # (dim/2,)
-    out = positions.to(torch.float64)[..., None] * omega  # (..., dim/2)
-    return torch.cat([out.sin(), out.cos()], dim=-1).float()  # (..., dim)
-
-
-def sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2-D sin-cos position encoding (H*W, dim): first half encodes the column, second half the row.
-
-    The column-then-row order follows MAE's fixed embeddings (He et al. 2022), so freshly built decoder
-    positions agree with those stored in MAE checkpoints.
-    """
-    if dim % 4:
-        raise ConfigError(f"2-D sin-cos encoding width must be a multiple of 4, got {dim}")
-    h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (H, W) each
-    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=-1)
-
-
-def run_blocks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm_pre`` -> blocks -> ``norm`` of a timm-like model; non-reentrant checkpointing when it is enabled.
-
-    Non-reentrant because with LoRA the inputs of frozen early blocks may not require grad (peft#1142).
-    """
-    x = getattr(model, "norm_pre", nn.Identity())(x)
-    ckpt = getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled()
-    for blk in model.blocks:
-        x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
-    return model.norm(x)
-
-
-def prefix_tokens(vit: nn.Module, batch: int) -> torch.Tensor:
-    """The cls (and register) tokens of a timm ViT with their position embedding added: (B, P, D)."""
-    parts = []
-    if getattr(vit, "cls_token", None) is not None:
-        parts.append(vit.cls_token)
-    if getattr(vit, "reg_token", None) is not None:
-        parts.append(vit.reg_token)
-    if not parts:
-        return vit.pos_embed.new_zeros(batch, 0, vit.embed_dim)
-    prefix = torch.cat(parts, dim=1)  # (1, P, D)
-    if vit.pos_embed is not None and not vit.no_embed_class:
-        prefix = prefix + vit.pos_embed[:, : prefix.shape[1]]
-    return prefix.expand(batch, -1, -1)
 
 
 class _SlicedViT(nn.Module):
@@ -91,7 +40,7 @@ class _SlicedViT(nn.Module):
         self.embed_dim = vit.embed_dim
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.cls_token = vit.cls_token
-        self.reg_token = getattr(vit, "reg_token", None)
+        self.reg_token = vit.reg_token
         self.no_embed_class = vit.no_embed_class
         self.norm_pre = vit.norm_pre
         self.blocks = vit.blocks
@@ -318,23 +267,9 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def patch_grid_size(x: torch.Tensor, patch: int | tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) patch grid of an image batch; raises when the size is not a multiple of the patch."""
-    p = patch if isinstance(patch, int) else patch[0]
-    H, W = x.shape[-2:]
-    if H % p or W % p:
-        raise ConfigError(f"image size {H}x{W} is not a multiple of the patch size {p}")
-    return H // p, W // p
-
-
 __all__ = [
     "SENTINEL2_DROPPED_BANDS",
     "SENTINEL2_GROUPS",
     "GroupChannelPatchEmbed",
     "GroupChannelViT",
-    "sincos_1d",
-    "sincos_2d",
-    "run_blocks",
-    "prefix_tokens",
-    "patch_grid_size",
 ]

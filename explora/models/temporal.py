@@ -28,7 +28,8 @@ from torch import nn
 
 from explora.core.errors import ConfigError, DataError
 from explora.models.backbone import input_size
-from explora.models.group_channel import _pair, _SlicedViT, sincos_1d, sincos_2d
+from explora.models.group_channel import _pair, _SlicedViT
+from explora.vit.sincos import sincos_1d, sincos_2d
 
 
 def timestamp_encoding(timestamps: torch.Tensor, time_dim: int = 128) -> torch.Tensor:

@@ -25,7 +25,8 @@ from explora.objectives.dinov2.config import DinoV2Config
 from explora.objectives.dinov2.heads import DINOHead
 from explora.objectives.dinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from explora.objectives.dinov2.masking import BlockMaskSampler
-from explora.vit.tokens import FrozenWeightCastCache, forward_tokens
+from explora.vit.cast_cache import FrozenWeightCastCache
+from explora.vit.tokens import forward_tokens
 
 
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

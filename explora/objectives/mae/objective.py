@@ -15,7 +15,7 @@ from torch import nn
 
 from explora.core.errors import ConfigError, DataError
 from explora.models.backbone import input_size
-from explora.models.group_channel import GroupChannelViT, run_blocks, sincos_1d
+from explora.models.group_channel import GroupChannelViT
 from explora.models.temporal import TemporalViT, timestamp_encoding
 from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
 from explora.objectives.mae.augment import random_resized_crop_flip, to_float
@@ -23,7 +23,9 @@ from explora.objectives.mae.config import MAEConfig
 from explora.objectives.mae.decoder import MAEDecoder, load_decoder_state
 from explora.objectives.mae.loss import group_masked_mse, masked_mse, normalize_patches, patchify
 from explora.objectives.mae.masking import Mask, draw_noise, gather_tokens, random_masking, shared_masking
-from explora.vit.tokens import FrozenWeightCastCache
+from explora.vit.cast_cache import FrozenWeightCastCache
+from explora.vit.sincos import sincos_1d
+from explora.vit.tokens import run_blocks
 
 
 @dataclass
