@@ -22,7 +22,6 @@ Every file is written atomically (temp file in the same directory, fsync, ``os.r
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from explora.core.errors import CheckpointError, ConfigError
-from explora.core.io import atomic_write
+from explora.core.io import atomic_write, sha256_file
 from explora.models.backbone import input_size
 from explora.vit.lora import merged_state_dict
 
@@ -141,14 +140,6 @@ def split_qkv(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -213,7 +204,7 @@ def export_backbone(
         "pos_embed_trained_grid": _trained_grid(model, size) if stored is not None else None,
         "in_chans": int(model.patch_embed.proj.in_channels),
         "num_features": int(model.num_features),
-        "files": {k: {"path": p.name, "sha256": _sha256(p)} for k, p in paths.items()},
+        "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
         "provenance": {
             "source": extras.get("source"),
             "explora_spec": spec.to_dict() if spec is not None else None,
@@ -314,7 +305,7 @@ def export_wrapped_encoder(
         "pos_embed_grid": _wrapper_grid(encoder),
         "pos_embed_trained_grid": _wrapper_grid(encoder) if _wrapper_pos(encoder).requires_grad else None,
         "num_features": int(encoder.embed_dim),
-        "files": {k: {"path": p.name, "sha256": _sha256(p)} for k, p in paths.items()},
+        "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
         "provenance": {
             "explora_spec": spec.to_dict() if spec is not None else None,
             "lora_merged": True,
