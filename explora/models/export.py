@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from explora.core.errors import CheckpointError, ConfigError
 from explora.core.io import atomic_write, sha256_file
 from explora.models.backbone import input_size
+from explora.models.encoder import as_encoder, rebuild_encoder
 from explora.vit.lora import merged_state_dict
 
 FORMATS = ("safetensors", "encoder", "teacher")
@@ -259,16 +260,10 @@ def load_exported(path: str | os.PathLike[str]) -> nn.Module:
 # next to the base timm architecture; :func:`load_encoder` is the one loader for both kinds of export.
 
 
-def _wrapper_classes() -> dict[str, type]:
-    from explora.models.group_channel import GroupChannelViT
-    from explora.models.temporal import TemporalViT
-
-    return {"group_channel": GroupChannelViT, "temporal": TemporalViT}
-
-
 def is_wrapped(model: nn.Module) -> bool:
-    """True for the group-channel / temporal wrappers (anything exposing ``wrapper_config``)."""
-    return callable(getattr(model, "wrapper_config", None))
+    """True for an encoder timm cannot rebuild alone (its :meth:`~explora.models.encoder.Encoder.export_config` is a
+    ``wrapper`` entry): the group-channel / temporal encoders. Unregistered modules raise ConfigError."""
+    return as_encoder(model).export_config() is not None
 
 
 def export_wrapped_encoder(
@@ -290,7 +285,7 @@ def export_wrapped_encoder(
         raise ConfigError(f"{type(encoder).__name__} is not a group-channel/temporal wrapper; use export_backbone")
     out = Path(out_dir)
     meta = dict(metadata or {})
-    config = encoder.wrapper_config()
+    config = as_encoder(encoder).export_config()
     sd = _plain(merged_state_dict(encoder))
     blob = st_save(sd, metadata={"format": "pt", "timm_name": timm_name, "wrapper": config["kind"]})
     paths = {"safetensors": out / FILE_NAMES["safetensors"]}
@@ -302,8 +297,8 @@ def export_wrapped_encoder(
         "model_args": dict(model_args),
         "wrapper": config,
         "img_size": list(input_size(encoder)),
-        "pos_embed_grid": _wrapper_grid(encoder),
-        "pos_embed_trained_grid": _wrapper_grid(encoder) if _wrapper_pos(encoder).requires_grad else None,
+        "pos_embed_grid": list(encoder.pos_embed_grid),
+        "pos_embed_trained_grid": list(encoder.pos_embed_grid) if encoder.own_pos_embed.requires_grad else None,
         "num_features": int(encoder.embed_dim),
         "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
         "provenance": {
@@ -319,17 +314,6 @@ def export_wrapped_encoder(
     text = json.dumps(sidecar, indent=2, default=str)
     atomic_write(paths["sidecar"], lambda f: f.write(text.encode()))
     return paths
-
-
-def _wrapper_grid(encoder: nn.Module) -> list[int]:
-    """The grid of a wrapper's own (trainable) position encoding: the group-channel grid, or the temporal one."""
-    return list(getattr(encoder.patch_embed, "grid", None) or encoder.grid)
-
-
-def _wrapper_pos(encoder: nn.Module) -> Tensor:
-    """A wrapper's own spatial encoding: ``patch_embed.pos_embed`` (group-channel) or ``pos_embed`` (temporal)."""
-    own = getattr(encoder.patch_embed, "pos_embed", None)
-    return own if own is not None else encoder.pos_embed
 
 
 def _export_files(path: str | os.PathLike[str]) -> tuple[Path, Path] | None:
@@ -372,12 +356,9 @@ def load_encoder(path: str | os.PathLike[str]) -> nn.Module:
     if "wrapper" not in info:
         return load_exported(weights).eval()
     config = info["wrapper"]
-    classes = _wrapper_classes()
-    if config.get("kind") not in classes:
-        raise CheckpointError(f"{side}: wrapper kind {config.get('kind')!r}; expected one of {sorted(classes)}")
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in info["model_args"].items()}
     base = timm.create_model(info["architecture"], pretrained=False, **args)
-    encoder = classes[config["kind"]].from_config(base, config)
+    encoder = rebuild_encoder(base, config, source=str(side))
     state = load_file(str(weights))
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -11,10 +11,29 @@ image sizes behave as in timm's ``forward_features``.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from explora.core.errors import ConfigError
+
+
+def apply_mask_token(tokens: torch.Tensor, masks: torch.Tensor | None,
+                     mask_token: torch.Tensor | None) -> torch.Tensor:
+    """Patch embeddings (B, ..., D) with the ``masks`` (B, N) positions (row-major over ``...``) set to ``mask_token``.
+
+    Applied before any position / group / time encoding is added, as DinoV2's ``prepare_tokens_with_masks`` does.
+    ``masks=None`` returns ``tokens`` unchanged.
+    """
+    if masks is None:
+        return tokens
+    if mask_token is None:
+        raise ValueError("forward_tokens: masks given without a mask_token")
+    b, d = tokens.shape[0], tokens.shape[-1]
+    n = tokens[0].numel() // d
+    if masks.shape != (b, n):
+        raise ValueError(f"forward_tokens: masks must be ({b}, {n}) for this input, got {tuple(masks.shape)}")
+    m = masks.reshape(tokens.shape[:-1]).unsqueeze(-1)  # (B, ..., 1)
+    return torch.where(m, mask_token.reshape(d).to(tokens.dtype), tokens)
 
 
 def embed_tokens(vit: nn.Module, x: torch.Tensor, masks: torch.Tensor | None = None,
@@ -24,16 +43,7 @@ def embed_tokens(vit: nn.Module, x: torch.Tensor, masks: torch.Tensor | None = N
     Returns the token sequence (B, num_prefix_tokens + N, D) that enters :func:`run_blocks` (which applies
     ``norm_pre``).
     """
-    tokens = vit.patch_embed(x)  # (B, H, W, D) with dynamic_img_size, else (B, N, D)
-    if masks is not None:
-        if mask_token is None:
-            raise ValueError("forward_tokens: masks given without a mask_token")
-        b, d = tokens.shape[0], tokens.shape[-1]
-        n = tokens[0].numel() // d
-        if masks.shape != (b, n):
-            raise ValueError(f"forward_tokens: masks must be ({b}, {n}) for this input, got {tuple(masks.shape)}")
-        m = masks.reshape(tokens.shape[:-1]).unsqueeze(-1)  # (B, H, W, 1) or (B, N, 1)
-        tokens = torch.where(m, mask_token.reshape(d).to(tokens.dtype), tokens)
+    tokens = apply_mask_token(vit.patch_embed(x), masks, mask_token)  # (B, H, W, D) dynamic size, else (B, N, D)
     tokens = vit._pos_embed(tokens)  # (B, P + N, D): cls/reg tokens prepended, pos-embed resampled to the grid
     return vit.patch_drop(tokens)
 
@@ -48,7 +58,7 @@ def run_blocks(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     tokens = model.norm_pre(tokens)
     if model.grad_checkpointing and torch.is_grad_enabled():
         for blk in model.blocks:
-            tokens = checkpoint(blk, tokens, use_reentrant=False)
+            tokens = torch.utils.checkpoint.checkpoint(blk, tokens, use_reentrant=False)
     else:
         for blk in model.blocks:
             tokens = blk(tokens)
