@@ -15,6 +15,7 @@ from torch import nn
 
 from explora.core.errors import ConfigError, DataError
 from explora.models.backbone import input_size
+from explora.models.classifier import PooledEncoder
 from explora.models.group_channel import GroupChannelViT
 from explora.models.temporal import TemporalViT, timestamp_encoding
 from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
@@ -269,24 +270,11 @@ class MAEObjective(Objective):
         return parameter_report(self.encoder, extra=self.extra_modules())
 
 
-class AllTokenPool(nn.Module):
-    """Downstream feature extractor: mean of the encoder's normed output over ALL non-prefix tokens.
-
-    For group-channel and temporal encoders this averages over every group/frame and position (SatMAE's
-    fine-tuning pooling); for a plain ViT it is global average pooling over patches (MAE's fine-tune default).
-    """
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.num_prefix_tokens = encoder.num_prefix_tokens
-        self.num_features = encoder.embed_dim
-
-    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) [, timestamps (B, T, 3)] -> (B, D)."""
-        return self.encoder.forward_features(x, *extra)[:, self.num_prefix_tokens :].mean(dim=1)
+# Downstream pooling is the encoder's (explora.models.encoder.Encoder.pool); this name is kept for older imports.
+AllTokenPool = PooledEncoder
 
 
-def build_feature_extractor(encoder: nn.Module) -> AllTokenPool:
-    """Wrap an exported MAE encoder (timm ViT, GroupChannelViT or TemporalViT) for pooled downstream features."""
-    return AllTokenPool(encoder)
+def build_feature_extractor(encoder: nn.Module) -> PooledEncoder:
+    """An exported MAE encoder (timm ViT, GroupChannelViT or TemporalViT) as ``images [, timestamps] -> (B, D)``:
+    the mean of its normed output over all non-prefix tokens (SatMAE's fine-tuning pooling)."""
+    return PooledEncoder(encoder, "avg")
