@@ -26,7 +26,7 @@ from torch import nn
 from explora.core.errors import CheckpointError, ConfigError
 from explora.models.group_channel import GroupChannelViT, pool_tokens
 from explora.models.temporal import TemporalViT
-from explora.vit.tokens import forward_tokens
+from explora.vit.tokens import forward_tokens, image_hw
 
 POOLS = ("cls", "avg", "cls+avg", "avg_fc_norm")
 
@@ -51,8 +51,8 @@ class Encoder(Protocol):
     @property
     def patch_size(self) -> tuple[int, int]: ...
 
-    def grid(self, x: torch.Tensor) -> tuple[int, int]:
-        """(h, w) patch grid of ``x``."""
+    def grid(self, x: torch.Tensor | tuple[int, int]) -> tuple[int, int]:
+        """(h, w) patch grid of images ``x`` (or of an (H, W) image size)."""
 
     def forward_features(self, x: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
         """Normed tokens (B, P + N, D)."""
@@ -108,9 +108,9 @@ class TimmViTEncoder:
     def patch_size(self) -> tuple[int, int]:
         return tuple(self.vit.patch_embed.patch_size)
 
-    def grid(self, x: torch.Tensor) -> tuple[int, int]:
+    def grid(self, x: torch.Tensor | tuple[int, int]) -> tuple[int, int]:
         """timm's own grid rule (``dynamic_feat_size``: padding / strict size as the patch embedding applies it)."""
-        return tuple(int(v) for v in self.vit.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
+        return tuple(int(v) for v in self.vit.patch_embed.dynamic_feat_size(image_hw(x)))
 
     def forward_features(self, x: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
         return self.vit.forward_features(x)  # (B, P + N, D)

@@ -81,8 +81,8 @@ class _SlicedViT(nn.Module):
     def patch_size(self) -> tuple[int, int]:
         return tuple(self.patch_embed.patch_size)
 
-    def grid(self, x: torch.Tensor) -> tuple[int, int]:
-        """(h, w) patch grid of images ``x`` (B, C, H, W); each group / frame covers it once."""
+    def grid(self, x: torch.Tensor | tuple[int, int]) -> tuple[int, int]:
+        """(h, w) patch grid of images ``x`` (B, C, H, W) (or an (H, W) size); each group / frame covers it once."""
         return patch_grid_size(x, self.patch_size)
 
     def embed(self, x: torch.Tensor, timestamps: torch.Tensor | None = None, masks: torch.Tensor | None = None,

@@ -65,10 +65,16 @@ def run_blocks(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return model.norm(tokens)
 
 
-def patch_grid_size(x: torch.Tensor, patch: int | tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) patch grid of an image batch; raises when the size is not a multiple of the patch."""
+def image_hw(x: torch.Tensor | tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of an image batch (..., H, W), or the pair itself."""
+    return (int(x.shape[-2]), int(x.shape[-1])) if isinstance(x, torch.Tensor) else (int(x[0]), int(x[1]))
+
+
+def patch_grid_size(x: torch.Tensor | tuple[int, int], patch: int | tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) patch grid of an image batch (or an (H, W) size); raises when the size is not a multiple of the
+    patch."""
     p = patch if isinstance(patch, int) else patch[0]
-    H, W = x.shape[-2:]
+    H, W = image_hw(x)
     if H % p or W % p:
         raise ConfigError(f"image size {H}x{W} is not a multiple of the patch size {p}")
     return H // p, W // p
