@@ -498,3 +498,32 @@ def _check_keys(state: Mapping[str, Tensor], target: BackboneTarget, source: str
         f"{source}: {layout} checkpoint does not fit {target.describe()} after conversion to timm keys: "
         + "; ".join(problems)
     )
+
+
+_PATCH = "patch_embed.proj.weight"
+
+
+def adapted_backbone_state(raw: Mapping[str, Any], source: str) -> dict[str, Tensor]:
+    """The backbone tensors (with ``lora_`` keys) of an explora training checkpoint: unwrap containers, strip prefixes.
+
+    Unlike :func:`convert_checkpoint` (upstream files, converted to timm keys) this keeps the adapted model's own
+    keys, wherever the objective nests them (``objective.teacher.backbone.*``, ``student.backbone.*``, ...): every
+    nested mapping is flattened, and the shortest path to a ``patch_embed.proj.weight`` wins, the EMA teacher first.
+    """
+    flat: dict[str, Tensor] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        if isinstance(obj, Tensor):
+            flat[prefix[:-1]] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{prefix}{k}.")
+
+    walk(raw, "")
+    prefixes = [k[: -len(_PATCH)] for k in flat if k.endswith(_PATCH)]
+    prefixes.sort(key=lambda p: ("teacher" not in p, len(p)))  # prefer the EMA teacher, then the shortest path
+    if not prefixes:
+        raise CheckpointError(f"{source}: no '{_PATCH}' tensor found; is this a ViT checkpoint?")
+    p = prefixes[0]
+    state = {k[len(p) :]: v for k, v in flat.items() if k.startswith(p)}
+    return {k: v for k, v in state.items() if not re.match(r"^(head|dino_head|ibot_head)\.", k)}

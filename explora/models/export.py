@@ -35,7 +35,9 @@ from torch import Tensor, nn
 
 from explora.core.errors import CheckpointError, ConfigError
 from explora.core.io import atomic_write, sha256_file
-from explora.models.backbone import input_size
+from explora.models.adapt import ExploraSpec, apply_explora
+from explora.models.backbone import build_backbone, input_size
+from explora.models.checkpoints import adapted_backbone_state, load_checkpoint_file
 from explora.models.encoder import as_encoder, rebuild_encoder
 from explora.vit.lora import merged_state_dict
 
@@ -368,3 +370,27 @@ def load_encoder(path: str | os.PathLike[str]) -> nn.Module:
         )
     encoder.explora_extras = {"mask_token": None, "mae_decoder": None, "source": f"explora export {weights}"}
     return encoder.eval()
+
+
+def load_adapted(name: str, weights: str, spec_options: dict[str, Any] | None) -> nn.Module:
+    """Backbone ``name`` with ``weights`` loaded; with LoRA keys (an explora training checkpoint) the ExPLoRA spec
+    (the file's ``explora_spec``, else ``spec_options``) is applied first so the LoRA tensors have somewhere to go."""
+    raw = load_checkpoint_file(weights)
+    state = adapted_backbone_state(raw, weights)
+    if not any("lora_" in k for k in state):
+        return build_backbone(name, weights=weights)
+    if isinstance(raw.get("explora_spec"), dict):
+        spec_options = ExploraSpec.from_dict(raw["explora_spec"]).options()
+    if spec_options is None:
+        raise ConfigError(f"{weights} has LoRA tensors but no 'explora_spec'; pass --preset or --spec")
+    model = build_backbone(name)
+    apply_explora(model, **spec_options)
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    if missing or extra:
+        raise CheckpointError(
+            f"{weights}: does not fit {name} with this ExPLoRA spec (missing {missing[:5]}, unexpected {extra[:5]})"
+        )
+    model.load_state_dict(state, strict=True)
+    return model

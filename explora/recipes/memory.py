@@ -22,7 +22,7 @@ transients that are freed before the student's activations exist (reported as it
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from explora.core.errors import ConfigError
+from explora.models.params import ParamReport, parameter_report
+from explora.objectives.mae.objective import MAEObjective
+from explora.recipes.pretrain import build_objective
 
 MIB = 1024**2
 PRECISIONS = ("fp32", "bf16")
@@ -339,3 +342,17 @@ def _signature(blk: nn.Module) -> tuple:
     """Blocks with the same structure and trainable set save the same bytes: trace one of each."""
     return tuple((n, tuple(p.shape), p.requires_grad) for n, p in blk.named_parameters()) + (
         bool(getattr(getattr(blk, "attn", None), "fused_attn", False)),)
+
+
+def objective_report(cfg: Any) -> ParamReport:
+    """The parameter report of a pre-training config's objective, built on the meta device (no memory, no weights).
+
+    Heads (DINO/iBOT) or the MAE decoder are reported as ``extra``, outside the paper's backbone count.
+    """
+    cfg = replace(cfg, model=replace(cfg.model, weights=None))
+    with torch.device("meta"):
+        objective = build_objective(cfg)
+    if isinstance(objective, MAEObjective):
+        return objective.parameter_report()
+    student = objective.student
+    return parameter_report(student["backbone"], extra={k: v for k, v in student.items() if k != "backbone"})
