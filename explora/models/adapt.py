@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from explora.core.errors import ConfigError
+from explora.models.record import ensure_record
 from explora.vit.lora import inject_lora, lora_modules
 
 _TOKEN_NAMES = ("cls_token", "reg_token", "dist_token")
@@ -137,7 +138,7 @@ def apply_explora(
     - ``train_cls_token``: the cls token only (the official ExPLoRA scripts train it; paper-notes §9).
     - ``lora_alpha``: LoRA scaling ``alpha / rank``; ``None`` = rank (scaling 1, explora's choice), ``1.0`` = loralib's
       default that the official scripts never change (scaling ``1 / rank``).
-    The spec is also stored as ``model.explora_spec``.
+    The spec is also recorded as ``record_of(model).spec`` (:mod:`explora.models.record`).
     """
     if not hasattr(model, "blocks"):
         raise ConfigError(f"apply_explora expects a timm VisionTransformer with `blocks`, got {type(model).__name__}")
@@ -194,7 +195,7 @@ def apply_explora(
         model.cls_token.requires_grad_(True)
     if use_lora:
         inject_lora(model, lora_idx, spec.lora_targets, spec.lora_rank, lora_alpha, spec.lora_dropout)
-    model.explora_spec = spec
+    ensure_record(model).spec = spec
     return spec
 
 

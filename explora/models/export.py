@@ -39,6 +39,7 @@ from explora.models.adapt import ExploraSpec, apply_explora
 from explora.models.backbone import build_backbone, input_size
 from explora.models.checkpoints import adapted_backbone_state, load_checkpoint_file
 from explora.models.encoder import as_encoder, rebuild_encoder
+from explora.models.record import ExploraRecord, attach_record, record_of
 from explora.vit.lora import merged_state_dict
 
 FORMATS = ("safetensors", "encoder", "teacher")
@@ -71,7 +72,7 @@ def infer_model_args(model: nn.Module, timm_name: str) -> dict[str, Any]:
         "num_classes": 0,
         "img_size": list(pe.img_size),
         "in_chans": int(pe.proj.in_channels),
-        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
+        "dynamic_img_size": bool(model.dynamic_img_size),
     }
     try:
         with torch.device("meta"):
@@ -174,7 +175,7 @@ def export_backbone(
     family = _family(model, timm_name, meta)
     sd = _plain(merged_state_dict(model))
     model_args = dict(meta.pop("model_args", None) or infer_model_args(model, timm_name))
-    extras = getattr(model, "explora_extras", None) or {}
+    record = record_of(model)
     paths: dict[str, Path] = {}
 
     if "safetensors" in formats:
@@ -183,7 +184,7 @@ def export_backbone(
         blob = st_save(sd, metadata={"format": "pt", "timm_name": timm_name})
         paths["safetensors"] = out / FILE_NAMES["safetensors"]
         atomic_write(paths["safetensors"], lambda f: f.write(blob))
-    upstream = to_upstream_layout(sd, family, extras.get("mask_token"))
+    upstream = to_upstream_layout(sd, family, record.mask_token)
     if "encoder" in formats:
         paths["encoder"] = out / FILE_NAMES["encoder"]
         atomic_write(paths["encoder"], lambda f: torch.save({"model": upstream}, f))
@@ -194,9 +195,9 @@ def export_backbone(
         paths["teacher"] = out / FILE_NAMES["teacher"]
         atomic_write(paths["teacher"], lambda f: torch.save({"teacher": teacher}, f))
 
-    spec = getattr(model, "explora_spec", None)
+    spec = record.spec
     size = input_size(model)
-    stored = list(model.patch_embed.grid_size) if getattr(model, "pos_embed", None) is not None else None
+    stored = list(model.patch_embed.grid_size) if model.pos_embed is not None else None
     sidecar = {
         "architecture": timm_name,
         "family": family,
@@ -209,7 +210,7 @@ def export_backbone(
         "num_features": int(model.num_features),
         "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
         "provenance": {
-            "source": extras.get("source"),
+            "source": record.source,
             "explora_spec": spec.to_dict() if spec is not None else None,
             "lora_merged": True,
             "explora_version": _version(),
@@ -230,7 +231,7 @@ def export_backbone(
 def _trained_grid(model: nn.Module, size: tuple[int, int]) -> list[int] | None:
     """The patch grid a trained position embedding saw (the model's input size), None when the ExPLoRA
     parameterisation kept it frozen (or the model carries none, so nothing says it trained)."""
-    spec = getattr(model, "explora_spec", None)
+    spec = record_of(model).spec
     if spec is None or not spec.train_pos_embed:
         return None
     ph, pw = model.patch_embed.patch_size
@@ -292,7 +293,7 @@ def export_wrapped_encoder(
     blob = st_save(sd, metadata={"format": "pt", "timm_name": timm_name, "wrapper": config["kind"]})
     paths = {"safetensors": out / FILE_NAMES["safetensors"]}
     atomic_write(paths["safetensors"], lambda f: f.write(blob))
-    spec = getattr(encoder, "explora_spec", None)
+    spec = record_of(encoder).spec
     sidecar = {
         "architecture": timm_name,
         "family": str(meta.pop("family", "mae")),
@@ -368,7 +369,7 @@ def load_encoder(path: str | os.PathLike[str]) -> nn.Module:
             f"{weights}: does not fit the {config['kind']} encoder its sidecar describes "
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
-    encoder.explora_extras = {"mask_token": None, "mae_decoder": None, "source": f"explora export {weights}"}
+    attach_record(encoder, ExploraRecord(source=f"explora export {weights}"))
     return encoder.eval()
 
 

@@ -2,7 +2,7 @@
 
 One class covers the three input kinds of the paper: plain RGB (MAE, He et al. 2022), multispectral with
 SatMAE group-channel tokens, and SatMAE temporal frames (Cong et al. 2022). The encoder runs on visible tokens
-only; the decoder comes from the checkpoint's ``explora_extras["mae_decoder"]`` when it has one.
+only; the decoder comes from the checkpoint's ``record_of(backbone).mae_decoder`` when it has one.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from explora.core.errors import ConfigError, DataError
 from explora.models.backbone import input_size
 from explora.models.classifier import PooledEncoder
 from explora.models.group_channel import GroupChannelViT
+from explora.models.record import ExploraRecord, record_of
 from explora.models.temporal import TemporalViT, timestamp_encoding
 from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
 from explora.objectives.mae.augment import random_resized_crop_flip, to_float
@@ -74,22 +75,22 @@ class MAEBatchTransform:
 
 
 # Which reconstruction targets a checkpoint's decoder was trained on, as build_backbone records it in
-# explora_extras["mae_decoder_targets"] (MAE README: "MAE (visualize)" = raw pixels, "*_full" = norm-pix).
+# ExploraRecord.mae_decoder_targets (MAE README: "MAE (visualize)" = raw pixels, "*_full" = norm-pix).
 _TARGET_NAMES = {"pixel": "raw pixels", "norm_pix": "norm-pix targets"}
 _TARGET_CHECKPOINTS = {"pixel": "mae_visualize_*", "norm_pix": "mae_pretrain_*_full"}
 
 
-def warn_decoder_targets(extras: dict, norm_pix_loss: bool) -> None:
+def warn_decoder_targets(record: ExploraRecord, norm_pix_loss: bool) -> None:
     """Note (once, as a warning) when the checkpoint's decoder was trained on the other kind of targets.
 
     Unknown (None / absent) says nothing. Pixel decoder + norm-pix loss is what the official ExPLoRA MAE recipe
     does (``mae_visualize_vit_large.pth`` with ``--norm_pix_loss``, paper-notes 9), so this is a note, not an error.
     """
-    trained_on = extras.get("mae_decoder_targets")
+    trained_on = record.mae_decoder_targets
     wanted = "norm_pix" if norm_pix_loss else "pixel"
     if trained_on not in _TARGET_NAMES or trained_on == wanted:
         return
-    source = extras.get("source") or "the checkpoint"
+    source = record.source or "the checkpoint"
     if trained_on == "pixel":
         advice = ("the official ExPLoRA MAE recipe does exactly this (mae_visualize_vit_large.pth continued with "
                   "norm_pix_loss); set mae.norm_pix_loss=false to keep the decoder's own targets")
@@ -156,11 +157,11 @@ class MAEObjective(Objective):
             self.channels = backbone.patch_embed.proj.in_channels
             self.decoder = MAEDecoder(backbone.embed_dim, self.grid, self.patch_size, self.channels,
                                       slice_dim=3 * cfg.decoder_time_dim, **dec_kw)
-        extras = getattr(backbone, "explora_extras", None) or {}
-        state = extras.get("mae_decoder")
+        record = record_of(backbone)
+        state = record.mae_decoder
         if state:
             load_decoder_state(self.decoder, state, strict=cfg.kind == "rgb")
-            warn_decoder_targets(extras, cfg.norm_pix_loss)
+            warn_decoder_targets(record, cfg.norm_pix_loss)
         else:
             warnings.warn(
                 "MAE checkpoint has no decoder (encoder-only weights, e.g. mae_pretrain_vit_*.pth): the decoder "
