@@ -86,16 +86,16 @@ class BackboneTarget:
     def from_model(cls, model: nn.Module, name: str | None = None) -> BackboneTarget:
         """Describe a timm ``VisionTransformer``; ``name`` defaults to its timm architecture name."""
         proj = model.patch_embed.proj  # type: ignore[union-attr]
-        no_embed_class = bool(getattr(model, "no_embed_class", False))
+        no_embed_class = bool(model.no_embed_class)
         return cls(
-            name=name or getattr(model, "explora_name", None) or model.default_cfg.get("architecture", "vit"),
+            name=name or model.default_cfg.get("architecture", "vit"),
             shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
             embed_dim=int(model.embed_dim),
             depth=len(model.blocks),  # type: ignore[arg-type]
             in_chans=int(proj.weight.shape[1]),
             patch_size=tuple(proj.weight.shape[2:]),  # type: ignore[arg-type]
             grid_size=tuple(model.patch_embed.grid_size),  # type: ignore[union-attr,arg-type]
-            pos_prefix_tokens=0 if no_embed_class else int(getattr(model, "num_prefix_tokens", 1)),
+            pos_prefix_tokens=0 if no_embed_class else int(model.num_prefix_tokens),
         )
 
     def with_grid(self, grid: tuple[int, int]) -> BackboneTarget:

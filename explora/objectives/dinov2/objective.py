@@ -232,7 +232,7 @@ class DinoV2Objective(Objective):
             return [("all", 0, 0)]
         if mode == "crop_size":
             return [("local", 0, n_local), ("global", 0, 2)]
-        prefix = getattr(self.student["backbone"], "num_prefix_tokens", 1)
+        prefix = self.student["backbone"].num_prefix_tokens
         t_global = (self.cfg.global_size // self.patch_size) ** 2 + prefix
         t_local = (self.cfg.local_size // self.patch_size) ** 2 + prefix
         n_stages = -(-n_local // max(1, t_global // t_local)) if n_local else 0  # ceil
