@@ -29,9 +29,11 @@ from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
 from explora.models.adapt import PRESETS, ExploraSpec, apply_explora, apply_preset
 from explora.models.backbone import build_backbone
 from explora.models.checkpoints import convert_checkpoint, load_checkpoint_file
+from explora.models.encoder import Encoder, as_encoder
 from explora.models.export import export_backbone
 from explora.models.group_channel import GroupChannelViT
 from explora.models.params import ParamReport, parameter_report
+from explora.models.record import ExploraRecord, record_of
 from explora.models.temporal import TemporalViT
 from explora.objectives.base import Objective, ObjectiveOutput
 from explora.objectives.dinov2 import DinoV2Config, DinoV2Objective
@@ -51,7 +53,9 @@ __all__ = [
     "DinoV2Config",
     "DinoV2Objective",
     "DivergenceError",
+    "Encoder",
     "ExploraError",
+    "ExploraRecord",
     "ExploraSpec",
     "FinetuneObjective",
     "GroupChannelViT",
@@ -72,6 +76,7 @@ __all__ = [
     "TrainResult",
     "apply_explora",
     "apply_preset",
+    "as_encoder",
     "build_backbone",
     "build_dataset",
     "check_dataset",
@@ -88,6 +93,7 @@ __all__ = [
     "merged_state_dict",
     "parameter_report",
     "prepare_classifier",
+    "record_of",
     "run_finetune",
     "run_pretrain",
     "train",

@@ -11,10 +11,12 @@ from its own ``qkv`` module. The module is *called* (never its ``.weight`` read)
 from __future__ import annotations
 
 import torch
+from timm.layers import Attention
 from torch import nn
 
 from explora.analysis.features import patch_grid
 from explora.core.errors import ConfigError
+from explora.models.encoder import as_encoder
 
 
 def _attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -29,14 +31,14 @@ def _attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def last_block_attention(backbone: nn.Module, images: torch.Tensor, block: int = -1) -> torch.Tensor:
     """Full attention probabilities of one block (default the last): (B, heads, N_tokens, N_tokens)."""
+    encoder = as_encoder(backbone)
     attn = backbone.blocks[block].attn
-    for name in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm"):
-        if not hasattr(attn, name):
-            raise ConfigError(f"blocks[{block}].attn has no '{name}'; expected a timm Attention with a fused qkv")
+    if not isinstance(attn, Attention):
+        raise ConfigError(f"blocks[{block}].attn is a {type(attn).__name__}; expected a timm Attention (fused qkv)")
     captured: list[torch.Tensor] = []
     handle = attn.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
-        backbone.forward_features(images)
+        encoder.forward_features(images)
     finally:
         handle.remove()
     return _attention_probs(attn, captured[-1])
@@ -52,7 +54,7 @@ def attention_maps(
     to 1 over patches (attention the CLS token pays to itself and to register tokens is dropped, which keeps
     maps comparable between backbones with and without registers). Without it the raw probabilities are returned.
     """
-    if getattr(backbone, "cls_token", None) is None:
+    if backbone.cls_token is None:
         raise ConfigError("backbone has no CLS token; CLS-to-patch attention maps need one")
     probs = last_block_attention(backbone, images, block)  # (B, heads, N, N)
     h, w = patch_grid(backbone, (images.shape[-2], images.shape[-1]))

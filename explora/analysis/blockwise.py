@@ -24,6 +24,7 @@ from explora.analysis.plots import plot_attention_grid, plot_block_metric, plot_
 from explora.analysis.probes import ProbeConfig, blockwise_probes, split_images
 from explora.analysis.spectrum import patch_eigenvalues
 from explora.core.errors import DataError
+from explora.models.record import record_of
 
 OUTPUT_FILES = ("analysis.json", "eigenvalues_mean.png", "eigenvalues_std.png", "eigen_spectrum.png",
                 "position_accuracy.png", "attention.png", "pca_features.png")
@@ -127,7 +128,7 @@ def analyze(
 
     cfg_json = asdict(cfg)
     result: dict[str, Any] = {
-        "model": getattr(backbone, "explora_extras", {}).get("source", type(backbone).__name__),
+        "model": record_of(backbone).source or type(backbone).__name__,
         "n_images": n,
         "n_train_images": len(train_idx),
         "n_test_images": len(test_idx),

@@ -1,8 +1,8 @@
 """Turn dataset samples into model inputs and read every block's patch tokens.
 
 Every analysis of the paper (project page "Analysis", paper-notes §5) looks at the *output patch tokens of each
-transformer block*. timm's ``VisionTransformer.forward_intermediates`` returns exactly those with the prefix
-(CLS/register) tokens split off, so the analyses work for any timm ViT, LoRA-wrapped or merged.
+transformer block*. :meth:`explora.models.encoder.Encoder.get_intermediate_layers` returns exactly those with the
+prefix (CLS/register) tokens split off, so the analyses work for any registered encoder, LoRA-wrapped or merged.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from explora.core.errors import ConfigError, DataError
+from explora.core.errors import DataError
+from explora.models.encoder import as_encoder
 
 
 def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -36,11 +37,7 @@ def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[
 
 def patch_grid(backbone: nn.Module, image_hw: tuple[int, int]) -> tuple[int, int]:
     """The (rows, cols) patch grid the backbone produces for an image of size ``image_hw``."""
-    pe = backbone.patch_embed
-    if hasattr(pe, "dynamic_feat_size"):
-        return tuple(int(v) for v in pe.dynamic_feat_size(tuple(image_hw)))  # type: ignore[return-value]
-    ph, pw = pe.patch_size
-    return image_hw[0] // ph, image_hw[1] // pw
+    return as_encoder(backbone).grid(tuple(image_hw))
 
 
 def _to_grid_tokens(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -65,11 +62,9 @@ def block_patch_tokens(backbone: nn.Module, images: torch.Tensor) -> list[torch.
     Tokens are taken before the final norm (the raw residual stream, as DinoV2/MAE probing code reads
     intermediate blocks); prefix tokens are dropped.
     """
-    if not hasattr(backbone, "forward_intermediates"):
-        raise ConfigError(f"{type(backbone).__name__} has no forward_intermediates; expected a timm VisionTransformer")
-    grid = patch_grid(backbone, (images.shape[-2], images.shape[-1]))
-    outs = backbone.forward_intermediates(images, norm=False, output_fmt="NLC", intermediates_only=True)
-    return [_to_grid_tokens(t.float(), grid) for t in outs]
+    encoder = as_encoder(backbone)  # any registered encoder; others are refused by name
+    outs = encoder.get_intermediate_layers(images, None, norm=False)  # every block: (patch (B, N, D), prefix)
+    return [_to_grid_tokens(patch.float(), encoder.grid(images)) for patch, _ in outs]
 
 
 def collect_samples(dataset, n_images: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

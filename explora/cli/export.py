@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from explora.cli.config_args import add_config_arguments, config_from_args
-from explora.core.errors import CheckpointError, ConfigError
+from explora.core.errors import ConfigError
 from explora.models.adapt import ExploraSpec, apply_explora
-from explora.models.export import export_backbone
-from explora.models.params import ParamReport, memory_estimate, parameter_report
+from explora.models.export import export_backbone, load_adapted
+from explora.models.params import memory_estimate, parameter_report
 from explora.recipes.export_config import ExportConfig, ParamsConfig
+from explora.recipes.memory import objective_report
 
 
 def _build(name: str, device: str | torch.device = "cpu", in_chans: int = 3) -> nn.Module:
@@ -55,24 +55,6 @@ def memory_command(cfg: ParamsConfig, overrides: list[str]) -> int:
         print()
         print(summary_markdown(reports))
     return 0
-
-
-def objective_report(cfg) -> ParamReport:
-    """The parameter report of a pre-training config's objective, built on the meta device (no memory, no weights).
-
-    Heads (DINO/iBOT) or the MAE decoder are reported as ``extra``, outside the paper's backbone count.
-    """
-    from dataclasses import replace
-
-    from explora.recipes.pretrain import build_objective
-
-    cfg = replace(cfg, model=replace(cfg.model, weights=None))
-    with torch.device("meta"):
-        objective = build_objective(cfg)
-    if hasattr(objective, "parameter_report"):
-        return objective.parameter_report()
-    student = objective.student
-    return parameter_report(student["backbone"], extra={k: v for k, v in student.items() if k != "backbone"})
 
 
 def objective_params_command(cfg: ParamsConfig, overrides: list[str]) -> int:
@@ -116,57 +98,6 @@ def params_command(args: argparse.Namespace) -> int:
             print()
             print(mem.to_markdown())
     return 0
-
-
-_PATCH = "patch_embed.proj.weight"
-
-
-def _backbone_state(raw: dict[str, Any], source: str) -> dict[str, Tensor]:
-    """Find the backbone tensors (with ``lora_`` keys) in a training checkpoint: unwrap containers, strip prefixes."""
-    flat: dict[str, Tensor] = {}
-
-    def walk(obj: Any, prefix: str) -> None:
-        if isinstance(obj, Tensor):
-            flat[prefix[:-1]] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{prefix}{k}.")
-
-    walk(raw, "")
-    prefixes = [k[: -len(_PATCH)] for k in flat if k.endswith(_PATCH)]
-    prefixes.sort(key=lambda p: ("teacher" not in p, len(p)))  # prefer the EMA teacher, then the shortest path
-    if not prefixes:
-        raise CheckpointError(f"{source}: no '{_PATCH}' tensor found; is this a ViT checkpoint?")
-    p = prefixes[0]
-    state = {k[len(p) :]: v for k, v in flat.items() if k.startswith(p)}
-    return {k: v for k, v in state.items() if not re.match(r"^(head|dino_head|ibot_head)\.", k)}
-
-
-def load_adapted(name: str, weights: str, spec_options: dict[str, Any] | None) -> nn.Module:
-    """A backbone with ``weights`` loaded; with LoRA keys the ExPLoRA spec (file's ``explora_spec`` or given) is
-    applied first so the LoRA tensors have somewhere to go."""
-    from explora.models.backbone import build_backbone
-    from explora.models.checkpoints import load_checkpoint_file
-
-    raw = load_checkpoint_file(weights)
-    state = _backbone_state(raw, weights)
-    if not any("lora_" in k for k in state):
-        return build_backbone(name, weights=weights)
-    if isinstance(raw.get("explora_spec"), dict):
-        spec_options = ExploraSpec.from_dict(raw["explora_spec"]).options()
-    if spec_options is None:
-        raise ConfigError(f"{weights} has LoRA tensors but no 'explora_spec'; pass --preset or --spec")
-    model = build_backbone(name)
-    apply_explora(model, **spec_options)
-    want = model.state_dict()
-    missing = sorted(set(want) - set(state))
-    extra = sorted(set(state) - set(want))
-    if missing or extra:
-        raise CheckpointError(
-            f"{weights}: does not fit {name} with this ExPLoRA spec (missing {missing[:5]}, unexpected {extra[:5]})"
-        )
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 def export_command(args: argparse.Namespace) -> int:

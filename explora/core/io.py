@@ -9,6 +9,7 @@ already saved was changed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -49,3 +50,12 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``."""
     atomic_write(path, lambda f: f.write(data))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (checkpoint manifests, export sidecars)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from explora.core.io import atomic_write_bytes
+from explora.core.io import atomic_write_bytes, sha256_file
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -34,14 +34,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> str:
     data = buf.getvalue()
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class CheckpointManager:
@@ -86,7 +78,7 @@ class CheckpointManager:
             return "checkpoint file missing"
         if path.stat().st_size != manifest.get("bytes"):
             return f"size {path.stat().st_size} bytes, manifest says {manifest.get('bytes')} (truncated)"
-        if _sha256(path) != manifest.get("sha256"):
+        if sha256_file(path) != manifest.get("sha256"):
             return "sha256 does not match the manifest (corrupt)"
         return None
 

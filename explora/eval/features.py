@@ -6,9 +6,11 @@ final norm. On a timm ViT the same thing is ``forward_intermediates(indices=n, n
 We keep the CLS token of each of the last ``n`` blocks and the mean of the *last* block's patch tokens: that is all any
 of the probe heads reads, so a whole lr x n x avgpool sweep (and kNN) costs one forward pass over the data.
 
-Backbones may also be plain callables ``images (B, C, H, W) -> (B, D)`` (e.g. the multispectral / temporal wrappers,
-which pool over all their tokens); their output is stored as a single "CLS" feature with no patch mean. A sample's
-third element (the frame timestamps of temporal datasets) is passed to such a callable as a second argument.
+Any registered encoder (:func:`explora.models.encoder.as_encoder`) gives its own probe features
+(:meth:`~explora.models.encoder.Encoder.probe_features`: the group-channel / temporal encoders give their all-token
+mean as a single "CLS" feature with no patch mean). Backbones may also be plain callables ``images (B, C, H, W) ->
+(B, D)``, stored the same way. A sample's third element (the frame timestamps of temporal datasets) is passed on as
+the encoder's ``timestamps`` or the callable's second argument.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +30,9 @@ from tqdm import tqdm
 
 from explora.core.errors import ConfigError, DataError
 from explora.data.windowing import require_unit_range
+from explora.models.encoder import as_encoder, is_encoder
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -137,26 +141,15 @@ def module_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _is_vit(model) -> bool:
-    return (
-        isinstance(model, nn.Module) and hasattr(model, "forward_intermediates") and hasattr(model, "num_prefix_tokens")
-    )
-
-
 def vit_features(model: nn.Module, images: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CLS of the last ``n_blocks`` blocks (B, n, D) and last-block patch mean (B, D), all through the final norm."""
-    out = model.forward_intermediates(
-        images, indices=n_blocks, norm=True, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
-    )
-    cls = torch.stack([prefix[:, 0] for _, prefix in out], dim=1)  # (B, n, D); prefix (B, 1 + regs, D)
-    patch_mean = out[-1][0].mean(dim=1)  # (B, N_patches, D) -> (B, D)
-    return cls, patch_mean
+    return as_encoder(model).probe_features(images, n_blocks)
 
 
 def _feature_source_key(model: nn.Module | FeatureFn, model_key: str | None) -> str:
     if model_key is not None:
         return model_key
-    owner = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
+    owner = model if isinstance(model, nn.Module) else model.__self__ if isinstance(model, MethodType) else None
     if isinstance(owner, nn.Module):
         return f"{type(owner).__name__}:{module_fingerprint(owner)}"
     raise ConfigError("feature caching needs `model_key` for a plain feature function (its weights cannot be hashed)")
@@ -209,10 +202,10 @@ def extract_features(
         key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
         path = Path(cache_dir) / f"{key}.safetensors"
         if path.is_file():
-            log.info("features: cache hit %s", path)
+            _log.info("features: cache hit %s", path)
             return FeatureSet.load(path)
 
-    vit = _is_vit(model)
+    encoder = as_encoder(model) if is_encoder(model) else None
     was_training = model.training if isinstance(model, nn.Module) else None
     if isinstance(model, nn.Module):
         model.eval()
@@ -226,9 +219,10 @@ def extract_features(
             images, labels, extra = batch[0], batch[1], [t.to(device) for t in batch[2:]]  # extra: timestamps
             x = transform(images.to(device))  # (B, C, S, S) float, normalised
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                if vit:
-                    cls, patch_mean = vit_features(model, x, n_blocks)
-                    patch_parts.append(patch_mean.float().cpu())
+                if encoder is not None:  # what the probes read, as the encoder defines it
+                    cls, patch_mean = encoder.probe_features(x, n_blocks, *extra[:1])
+                    if patch_mean is not None:
+                        patch_parts.append(patch_mean.float().cpu())
                 else:
                     pooled = model(x, *extra)  # (B, D); temporal encoders also take timestamps (B, T, 3)
                     if pooled.ndim != 2:

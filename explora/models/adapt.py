@@ -21,6 +21,7 @@ from torch import nn
 
 from explora.core import config as _config
 from explora.core.errors import ConfigError
+from explora.models.record import ensure_record
 from explora.vit.lora import inject_lora, lora_modules
 
 _TOKEN_NAMES = ("cls_token", "reg_token", "dist_token")
@@ -151,7 +152,7 @@ def apply_explora(
     - ``train_cls_token``: the cls token only (the official ExPLoRA scripts train it; paper-notes §9).
     - ``lora_alpha``: LoRA scaling ``alpha / rank``; ``None`` = rank (scaling 1, explora's choice), ``1.0`` = loralib's
       default that the official scripts never change (scaling ``1 / rank``).
-    The spec is also stored as ``model.explora_spec``.
+    The spec is also recorded as ``record_of(model).spec`` (:mod:`explora.models.record`).
     """
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
@@ -216,7 +217,7 @@ def apply_explora(
         model.cls_token.requires_grad_(True)
     if use_lora:
         inject_lora(model, lora_idx, spec.lora_targets, spec.lora_rank, lora_alpha, spec.lora_dropout)
-    model.explora_spec = spec
+    ensure_record(model).spec = spec
     return spec
 
 

@@ -4,9 +4,10 @@ Every backbone is a plain timm ``VisionTransformer`` (``num_classes=0``, ``dynam
 local crops of different sizes go through one model). Weights come from a file, a URL, the registry's upstream URL
 (through torch.hub's cache, so a file placed in ``$TORCH_HOME/hub/checkpoints`` works offline) or timm / the HF hub;
 :mod:`explora.models.checkpoints` converts them to timm keys. Tensors timm does not keep live in
-``model.explora_extras``: ``"mask_token"`` (DinoV2, (1, D)), ``"mae_decoder"`` (MAE decoder state dict),
-``"mae_decoder_targets"`` (what that decoder reconstructs: ``"pixel"``, ``"norm_pix"`` or None when unknown),
-``"source"`` (where the weights came from); the first three are None when the checkpoint has none.
+the model's :class:`~explora.models.record.ExploraRecord` (:func:`~explora.models.record.record_of`): ``mask_token``
+(DinoV2, (1, D)), ``mae_decoder`` (MAE decoder state dict), ``mae_decoder_targets`` (what that decoder
+reconstructs: ``"pixel"``, ``"norm_pix"`` or None when unknown), ``source`` (where the weights came from); the first
+three are None when the checkpoint has none.
 
 The position embedding is kept on the checkpoint's patch grid and interpolated per forward; the input size the
 model is used at by default is recorded apart from it (:func:`input_size`).
@@ -34,6 +35,7 @@ from explora.models.checkpoints import (
     is_url,
     load_checkpoint_file,
 )
+from explora.models.record import ExploraRecord, attach_record
 from explora.models.registry import BACKBONES, BackboneSpec, get_backbone_spec
 
 ONLINE_PREFIXES = ("hf-hub:", "timm:")
@@ -85,7 +87,7 @@ def build_backbone(
         target = target.with_grid(_pair(pos_embed_grid))
     if weights is None:
         model = _create(spec, _stored_img_size(target.grid_size, probe, native), in_chans, kwargs)
-        model.explora_extras = _extras(None, None, "random init", None)
+        attach_record(model, ExploraRecord(source="random init"))
         return record_input_size(model, use_size)
 
     raw, where, sidecar_grid = _read_weights(spec, weights)
@@ -102,7 +104,7 @@ def build_backbone(
     model = _create(spec, _stored_img_size(grid, probe, native), in_chans, kwargs)
     model.load_state_dict(parts.encoder, strict=True)
     targets = decoder_targets(where) if parts.decoder is not None else None
-    model.explora_extras = _extras(parts.mask_token, parts.decoder, _describe(where, parts), targets)
+    attach_record(model, ExploraRecord(_describe(where, parts), parts.mask_token, parts.decoder, targets))
     return record_input_size(model, use_size)
 
 
@@ -152,10 +154,6 @@ def decoder_targets(source: str | os.PathLike[str]) -> str | None:
     if "_full" in base:
         return "norm_pix"
     return None
-
-
-def _extras(mask_token: Any, decoder: Any, source: str, targets: str | None) -> dict[str, Any]:
-    return {"mask_token": mask_token, "mae_decoder": decoder, "mae_decoder_targets": targets, "source": source}
 
 
 def _read_weights(spec: BackboneSpec, weights: str | os.PathLike[str]) -> tuple[dict[str, Any], str, Any]:
@@ -210,7 +208,7 @@ def _timm_pretrained_state(weights: str) -> dict[str, Any]:
     """State dict of ``timm.create_model(<name>, pretrained=True)`` for ``timm:<name.tag>`` / ``hf-hub:<repo>``.
 
     The pretrained model is built at timm's own size, whose grid is kept; our conversion checks it like any file.
-    timm's DinoV2 filter drops the mask token, so ``explora_extras["mask_token"]`` is None on this path.
+    timm's DinoV2 filter drops the mask token, so ``record_of(model).mask_token`` is None on this path.
     """
     model_name = weights.removeprefix("timm:")
     try:

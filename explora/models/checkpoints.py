@@ -86,16 +86,16 @@ class BackboneTarget:
     def from_model(cls, model: nn.Module, name: str | None = None) -> BackboneTarget:
         """Describe a timm ``VisionTransformer``; ``name`` defaults to its timm architecture name."""
         proj = model.patch_embed.proj  # type: ignore[union-attr]
-        no_embed_class = bool(getattr(model, "no_embed_class", False))
+        no_embed_class = bool(model.no_embed_class)
         return cls(
-            name=name or getattr(model, "explora_name", None) or model.default_cfg.get("architecture", "vit"),
+            name=name or model.default_cfg.get("architecture", "vit"),
             shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
             embed_dim=int(model.embed_dim),
             depth=len(model.blocks),  # type: ignore[arg-type]
             in_chans=int(proj.weight.shape[1]),
             patch_size=tuple(proj.weight.shape[2:]),  # type: ignore[arg-type]
             grid_size=tuple(model.patch_embed.grid_size),  # type: ignore[union-attr,arg-type]
-            pos_prefix_tokens=0 if no_embed_class else int(getattr(model, "num_prefix_tokens", 1)),
+            pos_prefix_tokens=0 if no_embed_class else int(model.num_prefix_tokens),
         )
 
     def with_grid(self, grid: tuple[int, int]) -> BackboneTarget:
@@ -498,3 +498,32 @@ def _check_keys(state: Mapping[str, Tensor], target: BackboneTarget, source: str
         f"{source}: {layout} checkpoint does not fit {target.describe()} after conversion to timm keys: "
         + "; ".join(problems)
     )
+
+
+_PATCH = "patch_embed.proj.weight"
+
+
+def adapted_backbone_state(raw: Mapping[str, Any], source: str) -> dict[str, Tensor]:
+    """The backbone tensors (with ``lora_`` keys) of an explora training checkpoint: unwrap containers, strip prefixes.
+
+    Unlike :func:`convert_checkpoint` (upstream files, converted to timm keys) this keeps the adapted model's own
+    keys, wherever the objective nests them (``objective.teacher.backbone.*``, ``student.backbone.*``, ...): every
+    nested mapping is flattened, and the shortest path to a ``patch_embed.proj.weight`` wins, the EMA teacher first.
+    """
+    flat: dict[str, Tensor] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        if isinstance(obj, Tensor):
+            flat[prefix[:-1]] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{prefix}{k}.")
+
+    walk(raw, "")
+    prefixes = [k[: -len(_PATCH)] for k in flat if k.endswith(_PATCH)]
+    prefixes.sort(key=lambda p: ("teacher" not in p, len(p)))  # prefer the EMA teacher, then the shortest path
+    if not prefixes:
+        raise CheckpointError(f"{source}: no '{_PATCH}' tensor found; is this a ViT checkpoint?")
+    p = prefixes[0]
+    state = {k[len(p) :]: v for k, v in flat.items() if k.startswith(p)}
+    return {k: v for k, v in state.items() if not re.match(r"^(head|dino_head|ibot_head)\.", k)}

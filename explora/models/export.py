@@ -22,7 +22,6 @@ Every file is written atomically (temp file in the same directory, fsync, ``os.r
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -35,8 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from explora.core.errors import CheckpointError, ConfigError
-from explora.core.io import atomic_write
-from explora.models.backbone import input_size
+from explora.core.io import atomic_write, sha256_file
+from explora.models.adapt import ExploraSpec, apply_explora
+from explora.models.backbone import build_backbone, input_size
+from explora.models.checkpoints import adapted_backbone_state, load_checkpoint_file
+from explora.models.encoder import as_encoder, rebuild_encoder
+from explora.models.record import ExploraRecord, attach_record, record_of
 from explora.vit.lora import merged_state_dict
 
 FORMATS = ("safetensors", "encoder", "teacher")
@@ -69,7 +72,7 @@ def infer_model_args(model: nn.Module, timm_name: str) -> dict[str, Any]:
         "num_classes": 0,
         "img_size": list(pe.img_size),
         "in_chans": int(pe.proj.in_channels),
-        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
+        "dynamic_img_size": bool(model.dynamic_img_size),
     }
     try:
         with torch.device("meta"):
@@ -141,14 +144,6 @@ def split_qkv(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -181,7 +176,7 @@ def export_backbone(
     sd = _plain(merged_state_dict(model))
     model_args = dict(meta.pop("model_args", None) or infer_model_args(model, timm_name))
     input_channels = meta.pop("input_channels", None)  # how grayscale data met the channels (medical data)
-    extras = getattr(model, "explora_extras", None) or {}
+    record = record_of(model)
     paths: dict[str, Path] = {}
 
     if "safetensors" in formats:
@@ -190,7 +185,7 @@ def export_backbone(
         blob = st_save(sd, metadata={"format": "pt", "timm_name": timm_name})
         paths["safetensors"] = out / FILE_NAMES["safetensors"]
         atomic_write(paths["safetensors"], lambda f: f.write(blob))
-    upstream = to_upstream_layout(sd, family, extras.get("mask_token"))
+    upstream = to_upstream_layout(sd, family, record.mask_token)
     if "encoder" in formats:
         paths["encoder"] = out / FILE_NAMES["encoder"]
         atomic_write(paths["encoder"], lambda f: torch.save({"model": upstream}, f))
@@ -201,9 +196,9 @@ def export_backbone(
         paths["teacher"] = out / FILE_NAMES["teacher"]
         atomic_write(paths["teacher"], lambda f: torch.save({"teacher": teacher}, f))
 
-    spec = getattr(model, "explora_spec", None)
+    spec = record.spec
     size = input_size(model)
-    stored = list(model.patch_embed.grid_size) if getattr(model, "pos_embed", None) is not None else None
+    stored = list(model.patch_embed.grid_size) if model.pos_embed is not None else None
     sidecar = {
         "architecture": timm_name,
         "family": family,
@@ -215,9 +210,9 @@ def export_backbone(
         "in_chans": int(model.patch_embed.proj.in_channels),
         **({"input_channels": input_channels} if input_channels else {}),
         "num_features": int(model.num_features),
-        "files": {k: {"path": p.name, "sha256": _sha256(p)} for k, p in paths.items()},
+        "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
         "provenance": {
-            "source": extras.get("source"),
+            "source": record.source,
             "explora_spec": spec.to_dict() if spec is not None else None,
             "lora_merged": True,
             "explora_version": _version(),
@@ -238,7 +233,7 @@ def export_backbone(
 def _trained_grid(model: nn.Module, size: tuple[int, int]) -> list[int] | None:
     """The patch grid a trained position embedding saw (the model's input size), None when the ExPLoRA
     parameterisation kept it frozen (or the model carries none, so nothing says it trained)."""
-    spec = getattr(model, "explora_spec", None)
+    spec = record_of(model).spec
     if spec is None or not spec.train_pos_embed:
         return None
     ph, pw = model.patch_embed.patch_size
@@ -270,16 +265,10 @@ def load_exported(path: str | os.PathLike[str]) -> nn.Module:
 # next to the base timm architecture; :func:`load_encoder` is the one loader for both kinds of export.
 
 
-def _wrapper_classes() -> dict[str, type]:
-    from explora.models.group_channel import GroupChannelViT
-    from explora.models.temporal import TemporalViT
-
-    return {"group_channel": GroupChannelViT, "temporal": TemporalViT}
-
-
 def is_wrapped(model: nn.Module) -> bool:
-    """True for the group-channel / temporal wrappers (anything exposing ``wrapper_config``)."""
-    return callable(getattr(model, "wrapper_config", None))
+    """True for an encoder timm cannot rebuild alone (its :meth:`~explora.models.encoder.Encoder.export_config` is a
+    ``wrapper`` entry): the group-channel / temporal encoders. Unregistered modules raise ConfigError."""
+    return as_encoder(model).export_config() is not None
 
 
 def export_wrapped_encoder(
@@ -301,22 +290,22 @@ def export_wrapped_encoder(
         raise ConfigError(f"{type(encoder).__name__} is not a group-channel/temporal wrapper; use export_backbone")
     out = Path(out_dir)
     meta = dict(metadata or {})
-    config = encoder.wrapper_config()
+    config = as_encoder(encoder).export_config()
     sd = _plain(merged_state_dict(encoder))
     blob = st_save(sd, metadata={"format": "pt", "timm_name": timm_name, "wrapper": config["kind"]})
     paths = {"safetensors": out / FILE_NAMES["safetensors"]}
     atomic_write(paths["safetensors"], lambda f: f.write(blob))
-    spec = getattr(encoder, "explora_spec", None)
+    spec = record_of(encoder).spec
     sidecar = {
         "architecture": timm_name,
         "family": str(meta.pop("family", "mae")),
         "model_args": dict(model_args),
         "wrapper": config,
         "img_size": list(input_size(encoder)),
-        "pos_embed_grid": _wrapper_grid(encoder),
-        "pos_embed_trained_grid": _wrapper_grid(encoder) if _wrapper_pos(encoder).requires_grad else None,
+        "pos_embed_grid": list(encoder.pos_embed_grid),
+        "pos_embed_trained_grid": list(encoder.pos_embed_grid) if encoder.own_pos_embed.requires_grad else None,
         "num_features": int(encoder.embed_dim),
-        "files": {k: {"path": p.name, "sha256": _sha256(p)} for k, p in paths.items()},
+        "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
         "provenance": {
             "explora_spec": spec.to_dict() if spec is not None else None,
             "lora_merged": True,
@@ -330,17 +319,6 @@ def export_wrapped_encoder(
     text = json.dumps(sidecar, indent=2, default=str)
     atomic_write(paths["sidecar"], lambda f: f.write(text.encode()))
     return paths
-
-
-def _wrapper_grid(encoder: nn.Module) -> list[int]:
-    """The grid of a wrapper's own (trainable) position encoding: the group-channel grid, or the temporal one."""
-    return list(getattr(encoder.patch_embed, "grid", None) or encoder.grid)
-
-
-def _wrapper_pos(encoder: nn.Module) -> Tensor:
-    """A wrapper's own spatial encoding: ``patch_embed.pos_embed`` (group-channel) or ``pos_embed`` (temporal)."""
-    own = getattr(encoder.patch_embed, "pos_embed", None)
-    return own if own is not None else encoder.pos_embed
 
 
 def _export_files(path: str | os.PathLike[str]) -> tuple[Path, Path] | None:
@@ -383,12 +361,9 @@ def load_encoder(path: str | os.PathLike[str]) -> nn.Module:
     if "wrapper" not in info:
         return load_exported(weights).eval()
     config = info["wrapper"]
-    classes = _wrapper_classes()
-    if config.get("kind") not in classes:
-        raise CheckpointError(f"{side}: wrapper kind {config.get('kind')!r}; expected one of {sorted(classes)}")
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in info["model_args"].items()}
     base = timm.create_model(info["architecture"], pretrained=False, **args)
-    encoder = classes[config["kind"]].from_config(base, config)
+    encoder = rebuild_encoder(base, config, source=str(side))
     state = load_file(str(weights))
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -396,5 +371,29 @@ def load_encoder(path: str | os.PathLike[str]) -> nn.Module:
             f"{weights}: does not fit the {config['kind']} encoder its sidecar describes "
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
-    encoder.explora_extras = {"mask_token": None, "mae_decoder": None, "source": f"explora export {weights}"}
+    attach_record(encoder, ExploraRecord(source=f"explora export {weights}"))
     return encoder.eval()
+
+
+def load_adapted(name: str, weights: str, spec_options: dict[str, Any] | None) -> nn.Module:
+    """Backbone ``name`` with ``weights`` loaded; with LoRA keys (an explora training checkpoint) the ExPLoRA spec
+    (the file's ``explora_spec``, else ``spec_options``) is applied first so the LoRA tensors have somewhere to go."""
+    raw = load_checkpoint_file(weights)
+    state = adapted_backbone_state(raw, weights)
+    if not any("lora_" in k for k in state):
+        return build_backbone(name, weights=weights)
+    if isinstance(raw.get("explora_spec"), dict):
+        spec_options = ExploraSpec.from_dict(raw["explora_spec"]).options()
+    if spec_options is None:
+        raise ConfigError(f"{weights} has LoRA tensors but no 'explora_spec'; pass --preset or --spec")
+    model = build_backbone(name)
+    apply_explora(model, **spec_options)
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    if missing or extra:
+        raise CheckpointError(
+            f"{weights}: does not fit {name} with this ExPLoRA spec (missing {missing[:5]}, unexpected {extra[:5]})"
+        )
+    model.load_state_dict(state, strict=True)
+    return model

@@ -11,7 +11,7 @@ position/group encodings are new parameters that must train (paper-notes section
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
@@ -19,63 +19,12 @@ from torch import nn
 
 from explora.core.errors import ConfigError
 from explora.models.backbone import input_size
+from explora.vit.sincos import sincos_1d, sincos_2d
+from explora.vit.tokens import apply_mask_token, patch_grid_size, run_blocks
 
 # SatMAE's default groups over the 10 Sentinel-2 bands left after dropping B1, B9, B10 (indices 0, 9, 10 of 13).
 SENTINEL2_DROPPED_BANDS: tuple[int, ...] = (0, 9, 10)
 SENTINEL2_GROUPS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 6), (3, 4, 5, 7), (8, 9))
-
-
-def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """Transformer sin-cos encoding of arbitrary (float) positions: (...,) -> (..., dim), [sin | cos] halves.
-
-    Frequencies 1/10000^(i/(dim/2)) as in Vaswani et al. 2017 and MAE's fixed position embeddings.
-    """
-    if dim % 2:
-        raise ConfigError(f"sin-cos encoding width must be even, got {dim}")
-    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2)
-    omega = 1.0 / 10000**omega  # (dim/2,)
-    out = positions.to(torch.float64)[..., None] * omega  # (..., dim/2)
-    return torch.cat([out.sin(), out.cos()], dim=-1).float()  # (..., dim)
-
-
-def sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2-D sin-cos position encoding (H*W, dim): first half encodes the column, second half the row.
-
-    The column-then-row order follows MAE's fixed embeddings (He et al. 2022), so freshly built decoder
-    positions agree with those stored in MAE checkpoints.
-    """
-    if dim % 4:
-        raise ConfigError(f"2-D sin-cos encoding width must be a multiple of 4, got {dim}")
-    h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (H, W) each
-    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=-1)
-
-
-def run_blocks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm_pre`` -> blocks -> ``norm`` of a timm-like model; non-reentrant checkpointing when it is enabled.
-
-    Non-reentrant because with LoRA the inputs of frozen early blocks may not require grad (peft#1142).
-    """
-    x = getattr(model, "norm_pre", nn.Identity())(x)
-    ckpt = getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled()
-    for blk in model.blocks:
-        x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
-    return model.norm(x)
-
-
-def prefix_tokens(vit: nn.Module, batch: int) -> torch.Tensor:
-    """The cls (and register) tokens of a timm ViT with their position embedding added: (B, P, D)."""
-    parts = []
-    if getattr(vit, "cls_token", None) is not None:
-        parts.append(vit.cls_token)
-    if getattr(vit, "reg_token", None) is not None:
-        parts.append(vit.reg_token)
-    if not parts:
-        return vit.pos_embed.new_zeros(batch, 0, vit.embed_dim)
-    prefix = torch.cat(parts, dim=1)  # (1, P, D)
-    if vit.pos_embed is not None and not vit.no_embed_class:
-        prefix = prefix + vit.pos_embed[:, : prefix.shape[1]]
-    return prefix.expand(batch, -1, -1)
 
 
 class _SlicedViT(nn.Module):
@@ -84,14 +33,22 @@ class _SlicedViT(nn.Module):
     The wrapped ViT's ``cls_token``, ``reg_token``, ``blocks`` and ``norm`` are the same module objects as in the
     backbone (no copies), so LoRA injected into the backbone is trained here and parameter names keep timm's
     ``blocks.<i>.`` form that the engine's layer-wise decay reads.
+
+    Implements :class:`explora.models.encoder.Encoder` directly (it is our module, so no adapter is needed): a
+    subclass provides ``kind``, :meth:`embed`, :meth:`export_config` / ``from_config`` and ``own_pos_embed``.
     """
+
+    kind: ClassVar[str]
+    pools: ClassVar[tuple[str, ...]] = ("cls", "avg", "cls+avg")
+    default_pool: ClassVar[str] = "avg"  # SatMAE fine-tunes and evaluates these encoders on the mean of all tokens
+    needs_timestamps: ClassVar[bool] = False
 
     def __init__(self, vit: nn.Module) -> None:
         super().__init__()
         self.embed_dim = vit.embed_dim
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.cls_token = vit.cls_token
-        self.reg_token = getattr(vit, "reg_token", None)
+        self.reg_token = vit.reg_token
         self.no_embed_class = vit.no_embed_class
         self.norm_pre = vit.norm_pre
         self.blocks = vit.blocks
@@ -120,13 +77,82 @@ class _SlicedViT(nn.Module):
             prefix = prefix + self.prefix_pos
         return prefix.expand(batch, -1, -1)
 
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.patch_embed.patch_size)
+
+    def grid(self, x: torch.Tensor | tuple[int, int]) -> tuple[int, int]:
+        """(h, w) patch grid of images ``x`` (B, C, H, W) (or an (H, W) size); each group / frame covers it once."""
+        return patch_grid_size(x, self.patch_size)
+
+    def embed(self, x: torch.Tensor, timestamps: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> encoded tokens (B, R*L, D), slice-major, and the grid; ``masks`` (B, R*L) swap patch
+        embeddings for ``mask_token`` before the encodings are added."""
+        raise NotImplementedError
+
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, D) already position-encoded tokens -> (B, P + N, D) normed output."""
         return run_blocks(self, torch.cat([self.prefix(tokens.shape[0]), tokens], dim=1))
 
-    def pool(self, out: torch.Tensor) -> torch.Tensor:
-        """Mean over ALL non-prefix tokens (every group/frame and position): (B, P+N, D) -> (B, D)."""
-        return out[:, self.num_prefix_tokens :].mean(dim=1)
+    def forward_features(self, x: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) [+ timestamps] -> normed tokens (B, P + R*L, D)."""
+        return self.encode(self.embed(x, timestamps)[0])
+
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None,
+                       timestamps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normed class token (B, D) (the token mean without one) and slice tokens (B, R*L, D)."""
+        out = self.encode(self.embed(x, timestamps, masks, mask_token)[0])
+        p = self.num_prefix_tokens
+        return (out[:, 0] if self.cls_token is not None else out[:, p:].mean(1)), out[:, p:]
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int | None = 1, norm: bool = True,
+                                timestamps: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(slice tokens (B, R*L, D), prefix tokens (B, P, D)) after each of the last ``n`` blocks (all: None)."""
+        tokens = self.embed(x, timestamps)[0]
+        tokens = self.norm_pre(torch.cat([self.prefix(tokens.shape[0]), tokens], dim=1))  # (B, P + R*L, D)
+        first = len(self.blocks) - (len(self.blocks) if n is None else n)
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens)
+            if i >= first:
+                outs.append(self.norm(tokens) if norm else tokens)
+        p = self.num_prefix_tokens
+        return [(t[:, p:], t[:, :p]) for t in outs]
+
+    def pool(self, tokens: torch.Tensor, mode: str = "avg") -> torch.Tensor:
+        """(B, P + N, D) normed tokens -> (B, D): ``avg`` is the mean over ALL non-prefix tokens (every group/frame
+        and position), ``cls`` the class token, ``cls+avg`` both concatenated (B, 2D)."""
+        return pool_tokens(tokens, mode, self.num_prefix_tokens, self.pools, self.kind)
+
+    def pooled(self, x: torch.Tensor, mode: str = "avg", timestamps: torch.Tensor | None = None) -> torch.Tensor:
+        """Images [+ timestamps] -> pooled (B, D) feature (``mode`` as :meth:`pool`)."""
+        return self.pool(self.forward_features(x, timestamps), mode)
+
+    def probe_features(self, x: torch.Tensor, n_blocks: int,
+                       timestamps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen-feature probes' input: the all-token mean as one "CLS" feature (B, 1, D), no patch mean."""
+        return self.pooled(x, "avg", timestamps)[:, None], None
+
+    def forward(self, x: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled feature over all R*L tokens: (B, D)."""
+        return self.pooled(x, "avg", timestamps)
+
+
+def pool_tokens(tokens: torch.Tensor, mode: str, num_prefix_tokens: int, pools: tuple[str, ...],
+                kind: str) -> torch.Tensor:
+    """``cls`` / ``avg`` / ``cls+avg`` pooling of normed tokens (B, P + N, D), shared by every encoder kind.
+
+    ``cls`` is position 0 (as explora's classifiers always read it), ``avg`` the mean of the non-prefix tokens.
+    """
+    if mode not in pools:
+        raise ConfigError(f"pool {mode!r}: a {kind} encoder pools with one of {list(pools)}")
+    if mode not in ("cls", "avg", "cls+avg"):
+        raise ConfigError(f"pool {mode!r} is not a pooling of the normed tokens; use the encoder's pooled(x, mode)")
+    cls = tokens[:, 0]  # (B, D)
+    avg = tokens[:, num_prefix_tokens:].mean(dim=1)  # (B, D)
+    return {"cls": cls, "avg": avg, "cls+avg": torch.cat([cls, avg], dim=1)}[mode]
 
 
 class GroupChannelPatchEmbed(nn.Module):
@@ -225,17 +251,21 @@ class GroupChannelPatchEmbed(nn.Module):
         g = self.group_embed[:, :, None].expand(-1, -1, L, -1)  # (1, G, L, Dg)
         return torch.cat([s, g], dim=-1) if self.pos_mode == "concat" else s + g
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, C, H, W) -> tokens (B, G, L, D) with encodings added, and the patch grid (h, w)."""
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> tokens (B, G, L, D) with encodings added, and the patch grid (h, w); ``masks`` (B, G*L)
+        set patch embeddings to ``mask_token`` before the encodings are added."""
         x = self.select_bands(x)
         toks = [proj(x[:, list(g)]) for proj, g in zip(self.proj, self.groups)]  # G x (B, D, h, w)
         grid = tuple(toks[0].shape[-2:])
         t = torch.stack([t.flatten(2).transpose(1, 2) for t in toks], dim=1)  # (B, G, L, D)
-        return t + self.encoding(grid), grid
+        return apply_mask_token(t, masks, mask_token) + self.encoding(grid), grid
 
 
 class GroupChannelViT(_SlicedViT):
     """A multispectral ViT: grouped patch embedding + the blocks/norm/cls of a timm ViT (sequence G*L + prefix)."""
+
+    kind: ClassVar[str] = "group_channel"
 
     def __init__(
         self,
@@ -265,7 +295,17 @@ class GroupChannelViT(_SlicedViT):
     def num_groups(self) -> int:
         return self.patch_embed.num_groups
 
-    def wrapper_config(self) -> dict[str, Any]:
+    @property
+    def own_pos_embed(self) -> nn.Parameter:
+        """The spatial encoding this encoder adds (trainable, new); exports record its grid."""
+        return self.patch_embed.pos_embed
+
+    @property
+    def pos_embed_grid(self) -> tuple[int, int]:
+        """The grid ``own_pos_embed`` is laid out on."""
+        return self.patch_embed.grid
+
+    def export_config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments: an export's sidecar stores them so the loader can rebuild us."""
         pe = self.patch_embed
         return {
@@ -281,7 +321,7 @@ class GroupChannelViT(_SlicedViT):
 
     @classmethod
     def from_config(cls, vit: nn.Module, config: dict[str, Any]) -> GroupChannelViT:
-        """Inverse of :meth:`wrapper_config` around a ViT of the same architecture (weights are loaded after).
+        """Inverse of :meth:`export_config` around a ViT of the same architecture (weights are loaded after).
 
         Configs written before ``img_size`` was recorded built the base ViT at that size: its ``patch_embed.img_size``.
         """
@@ -289,18 +329,11 @@ class GroupChannelViT(_SlicedViT):
                    config.get("pos_mode", "concat"), int(config.get("group_dim", 256)), config.get("patch_size"),
                    config.get("img_size") or tuple(vit.patch_embed.img_size))
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, C, H, W) -> position-encoded tokens (B, G*L, D), group-major, and the grid."""
-        t, grid = self.patch_embed(x)  # (B, G, L, D)
+    def embed(self, x: torch.Tensor, timestamps: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> position-encoded tokens (B, G*L, D), group-major, and the grid (timestamps unused)."""
+        t, grid = self.patch_embed(x, masks, mask_token)  # (B, G, L, D)
         return t.flatten(1, 2), grid
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> normed tokens (B, P + G*L, D)."""
-        return self.encode(self.embed(x)[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled feature over all G*L tokens: (B, D)."""
-        return self.pool(self.forward_features(x))
 
 
 def _rgb_patch_pos(vit: nn.Module, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -318,23 +351,9 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def patch_grid_size(x: torch.Tensor, patch: int | tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) patch grid of an image batch; raises when the size is not a multiple of the patch."""
-    p = patch if isinstance(patch, int) else patch[0]
-    H, W = x.shape[-2:]
-    if H % p or W % p:
-        raise ConfigError(f"image size {H}x{W} is not a multiple of the patch size {p}")
-    return H // p, W // p
-
-
 __all__ = [
     "SENTINEL2_DROPPED_BANDS",
     "SENTINEL2_GROUPS",
     "GroupChannelPatchEmbed",
     "GroupChannelViT",
-    "sincos_1d",
-    "sincos_2d",
-    "run_blocks",
-    "prefix_tokens",
-    "patch_grid_size",
 ]

@@ -20,7 +20,7 @@ time part, as :class:`~explora.objectives.mae.decoder.MAEDecoder` does by defaul
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -28,7 +28,9 @@ from torch import nn
 
 from explora.core.errors import ConfigError, DataError
 from explora.models.backbone import input_size
-from explora.models.group_channel import _pair, _SlicedViT, sincos_1d, sincos_2d
+from explora.models.group_channel import _pair, _SlicedViT
+from explora.vit.sincos import sincos_1d, sincos_2d
+from explora.vit.tokens import apply_mask_token
 
 
 def timestamp_encoding(timestamps: torch.Tensor, time_dim: int = 128) -> torch.Tensor:
@@ -40,6 +42,9 @@ def timestamp_encoding(timestamps: torch.Tensor, time_dim: int = 128) -> torch.T
 
 class TemporalViT(_SlicedViT):
     """Temporal wrapper of a timm ViT: (B, T*C, H, W) + timestamps (B, T, 3) -> T*L tokens (+ prefix)."""
+
+    kind: ClassVar[str] = "temporal"
+    needs_timestamps: ClassVar[bool] = True
 
     def __init__(
         self, vit: nn.Module, num_frames: int = 3, time_dim: int = 128, time_offset: Sequence[float] = (0, 0, 0),
@@ -60,18 +65,23 @@ class TemporalViT(_SlicedViT):
         self.patch_embed = vit.patch_embed
         self.img_size = _pair(img_size) if img_size is not None else input_size(vit)  # encodings laid out for it
         ph, pw = vit.patch_embed.patch_size
-        self.grid = (self.img_size[0] // ph, self.img_size[1] // pw)
+        self.pos_embed_grid = (self.img_size[0] // ph, self.img_size[1] // pw)  # the grid pos_embed is laid out on
         # SatMAE uses fixed sin-cos; trainable here, initialised as sin-cos, because ExPLoRA unfreezes new encodings.
-        self.pos_embed = nn.Parameter(sincos_2d(self.embed_dim - 3 * time_dim, self.grid)[None])  # (1, L, Ds)
+        self.pos_embed = nn.Parameter(sincos_2d(self.embed_dim - 3 * time_dim, self.pos_embed_grid)[None])  # (1,L,Ds)
 
-    def wrapper_config(self) -> dict[str, Any]:
+    @property
+    def own_pos_embed(self) -> nn.Parameter:
+        """The spatial encoding this encoder adds (trainable, new); exports record its grid."""
+        return self.pos_embed
+
+    def export_config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments: an export's sidecar stores them so the loader can rebuild us."""
         return {"kind": "temporal", "num_frames": self.num_frames, "time_dim": self.time_dim,
                 "time_offset": list(self.time_offset), "img_size": list(self.img_size)}
 
     @classmethod
     def from_config(cls, vit: nn.Module, config: dict[str, Any]) -> TemporalViT:
-        """Inverse of :meth:`wrapper_config` around a ViT of the same architecture (weights are loaded after).
+        """Inverse of :meth:`export_config` around a ViT of the same architecture (weights are loaded after).
 
         Configs written before ``img_size`` was recorded built the base ViT at that size: its ``patch_embed.img_size``.
         """
@@ -91,9 +101,16 @@ class TemporalViT(_SlicedViT):
             )
         return x.reshape(B * self.num_frames, self.in_chans, H, W)
 
-    def embed(self, x: torch.Tensor, timestamps: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """-> position/time-encoded tokens (B, T*L, D), frame-major, and the patch grid."""
+    def embed(self, x: torch.Tensor, timestamps: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """-> position/time-encoded tokens (B, T*L, D), frame-major, and the patch grid; ``masks`` (B, T*L) set
+        patch embeddings to ``mask_token`` before the encodings are added."""
         B, T = x.shape[0], self.num_frames
+        if timestamps is None:
+            raise DataError(
+                "the temporal encoder needs frame timestamps (B, T, 3) = (year, month, hour); none were given "
+                "(expected each sample as (image, label, timestamps), e.g. fmow_temporal)"
+            )
         if timestamps.shape[:2] != (B, T):
             raise DataError(f"timestamps shape {tuple(timestamps.shape)} does not match (B, T, 3) = ({B}, {T}, 3)")
         t = self.patch_embed(self.split_frames(x))  # (B*T, h, w, D) NHWC with dynamic_img_size, else (B*T, L, D)
@@ -101,25 +118,17 @@ class TemporalViT(_SlicedViT):
             grid = tuple(t.shape[1:3])
             t = t.flatten(1, 2)
         else:
-            grid = self.grid
+            grid = self.pos_embed_grid
         L = t.shape[1]
-        t = t.reshape(B, T, L, -1)  # (B, T, L, D)
+        t = apply_mask_token(t.reshape(B, T, L, -1), masks, mask_token)  # (B, T, L, D)
         spatial = self.pos_embed
-        if grid != self.grid:
-            spatial = resample_abs_pos_embed(spatial, new_size=grid, old_size=self.grid, num_prefix_tokens=0)
+        if grid != self.pos_embed_grid:
+            spatial = resample_abs_pos_embed(spatial, new_size=grid, old_size=self.pos_embed_grid, num_prefix_tokens=0)
         s = spatial[:, None].expand(B, T, -1, -1)  # (B, T, L, Ds)
         tt = timestamp_encoding(self.shift_timestamps(timestamps), self.time_dim).to(t.dtype)  # (B, T, 3*time_dim)
         tt = tt[:, :, None].expand(-1, -1, L, -1)  # (B, T, L, 3*time_dim)
         t = t + torch.cat([s, tt], dim=-1)  # (B, T, L, D)
         return t.flatten(1, 2), grid
-
-    def forward_features(self, x: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
-        """-> normed tokens (B, P + T*L, D)."""
-        return self.encode(self.embed(x, timestamps)[0])
-
-    def forward(self, x: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
-        """Pooled feature over all T*L tokens: (B, D)."""
-        return self.pool(self.forward_features(x, timestamps))
 
 
 __all__ = ["TemporalViT", "timestamp_encoding"]

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from explora.core.errors import ConfigError
-from explora.models.params import gradient_and_moment_bytes
+from explora.models.params import ParamReport, gradient_and_moment_bytes
+from explora.recipes.pretrain import build_objective
 
 MIB = 1024**2
 PRECISIONS = ("fp32", "bf16")
@@ -335,3 +336,14 @@ def _signature(blk: nn.Module) -> tuple:
     """Blocks with the same structure and trainable set save the same bytes: trace one of each."""
     return tuple((n, tuple(p.shape), p.requires_grad) for n, p in blk.named_parameters()) + (
         bool(getattr(getattr(blk, "attn", None), "fused_attn", False)),)
+
+
+def objective_report(cfg: Any) -> ParamReport:
+    """The parameter report of a pre-training config's objective, built on the meta device (no memory, no weights).
+
+    Heads (DINO/iBOT) or the MAE decoder are reported as ``extra``, outside the paper's backbone count.
+    """
+    cfg = replace(cfg, model=replace(cfg.model, weights=None))
+    with torch.device("meta"):
+        objective = build_objective(cfg)
+    return objective.parameter_report()

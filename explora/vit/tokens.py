@@ -10,83 +10,74 @@ image sizes behave as in timm's ``forward_features``.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
-import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils.checkpoint import checkpoint
+
+from explora.core.errors import ConfigError
 
 
-class FrozenWeightCastCache(TorchFunctionMode):
-    """Under autocast, give ``F.linear`` one cached low-precision copy of each *frozen* fp32 weight.
+def apply_mask_token(tokens: torch.Tensor, masks: torch.Tensor | None,
+                     mask_token: torch.Tensor | None) -> torch.Tensor:
+    """Patch embeddings (B, ..., D) with the ``masks`` (B, N) positions (row-major over ``...``) set to ``mask_token``.
 
-    Why: autocast caches casts only of leaf tensors that require grad, so a frozen weight (most of an ExPLoRA
-    backbone) is re-cast on every call - three times per DinoV2 step (teacher, global, local crops). Frozen weights
-    never change, so one cast is enough. The cast is the same ``Tensor.to`` autocast would do, so results are
-    bit-identical; a weight modified in place (``_version`` changes) is re-cast. Costs a bf16 copy of the frozen
-    weights (half their fp32 size). Outside autocast, or for trainable weights, it does nothing.
+    Applied before any position / group / time encoding is added, as DinoV2's ``prepare_tokens_with_masks`` does.
+    ``masks=None`` returns ``tokens`` unchanged.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._cache: dict[int, tuple[weakref.ref, int, torch.dtype, torch.Tensor]] = {}
-
-    def _low(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        hit = self._cache.get(id(w))
-        if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == dtype:
-            return hit[3]
-        low = w.detach().to(dtype)
-        self._cache[id(w)] = (weakref.ref(w), w._version, dtype, low)
-        return low
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2:
-            w = args[1]
-            dev = w.device.type
-            if (isinstance(w, nn.Parameter) and not w.requires_grad and w.dtype == torch.float32
-                    and torch.is_autocast_enabled(dev)):
-                dtype = torch.get_autocast_dtype(dev)
-                if dtype != torch.float32:
-                    args = (args[0], self._low(w, dtype), *args[2:])
-        return func(*args, **kwargs)
+    if masks is None:
+        return tokens
+    if mask_token is None:
+        raise ValueError("forward_tokens: masks given without a mask_token")
+    b, d = tokens.shape[0], tokens.shape[-1]
+    n = tokens[0].numel() // d
+    if masks.shape != (b, n):
+        raise ValueError(f"forward_tokens: masks must be ({b}, {n}) for this input, got {tuple(masks.shape)}")
+    m = masks.reshape(tokens.shape[:-1]).unsqueeze(-1)  # (B, ..., 1)
+    return torch.where(m, mask_token.reshape(d).to(tokens.dtype), tokens)
 
 
 def embed_tokens(vit: nn.Module, x: torch.Tensor, masks: torch.Tensor | None = None,
                  mask_token: torch.Tensor | None = None) -> torch.Tensor:
     """Patch-embed ``x``, swap masked patches for ``mask_token``, add prefix tokens and position embeddings.
 
-    Returns the token sequence (B, num_prefix_tokens + N, D) that enters the first block.
+    Returns the token sequence (B, num_prefix_tokens + N, D) that enters :func:`run_blocks` (which applies
+    ``norm_pre``).
     """
-    tokens = vit.patch_embed(x)  # (B, H, W, D) with dynamic_img_size, else (B, N, D)
-    if masks is not None:
-        if mask_token is None:
-            raise ValueError("forward_tokens: masks given without a mask_token")
-        b, d = tokens.shape[0], tokens.shape[-1]
-        n = tokens[0].numel() // d
-        if masks.shape != (b, n):
-            raise ValueError(f"forward_tokens: masks must be ({b}, {n}) for this input, got {tuple(masks.shape)}")
-        m = masks.reshape(tokens.shape[:-1]).unsqueeze(-1)  # (B, H, W, 1) or (B, N, 1)
-        tokens = torch.where(m, mask_token.reshape(d).to(tokens.dtype), tokens)
+    tokens = apply_mask_token(vit.patch_embed(x), masks, mask_token)  # (B, H, W, D) dynamic size, else (B, N, D)
     tokens = vit._pos_embed(tokens)  # (B, P + N, D): cls/reg tokens prepended, pos-embed resampled to the grid
-    tokens = vit.patch_drop(tokens)
-    return vit.norm_pre(tokens)
+    return vit.patch_drop(tokens)
 
 
-def run_blocks(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Run ``vit.blocks`` then ``vit.norm``; per-block non-reentrant checkpointing when ``vit.grad_checkpointing``.
+def run_blocks(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``norm_pre`` -> blocks -> ``norm`` of a timm ViT (or an encoder sharing its blocks): (B, T, D) -> (B, T, D).
 
-    Non-reentrant checkpointing is forced because with LoRA the input of a frozen early block may not require grad,
-    which silently drops gradients under the reentrant variant (peft#1142).
+    Per-block non-reentrant checkpointing when ``model.grad_checkpointing``: non-reentrant because with LoRA the
+    input of a frozen early block may not require grad, which silently drops gradients under the reentrant
+    variant (peft#1142).
     """
-    if getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled():
-        for blk in vit.blocks:
-            tokens = checkpoint(blk, tokens, use_reentrant=False)
+    tokens = model.norm_pre(tokens)
+    if model.grad_checkpointing and torch.is_grad_enabled():
+        for blk in model.blocks:
+            tokens = torch.utils.checkpoint.checkpoint(blk, tokens, use_reentrant=False)
     else:
-        tokens = vit.blocks(tokens)
-    return vit.norm(tokens)
+        for blk in model.blocks:
+            tokens = blk(tokens)
+    return model.norm(tokens)
+
+
+def image_hw(x: torch.Tensor | tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of an image batch (..., H, W), or the pair itself."""
+    return (int(x.shape[-2]), int(x.shape[-1])) if isinstance(x, torch.Tensor) else (int(x[0]), int(x[1]))
+
+
+def patch_grid_size(x: torch.Tensor | tuple[int, int], patch: int | tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) patch grid of an image batch (or an (H, W) size); raises when the size is not a multiple of the
+    patch."""
+    p = patch if isinstance(patch, int) else patch[0]
+    H, W = image_hw(x)
+    if H % p or W % p:
+        raise ConfigError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+    return H // p, W // p
 
 
 def forward_tokens(vit: nn.Module, x: torch.Tensor, masks: torch.Tensor | None = None,
@@ -99,5 +90,5 @@ def forward_tokens(vit: nn.Module, x: torch.Tensor, masks: torch.Tensor | None =
     """
     tokens = run_blocks(vit, embed_tokens(vit, x, masks, mask_token))  # (B, P + N, D)
     p = vit.num_prefix_tokens
-    cls = tokens[:, 0] if getattr(vit, "cls_token", None) is not None else tokens[:, p:].mean(1)
+    cls = tokens[:, 0] if vit.cls_token is not None else tokens[:, p:].mean(1)
     return cls, tokens[:, p:]

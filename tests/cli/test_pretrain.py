@@ -19,6 +19,7 @@ from tolerances import FP32_TRAINING
 
 from explora.cli.main import main
 from explora.core.errors import ConfigError
+from explora.models.record import record_of
 from explora.recipes.pretrain import build_objective, load_config
 
 TINY = [
@@ -163,7 +164,7 @@ def test_adapt_train_cls_token_from_the_config():
     objective = build_objective(load_config(None, [*TINY, "adapt.train_cls_token=true"]))
     backbone = objective.student["backbone"]
     assert backbone.cls_token.requires_grad and not backbone.pos_embed.requires_grad
-    assert backbone.explora_spec.train_cls_token and not backbone.explora_spec.train_tokens
+    assert record_of(backbone).spec.train_cls_token and not record_of(backbone).spec.train_tokens
 
 
 @pytest.mark.parametrize("name", ["official_dinov2_vitl14_fmow", "official_dinov2_vitb14_fmow"])

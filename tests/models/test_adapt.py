@@ -11,6 +11,7 @@ from explora.core.errors import ConfigError
 from explora.models.adapt import PRESETS, ExploraSpec, apply_explora, apply_preset
 from explora.models.backbone import build_backbone
 from explora.models.params import memory_estimate, parameter_report
+from explora.models.record import record_of
 from explora.vit.lora import LoRAQKV, lora_modules
 
 
@@ -22,7 +23,7 @@ def test_apply_explora_trainable_set(tiny_dinov2) -> None:
     mask_token = torch.nn.Parameter(torch.zeros(1, 64))
     spec = apply_explora(tiny_dinov2, unfrozen_blocks=(-1,), lora_rank=4, mask_token=mask_token)
     assert spec.resolved_unfrozen_blocks == (3,) and spec.resolved_lora_blocks == (0, 1, 2)
-    assert tiny_dinov2.explora_spec is spec
+    assert record_of(tiny_dinov2).spec is spec
     assert not mask_token.requires_grad  # tokens default frozen
     trainable = _trainable(tiny_dinov2)
     assert {n for n in trainable if n.startswith("blocks.3.")} == {

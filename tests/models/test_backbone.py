@@ -28,13 +28,14 @@ from torch import nn
 from explora.core.errors import CheckpointError
 from explora.models import registry
 from explora.models.backbone import build_backbone, input_size
+from explora.models.record import record_of
 
 
 def test_random_backbone_is_a_dynamic_size_feature_extractor(tiny_dinov2):
     assert tiny_dinov2.num_classes == 0 and tiny_dinov2.dynamic_img_size
-    assert tiny_dinov2.explora_extras == {
-        "mask_token": None, "mae_decoder": None, "mae_decoder_targets": None, "source": "random init"
-    }
+    record = record_of(tiny_dinov2)
+    assert (record.source, record.mask_token, record.mae_decoder, record.mae_decoder_targets) == (
+        "random init", None, None, None)
     for size in (32, 48):  # global and local crops through one model
         assert tiny_dinov2(torch.randn(2, 3, size, size)).shape == (2, 64)
     assert tiny_dinov2.patch_embed.grid_size == (4, 4)  # registry native_img_size=32 for test_*
@@ -53,9 +54,9 @@ def test_dinov2_hub_file_round_trip(tmp_path, tiny_dinov2):
     torch.save(to_dinov2_hub(state(model), mask), path)
     loaded = build_backbone("test_dinov2", weights=path)
     assert_same(loaded.state_dict(), model.state_dict())
-    assert torch.equal(loaded.explora_extras["mask_token"], mask)
-    assert loaded.explora_extras["mae_decoder"] is None
-    assert loaded.explora_extras["source"].startswith(f"dinov2-hub checkpoint {path} (+mask_token)")
+    assert torch.equal(record_of(loaded).mask_token, mask)
+    assert record_of(loaded).mae_decoder is None
+    assert record_of(loaded).source.startswith(f"dinov2-hub checkpoint {path} (+mask_token)")
 
 
 def test_reg4_and_giant_variants_round_trip(tmp_path):
@@ -77,11 +78,11 @@ def test_mae_file_puts_decoder_in_extras(tmp_path, tiny_mae, with_decoder):
     torch.save(to_mae(state(model), decoder), path)
     loaded = build_backbone("test_mae", weights=path)
     assert_same(loaded.state_dict(), model.state_dict())
-    assert loaded.explora_extras["mask_token"] is None
+    assert record_of(loaded).mask_token is None
     if with_decoder:
-        assert_same(loaded.explora_extras["mae_decoder"], decoder)
+        assert_same(record_of(loaded).mae_decoder, decoder)
     else:
-        assert loaded.explora_extras["mae_decoder"] is None
+        assert record_of(loaded).mae_decoder is None
 
 
 def test_explora_full_file_round_trip(tmp_path, tiny_dinov2):
@@ -90,7 +91,7 @@ def test_explora_full_file_round_trip(tmp_path, tiny_dinov2):
     torch.save(to_explora_full(state(model), torch.randn(1, 64), keep_qkv=False), path)
     loaded = build_backbone("test_dinov2", weights=path)
     assert_same(loaded.state_dict(), model.state_dict())
-    assert "explora-full" in loaded.explora_extras["source"] and "rebuilt 8 qkv" in loaded.explora_extras["source"]
+    assert "explora-full" in record_of(loaded).source and "rebuilt 8 qkv" in record_of(loaded).source
 
 
 def test_own_safetensors_export_with_non_square_sidecar(tmp_path):
@@ -107,7 +108,7 @@ def test_own_safetensors_export_with_non_square_sidecar(tmp_path):
         assert_same(kept.state_dict(), wide.state_dict())
         assert kept.patch_embed.grid_size == (4, 6) and input_size(kept) == (32, 32)
     square = build_backbone("test_dinov2", weights=path, pos_embed_grid=4)
-    assert square.pos_embed.shape == (1, 17, 64) and "4x6 -> 4x4" in square.explora_extras["source"]
+    assert square.pos_embed.shape == (1, 17, 64) and "4x6 -> 4x4" in record_of(square).source
 
 
 def test_img_size_is_the_input_size_and_the_stored_grid_stays(tmp_path, tiny_dinov2):
@@ -123,7 +124,7 @@ def test_img_size_is_the_input_size_and_the_stored_grid_stays(tmp_path, tiny_din
     resampled = build_backbone("test_dinov2", weights=path, img_size=64, pos_embed_grid=8)  # asked for: at load
     want = resample_abs_pos_embed(model.pos_embed.detach(), new_size=[8, 8], num_prefix_tokens=1)
     assert resampled.patch_embed.grid_size == (8, 8) and torch.equal(resampled.pos_embed.detach(), want)
-    assert "4x4 -> 8x8" in resampled.explora_extras["source"]
+    assert "4x4 -> 8x8" in record_of(resampled).source
     nearest = build_backbone("test_dinov2", weights=path, pos_embed_grid=8, pos_embed_interpolation="nearest",
                              pos_embed_antialias=False)
     assert torch.equal(nearest.pos_embed[:, 1:3].detach(), model.pos_embed[:, 1:2].detach().expand(-1, 2, -1))
@@ -134,7 +135,7 @@ def test_rgb_weights_into_multispectral_model(tmp_path, tiny_mae):
     torch.save({"model": state(randomized(tiny_mae))}, path)
     six = build_backbone("test_mae", weights=path, in_chans=6)
     assert six.patch_embed.proj.weight.shape == (64, 6, 8, 8)
-    assert "adapted from 3 to 6 channels" in six.explora_extras["source"]
+    assert "adapted from 3 to 6 channels" in record_of(six).source
     assert six(torch.randn(1, 6, 32, 32)).shape == (1, 64)
 
 
@@ -158,7 +159,7 @@ def test_default_weights_come_from_the_torch_hub_cache_offline(tmp_path, monkeyp
     torch.save(to_dinov2_hub(state(model), torch.zeros(1, 64)), tmp_path / "hub/checkpoints/test_dinov2_pretrain.pth")
     loaded = build_backbone("test_dinov2", weights="default")
     assert_same(loaded.state_dict(), model.state_dict())
-    assert "https://dl.fbaipublicfiles.com/dinov2/x/test_dinov2_pretrain.pth" in loaded.explora_extras["source"]
+    assert "https://dl.fbaipublicfiles.com/dinov2/x/test_dinov2_pretrain.pth" in record_of(loaded).source
 
 
 def test_default_without_url_or_download_fails_clearly(tmp_path, monkeypatch):
@@ -186,7 +187,7 @@ def test_online_sources_go_through_timm_pretrained(monkeypatch, tiny_dinov2, wei
     loaded = build_backbone("test_dinov2", weights=weights)
     assert calls == [weights.removeprefix("timm:")]
     assert_same(loaded.state_dict(), source.state_dict())
-    assert loaded.explora_extras["source"].startswith(f"timm checkpoint {weights}")
+    assert record_of(loaded).source.startswith(f"timm checkpoint {weights}")
 
 
 @pytest.mark.slow
@@ -205,9 +206,9 @@ def test_real_dinov2_vits14_matches_timm_reference():
         ours, theirs = model(x), reference(x)
     assert ours.shape == (1, 384)
     torch.testing.assert_close(ours, theirs, **FP32_NETWORK)
-    assert model.explora_extras["mask_token"].shape == (1, 384)
+    assert record_of(model).mask_token.shape == (1, 384)
     assert model.pos_embed.shape == (1, 1370, 384) and input_size(model) == (224, 224)  # stored 37x37, used at 224
-    assert "resampled" not in model.explora_extras["source"]
+    assert "resampled" not in record_of(model).source
 
 
 @pytest.mark.parametrize(
@@ -219,7 +220,7 @@ def test_every_export_format_loads_back_bit_exactly(tmp_path, name, kwargs):
     from explora.models.export import export_backbone
 
     model = randomized(build_backbone(name, **kwargs))
-    model.explora_extras["mask_token"] = torch.randn(1, 64) if "dinov2" in name else None
+    record_of(model).mask_token = torch.randn(1, 64) if "dinov2" in name else None
     paths = export_backbone(model, tmp_path, registry.get_backbone_spec(name).timm_name)
     assert {"safetensors", "encoder", "teacher"} <= set(paths)
     for fmt, path in paths.items():
@@ -228,13 +229,13 @@ def test_every_export_format_loads_back_bit_exactly(tmp_path, name, kwargs):
         loaded = build_backbone(name, weights=path, **kwargs)
         assert_same(loaded.state_dict(), model.state_dict())
         if "dinov2" in name and fmt != "safetensors":
-            assert torch.equal(loaded.explora_extras["mask_token"], model.explora_extras["mask_token"])
+            assert torch.equal(record_of(loaded).mask_token, record_of(model).mask_token)
     # the shared sidecar gives the 4x6 grid of the non-square export to a square model
     if kwargs.get("img_size") == (32, 48):
         kept = build_backbone(name, weights=paths["encoder"], **(kwargs | {"img_size": 32}))
         assert kept.patch_embed.grid_size == (4, 6) and input_size(kept) == (32, 32)
         square = build_backbone(name, weights=paths["encoder"], pos_embed_grid=4, **(kwargs | {"img_size": 32}))
-        assert square.pos_embed.shape == (1, 16, 64) and "4x6 -> 4x4" in square.explora_extras["source"]
+        assert square.pos_embed.shape == (1, 16, 64) and "4x6 -> 4x4" in record_of(square).source
 
 
 def test_sidecar_that_contradicts_the_file_is_an_error(tmp_path, tiny_dinov2):
@@ -284,13 +285,13 @@ def test_mae_named_weights_load_their_decoder_and_say_its_targets(tmp_path, monk
     for key, targets in expected.items():
         loaded = build_backbone("test_mae", weights=key)
         assert_same(loaded.state_dict(), model.state_dict())
-        assert loaded.explora_extras["mae_decoder_targets"] == targets, key
+        assert record_of(loaded).mae_decoder_targets == targets, key
         if key in decoders:
-            assert_same(loaded.explora_extras["mae_decoder"], decoders[key])
-            assert "(+mae_decoder)" in loaded.explora_extras["source"]
+            assert_same(record_of(loaded).mae_decoder, decoders[key])
+            assert "(+mae_decoder)" in record_of(loaded).source
         else:
-            assert loaded.explora_extras["mae_decoder"] is None
-    assert "mae_pretrain_vit_tiny_full.pth" in build_backbone("test_mae", weights="default").explora_extras["source"]
+            assert record_of(loaded).mae_decoder is None
+    assert "mae_pretrain_vit_tiny_full.pth" in record_of(build_backbone("test_mae", weights="default")).source
 
 
 def test_unknown_weights_name_lists_the_names_and_suggests_one(tmp_path, monkeypatch, tiny_mae):
@@ -309,6 +310,6 @@ def test_unknown_weights_name_lists_the_names_and_suggests_one(tmp_path, monkeyp
 def test_local_mae_file_targets_follow_the_file_name(tmp_path, tiny_mae, file_name, targets):
     path = tmp_path / file_name
     torch.save(to_mae(state(randomized(tiny_mae)), fake_mae_decoder()), path)
-    assert build_backbone("test_mae", weights=path).explora_extras["mae_decoder_targets"] == targets
+    assert record_of(build_backbone("test_mae", weights=path)).mae_decoder_targets == targets
     torch.save(to_mae(state(tiny_mae), None), path)  # no decoder: nothing to say about its targets
-    assert build_backbone("test_mae", weights=path).explora_extras["mae_decoder_targets"] is None
+    assert record_of(build_backbone("test_mae", weights=path)).mae_decoder_targets is None

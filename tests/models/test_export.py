@@ -16,6 +16,7 @@ from explora.core.errors import ConfigError
 from explora.models.adapt import apply_preset
 from explora.models.backbone import build_backbone
 from explora.models.export import export_backbone, load_exported, split_qkv, to_upstream_layout
+from explora.models.record import record_of
 from explora.models.registry import get_backbone_spec
 
 REG4 = dict(embed_dim=64, depth=2, num_heads=4, patch_size=8, img_size=32)
@@ -119,7 +120,7 @@ def test_cli_params_and_export(tmp_path, capsys) -> None:
     model = _adapted("test_dinov2")
     ckpt = tmp_path / "adapted.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()},
-                "explora_spec": model.explora_spec.to_dict()}, ckpt)
+                "explora_spec": record_of(model).spec.to_dict()}, ckpt)
     out = tmp_path / "export"
     assert _cli(["export", "--model", "test_dinov2", "--weights", str(ckpt), "--out", str(out)]) == 0
     x = torch.randn(1, 3, 32, 32)

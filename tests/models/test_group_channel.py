@@ -12,9 +12,10 @@ from conftest import LANDSAT_SCENE, require
 
 from explora.core.errors import ConfigError
 from explora.models.backbone import build_backbone
-from explora.models.group_channel import SENTINEL2_GROUPS, GroupChannelViT, sincos_1d, sincos_2d
+from explora.models.group_channel import SENTINEL2_GROUPS, GroupChannelViT
 from explora.objectives.mae import MAEConfig, MAEObjective, build_feature_extractor, build_mae_objective
 from explora.objectives.mae.loss import group_masked_mse
+from explora.vit.sincos import sincos_1d, sincos_2d
 
 SMALL = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4, group_dim=16, decoder_group_dim=8)
 

@@ -70,7 +70,7 @@ def test_default_time_offset_is_satmae_min_year_2002():
     obj = _temporal_objective()
     assert obj.encoder.time_offset == (2002.0, 1.0, 0.0)
     assert obj.encoder.shift_timestamps(TS)[0].tolist() == [[14.0, 0.0, 10.0], [15.0, 5.0, 12.0], [16.0, 10.0, 15.0]]
-    assert obj.encoder.wrapper_config()["time_offset"] == [2002.0, 1.0, 0.0]  # what an export's sidecar stores
+    assert obj.encoder.export_config()["time_offset"] == [2002.0, 1.0, 0.0]  # what an export's sidecar stores
 
 
 def test_an_export_keeps_the_offset_it_was_written_with(tiny_mae):

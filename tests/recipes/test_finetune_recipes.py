@@ -148,18 +148,12 @@ def test_official_lora_trains_lora_and_head_only(tiny_mae):
     assert full.fc_norm.weight.requires_grad and trainable_counts(full)["head"] == 64 * 4 + 4 + 2 * 64
 
 
-def test_avg_fc_norm_refuses_wrapped_encoders():
-    class Wrapped(torch.nn.Module):
-        num_prefix_tokens, embed_dim = 1, 64
+def test_avg_fc_norm_refuses_wrapped_encoders(tiny_mae):
+    from explora.models.group_channel import GroupChannelViT
 
-        def wrapper_config(self):
-            return {"kind": "group_channel"}
-
-        def forward_features(self, x):
-            return x
-
-    with pytest.raises(ConfigError, match="avg_fc_norm.*Wrapped is not one"):
-        ClassifierModel(Wrapped(), 3, pool="avg_fc_norm")
+    wrapped = GroupChannelViT(tiny_mae, groups=((0, 1, 2),), group_dim=16)
+    with pytest.raises(ConfigError, match="avg_fc_norm.*a group_channel encoder is not one"):
+        ClassifierModel(wrapped, 3, pool="avg_fc_norm")
 
 
 def test_drop_path_follows_timms_linear_rule(tiny_mae):

@@ -10,6 +10,7 @@ deep copy that *shares* every frozen tensor with the student and keeps its own E
 from __future__ import annotations
 
 import copy
+import dataclasses
 import numbers
 import warnings
 
@@ -21,13 +22,15 @@ from explora.core.errors import ConfigError
 from explora.core.schedules import cosine, linspace_warmup
 from explora.data.multicrop import MultiCrop
 from explora.models.params import ParamReport, parameter_report
+from explora.models.record import attach_record, record_of
 from explora.objectives.base import Objective, ObjectiveOutput
 from explora.objectives.dinov2.centering import EMACenter, sinkhorn_knopp
 from explora.objectives.dinov2.config import DinoV2Config
 from explora.objectives.dinov2.heads import DINOHead
 from explora.objectives.dinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from explora.objectives.dinov2.masking import BlockMaskSampler
-from explora.vit.tokens import FrozenWeightCastCache, forward_tokens
+from explora.vit.cast_cache import FrozenWeightCastCache
+from explora.vit.tokens import forward_tokens
 
 
 class DinoV2BatchTransform:
@@ -87,7 +90,7 @@ class DinoV2Objective(Objective):
 
     ``student`` holds ``backbone`` (the one passed in), ``dino_head`` and, with ``separate_head``, ``ibot_head``;
     ``teacher`` has the same structure, eval mode, no grads, frozen tensors shared with the student. ``mask_token``
-    (1, D) is the trainable iBOT mask embedding, initialised from ``backbone.explora_extras['mask_token']`` when the
+    (1, D) is the trainable iBOT mask embedding, initialised from ``record_of(backbone).mask_token`` when the
     checkpoint carried one, zeros otherwise (DinoV2's init).
 
     ``total_steps`` (required) is the length of the run in optimiser steps: the teacher momentum's cosine schedule
@@ -108,8 +111,7 @@ class DinoV2Objective(Objective):
             dim, cfg.n_prototypes, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_nlayers, **gain)})
         if cfg.separate_head:
             student["ibot_head"] = DINOHead(dim, **cfg.ibot_head_sizes(), **gain)
-        extras = getattr(backbone, "explora_extras", {}) or {}
-        init = extras.get("mask_token")
+        init = record_of(backbone).mask_token
         token = init.detach().float().reshape(1, dim).clone() if init is not None else torch.zeros(1, dim)
         self.mask_token = nn.Parameter(token)
         # teacher: deep copy sharing frozen tensors (memo maps each frozen param to itself)
@@ -149,11 +151,10 @@ class DinoV2Objective(Objective):
         return DinoV2BatchTransform(multicrop, masks)
 
     def export_backbone(self) -> nn.Module:
-        """The teacher backbone (as DinoV2/ExPLoRA release it), with the EMA mask token in ``explora_extras``."""
+        """The teacher backbone (as DinoV2/ExPLoRA release it), with the EMA mask token in its record."""
         backbone = self.teacher["backbone"]
-        extras = dict(getattr(backbone, "explora_extras", {}) or {})
-        extras["mask_token"] = self.teacher_mask_token.detach().clone()
-        backbone.explora_extras = extras
+        token = self.teacher_mask_token.detach().clone()
+        attach_record(backbone, dataclasses.replace(record_of(backbone), mask_token=token))
         return backbone
 
     def parameter_report(self) -> ParamReport:
@@ -225,7 +226,7 @@ class DinoV2Objective(Objective):
             return [("all", 0, 0)]
         if mode == "crop_size":
             return [("local", 0, n_local), ("global", 0, 2)]
-        prefix = getattr(self.student["backbone"], "num_prefix_tokens", 1)
+        prefix = self.student["backbone"].num_prefix_tokens
         t_global = (self.config.global_size // self.patch_size) ** 2 + prefix
         t_local = (self.config.local_size // self.patch_size) ** 2 + prefix
         n_stages = -(-n_local // max(1, t_global // t_local)) if n_local else 0  # ceil

@@ -21,9 +21,9 @@ from torch import nn
 
 from explora.core.errors import CheckpointError
 from explora.models.adapt import is_norm
-from explora.models.group_channel import sincos_2d
 from explora.objectives.mae.masking import gather_tokens
 from explora.vit.lora import inject_lora
+from explora.vit.sincos import sincos_2d
 
 DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
                     "decoder_pred.")

@@ -3,7 +3,7 @@
 :class:`MAEObjective` is plain RGB (MAE, He et al. 2022) and the shape the paper's other two input kinds share:
 multispectral with SatMAE group-channel tokens and SatMAE temporal frames (Cong et al. 2022), one subclass each in
 ``variants.py``. The encoder runs on visible tokens only; the decoder comes from the checkpoint's
-``explora_extras["mae_decoder"]`` when it has one.
+``record_of(backbone).mae_decoder`` when it has one.
 """
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ from torch import nn
 
 from explora.core.errors import ConfigError, DataError
 from explora.models.backbone import input_size
-from explora.models.group_channel import run_blocks
+from explora.models.classifier import PooledEncoder
 from explora.models.params import ParamReport, parameter_report
+from explora.models.record import ExploraRecord, record_of
 from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
 from explora.objectives.mae.augment import random_resized_crop_flip, to_float
 from explora.objectives.mae.config import MAEConfig
 from explora.objectives.mae.decoder import MAEDecoder, load_decoder_state
 from explora.objectives.mae.loss import masked_mse, normalize_patches, patchify
 from explora.objectives.mae.masking import Mask, draw_noise, gather_tokens, random_masking, shared_masking
-from explora.vit.tokens import FrozenWeightCastCache
+from explora.vit.cast_cache import FrozenWeightCastCache
+from explora.vit.tokens import run_blocks
 
 
 @dataclass
@@ -72,22 +74,22 @@ class MAEBatchTransform:
 
 
 # Which reconstruction targets a checkpoint's decoder was trained on, as build_backbone records it in
-# explora_extras["mae_decoder_targets"] (MAE README: "MAE (visualize)" = raw pixels, "*_full" = norm-pix).
+# ExploraRecord.mae_decoder_targets (MAE README: "MAE (visualize)" = raw pixels, "*_full" = norm-pix).
 _TARGET_NAMES = {"pixel": "raw pixels", "norm_pix": "norm-pix targets"}
 _TARGET_CHECKPOINTS = {"pixel": "mae_visualize_*", "norm_pix": "mae_pretrain_*_full"}
 
 
-def warn_decoder_targets(extras: dict, norm_pix_loss: bool) -> None:
+def warn_decoder_targets(record: ExploraRecord, norm_pix_loss: bool) -> None:
     """Note (once, as a warning) when the checkpoint's decoder was trained on the other kind of targets.
 
     Unknown (None / absent) says nothing. Pixel decoder + norm-pix loss is what the official ExPLoRA MAE recipe
     does (``mae_visualize_vit_large.pth`` with ``--norm_pix_loss``, paper-notes 9), so this is a note, not an error.
     """
-    trained_on = extras.get("mae_decoder_targets")
+    trained_on = record.mae_decoder_targets
     wanted = "norm_pix" if norm_pix_loss else "pixel"
     if trained_on not in _TARGET_NAMES or trained_on == wanted:
         return
-    source = extras.get("source") or "the checkpoint"
+    source = record.source or "the checkpoint"
     if trained_on == "pixel":
         advice = ("the official ExPLoRA MAE recipe does exactly this (mae_visualize_vit_large.pth continued with "
                   "norm_pix_loss); set mae.norm_pix_loss=false to keep the decoder's own targets")
@@ -146,11 +148,11 @@ class MAEObjective(Objective):
         self.grid = (g, g)
         self.encoder, self.channels, self.decoder = self.build_encoder_decoder(backbone, dict(
             dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.decoder_heads, mlp_ratio=cfg.decoder_mlp_ratio))
-        extras = getattr(backbone, "explora_extras", None) or {}
-        state = extras.get("mae_decoder")
+        record = record_of(backbone)
+        state = record.mae_decoder
         if state:
             load_decoder_state(self.decoder, state, strict=self.strict_decoder)
-            warn_decoder_targets(extras, cfg.norm_pix_loss)
+            warn_decoder_targets(record, cfg.norm_pix_loss)
         else:
             warnings.warn(
                 "MAE checkpoint has no decoder (encoder-only weights, e.g. mae_pretrain_vit_*.pth): the decoder "
@@ -251,24 +253,11 @@ class MAEObjective(Objective):
         return parameter_report(self.encoder, extra=self.extra_modules())
 
 
-class AllTokenPool(nn.Module):
-    """Downstream feature extractor: mean of the encoder's normed output over ALL non-prefix tokens.
-
-    For group-channel and temporal encoders this averages over every group/frame and position (SatMAE's
-    fine-tuning pooling); for a plain ViT it is global average pooling over patches (MAE's fine-tune default).
-    """
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.num_prefix_tokens = encoder.num_prefix_tokens
-        self.num_features = encoder.embed_dim
-
-    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) [, timestamps (B, T, 3)] -> (B, D)."""
-        return self.encoder.forward_features(x, *extra)[:, self.num_prefix_tokens :].mean(dim=1)
+# Downstream pooling is the encoder's (explora.models.encoder.Encoder.pool); this name is kept for older imports.
+AllTokenPool = PooledEncoder
 
 
-def build_feature_extractor(encoder: nn.Module) -> AllTokenPool:
-    """Wrap an exported MAE encoder (timm ViT, GroupChannelViT or TemporalViT) for pooled downstream features."""
-    return AllTokenPool(encoder)
+def build_feature_extractor(encoder: nn.Module) -> PooledEncoder:
+    """An exported MAE encoder (timm ViT, GroupChannelViT or TemporalViT) as ``images [, timestamps] -> (B, D)``:
+    the mean of its normed output over all non-prefix tokens (SatMAE's fine-tuning pooling)."""
+    return PooledEncoder(encoder, "avg")

@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from explora.models.group_channel import GroupChannelViT, sincos_1d
+from explora.models.group_channel import GroupChannelViT
 from explora.models.temporal import TemporalViT, timestamp_encoding
 from explora.objectives.mae.config import MAEConfig
 from explora.objectives.mae.decoder import MAEDecoder
 from explora.objectives.mae.loss import group_masked_mse, patchify
 from explora.objectives.mae.masking import Mask, gather_tokens
 from explora.objectives.mae.objective import MAEObjective
+from explora.vit.sincos import sincos_1d
 
 
 class GroupChannelMAEObjective(MAEObjective):

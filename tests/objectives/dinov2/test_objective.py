@@ -10,6 +10,7 @@ import torch
 from tolerances import FP32_NETWORK, FP32_ONE_OP
 
 from explora.core.errors import ConfigError
+from explora.models.record import record_of
 from explora.objectives.dinov2 import DinoV2Config, DinoV2Objective
 from explora.objectives.dinov2.objective import teacher_momentum, teacher_temperature
 
@@ -93,7 +94,7 @@ def test_only_trainable_params_get_grads_and_ema_leaves_frozen(tiny_dinov2):
         else:  # frozen: the student's own tensor, never written
             assert p is s[n] and torch.equal(p, t_before[n]), n
     exported = obj.export_backbone()
-    assert exported is obj.teacher["backbone"] and exported.explora_extras["mask_token"].shape == (1, 64)
+    assert exported is obj.teacher["backbone"] and record_of(exported).mask_token.shape == (1, 64)
 
 
 def test_schedules():

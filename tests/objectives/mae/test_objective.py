@@ -12,6 +12,7 @@ from timm.layers import resample_abs_pos_embed
 
 from explora.core.errors import ConfigError
 from explora.models.backbone import build_backbone
+from explora.models.record import record_of
 from explora.objectives.mae import (
     MAEConfig,
     MAEObjective,
@@ -161,7 +162,7 @@ def test_decoder_loaded_from_checkpoint_extras(tmp_path):
     model_state = torch.load(path, weights_only=True)["model"]
     backbone = build_backbone("test_mae")
     backbone.load_state_dict({k: v for k, v in model_state.items() if not k.startswith(("decoder", "mask_tok"))})
-    backbone.explora_extras["mae_decoder"] = {k: v for k, v in model_state.items()
+    record_of(backbone).mae_decoder = {k: v for k, v in model_state.items()
                                               if k.startswith(("decoder", "mask_token"))}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -328,10 +329,10 @@ def test_inject_lora_into_a_named_block_list():
 
 def _backbone_with_decoder(targets: str | None, absent: bool = False):
     backbone = build_backbone("test_mae")
-    backbone.explora_extras["mae_decoder"] = MAEDecoder(64, (4, 4), 8, 3, **_DEC_ARGS).state_dict()
-    backbone.explora_extras["source"] = "mae_fake_vit.pth"
+    record_of(backbone).mae_decoder = MAEDecoder(64, (4, 4), 8, 3, **_DEC_ARGS).state_dict()
+    record_of(backbone).source = "mae_fake_vit.pth"
     if not absent:
-        backbone.explora_extras["mae_decoder_targets"] = targets
+        record_of(backbone).mae_decoder_targets = targets
     return backbone
 
 

@@ -141,7 +141,7 @@ def test_mae_pretrain_checkpoints_resumes_exactly_and_exports(kind, data, runs, 
         if kind == "rgb":
             assert encoder.forward_features(torch.rand(2, 3, 32, 32)).shape == (2, 17, 64)
         elif kind == "group_channel":
-            assert isinstance(encoder, GroupChannelViT) and encoder.wrapper_config()["drop_bands"] == [0, 9, 10]
+            assert isinstance(encoder, GroupChannelViT) and encoder.export_config()["drop_bands"] == [0, 9, 10]
             assert encoder.forward_features(torch.rand(2, 13, 32, 32)).shape == (2, 1 + 3 * 64, 64)  # 3 groups x 8x8
         else:
             assert isinstance(encoder, TemporalViT) and encoder.time_offset == (2002.0, 1.0, 0.0)  # SatMAE
@@ -218,5 +218,5 @@ def test_group_patch_resized_from_rgb_filter(tiny_mae):
     content = tokens - enc.patch_embed.encoding(grid)  # (1, G, L, D) without the position/group encoding
     expected = resized.sum(dim=(1, 2, 3)) * 3 + rgb.bias  # (D,)
     torch.testing.assert_close(content[0], expected.expand(2, 64, -1), **FP32_ONE_OP)
-    cfg = enc.wrapper_config()
-    assert GroupChannelViT.from_config(build_backbone("test_mae"), cfg).wrapper_config() == cfg
+    cfg = enc.export_config()
+    assert GroupChannelViT.from_config(build_backbone("test_mae"), cfg).export_config() == cfg
