@@ -18,7 +18,7 @@ PACKAGE = Path(explora.__file__).resolve().parent
 # Lowest first. A module may import its own layer and any lower one.
 LAYERS: list[tuple[str, ...]] = [
     ("core",),
-    ("vit",),
+    ("vit", "presets"),
     ("models", "data"),
     ("objectives", "engine", "eval", "analysis"),
     ("recipes",),
@@ -88,3 +88,11 @@ def test_imports_point_down(path):
     assert not upward, f"{module} is in layer {LAYERS[own]}; upward imports:\n" + "\n".join(upward)
     assert all(name != "explora" for _, name in imported_modules(path, module)), \
         f"{module} imports the top-level package (the public API); import the defining module instead"
+
+
+def test_architecture_doc_lists_every_module():
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    missing = [str(p.relative_to(PACKAGE.parent)) for p in MODULES
+               if (p.name != "__init__.py" or p.parent.name == "presets")
+               and f"`{p.relative_to(PACKAGE.parent)}`" not in doc]
+    assert not missing, "docs/architecture.md does not list: " + ", ".join(missing)
