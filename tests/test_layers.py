@@ -60,12 +60,16 @@ def imported_modules(path: Path, module: str) -> list[tuple[int, str]]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            out.append((node.lineno, target))
-            # `from explora.models import backbone` imports explora.models.backbone
-            out += [(node.lineno, f"{target}.{alias.name}") for alias in node.names
-                    if target.startswith("explora") and (PACKAGE.parent / Path(*f"{target}.{alias.name}".split(".")))
-                    .with_suffix(".py").exists()]
+            # `from explora.models import backbone` imports the module explora.models.backbone, not just the package
+            submodules = [f"{target}.{alias.name}" for alias in node.names
+                          if target.startswith("explora") and _is_module(f"{target}.{alias.name}")]
+            out += [(node.lineno, name) for name in submodules] if submodules else [(node.lineno, target)]
     return [(line, name) for line, name in out if name == "explora" or name.startswith("explora.")]
+
+
+def _is_module(name: str) -> bool:
+    path = PACKAGE.parent / Path(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
@@ -93,6 +97,6 @@ def test_imports_point_down(path):
 def test_architecture_doc_lists_every_module():
     doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
     missing = [str(p.relative_to(PACKAGE.parent)) for p in MODULES
-               if (p.name != "__init__.py" or p.parent.name == "presets")
+               if p.parent != PACKAGE and (p.name != "__init__.py" or p.parent.name == "presets")
                and f"`{p.relative_to(PACKAGE.parent)}`" not in doc]
     assert not missing, "docs/architecture.md does not list: " + ", ".join(missing)
