@@ -152,7 +152,7 @@ def _meta_objective(cfg: Any) -> nn.Module:
     from explora.recipes.pretrain import build_objective
 
     model = replace(cfg.model, weights=None, compile=False, grad_checkpointing=False, drop_path_uniform=False)
-    with torch.device("meta"):
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # build_objective seeds the global RNG
         return build_objective(replace(cfg, model=model))
 
 
