@@ -22,10 +22,9 @@ from timm.data.auto_augment import posterize as timm_posterize
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 from torch import nn
-from torchvision.ops import roi_align
 
 from explora.core.errors import ConfigError, DataError
-from explora.data.multicrop import random_resized_crop_boxes
+from explora.data.multicrop import crop_resize, random_resized_crop_boxes
 from explora.data.windowing import require_unit_range
 from explora.models.classifier import ClassifierModel
 from explora.objectives.base import BatchTransform, Objective, ObjectiveOutput
@@ -110,26 +109,11 @@ def rand_augment_images(images: torch.Tensor, op: Callable, seeds: list[int]) ->
     return torch.stack(out)
 
 
-def sample_crop_boxes(
-    n: int,
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: torch.Generator,
-    attempts: int = 10,
-) -> torch.Tensor:
-    """(n, 4) boxes ``x1, y1, x2, y2`` in pixels (``roi_align``'s layout), drawn as torchvision
-    ``RandomResizedCrop.get_params`` does by the data layer's batched sampler."""
-    top, left, h, w = random_resized_crop_boxes(n, height, width, scale, ratio, generator, attempts).unbind(1)
-    return torch.stack([left, top, left + w, top + h], dim=1)
-
-
 class FinetuneTransform:
-    """Picklable batch transform: batched RandomResizedCrop (``roi_align``: bilinear, averaged over each output
-    bin) + horizontal flip + RandAugment (when ``aug.rand_augment`` is set: per image, on the crop rounded to uint8,
-    as timm's transform sits between flip and ToTensor) + per-band normalisation + mixup/cutmix against the batch
-    reversed (timm ``Mixup``, mode 'batch'). Labels are not visible here (the engine adds them), so it returns the
+    """Picklable batch transform: batched RandomResizedCrop (the data layer's antialiased bicubic
+    ``crop_resize``, as MAE's fine-tuning transform resizes) + horizontal flip + RandAugment (when
+    ``aug.rand_augment`` is set: per image, on the crop rounded to uint8, as timm's transform sits between flip
+    and ToTensor) + per-band normalisation + mixup/cutmix against the batch reversed (timm ``Mixup``, mode 'batch'). Labels are not visible here (the engine adds them), so it returns the
     per-sample mixing weight ``mix_lam`` (1 = unmixed) and the objective mixes the targets with ``labels.flip(0)``.
 
     Temporal batches are (B, T*C, H, W) with ``timestamps`` (B, T, 3): the crop box and flip are drawn per sample
@@ -158,11 +142,9 @@ class FinetuneTransform:
         if c != len(self.mean):
             raise DataError(f"images have {c} bands but the dataset statistics have {len(self.mean)}")
         a = self.aug
-        boxes = sample_crop_boxes(b, h, w, a.scale, a.ratio, generator)  # (B, 4)
-        rois = torch.cat([torch.arange(b, dtype=x.dtype)[:, None], boxes.to(x.dtype)], dim=1)  # (B, 5)
-        x = roi_align(x, rois, (self.image_size, self.image_size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        boxes = random_resized_crop_boxes(b, h, w, a.scale, a.ratio, generator)  # (B, 4) top, left, h, w
         flip = torch.rand(b, generator=generator) < a.hflip  # (B,)
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = crop_resize(x, boxes, flip, self.image_size, "bicubic")  # (B, C, S, S), MAE's bicubic RandomResizedCrop
         if self._rand_augment is not None:
             seeds = torch.randint(0, 2**31 - 1, (b,), generator=generator).tolist()
             crops = (x * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, S, S)
@@ -250,4 +232,4 @@ class FinetuneObjective(Objective):
 
 
 __all__ = ["AugConfig", "FinetuneObjective", "FinetuneTransform", "build_rand_augment", "mixed_targets",
-           "posterize_keeping_zero_bits", "rand_augment_images", "sample_crop_boxes"]
+           "posterize_keeping_zero_bits", "rand_augment_images"]

@@ -68,7 +68,6 @@ from explora.objectives.classification import (
     mixed_targets,
     posterize_keeping_zero_bits,
     rand_augment_images,
-    sample_crop_boxes,
 )
 from explora.vit.lora import merged_state_dict
 
@@ -431,7 +430,6 @@ __all__ = [  # the job, and the model / objective names that have lived here (re
     "rand_augment_images",
     "resolve_pool",
     "run_finetune",
-    "sample_crop_boxes",
     "set_linear_drop_path",
     "trainable_counts",
 ]

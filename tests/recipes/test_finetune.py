@@ -18,7 +18,6 @@ from explora.recipes.finetune import (
     evaluate,
     mixed_targets,
     prepare_classifier,
-    sample_crop_boxes,
     trainable_counts,
 )
 
@@ -77,17 +76,6 @@ def test_modes_full_and_head(tiny_mae):
     assert trainable_counts(prepare_classifier(tiny_mae, 3, mode="head"))["backbone"] == 0
     full = prepare_classifier(tiny_mae, 3, mode="full")
     assert trainable_counts(full)["backbone"] == sum(p.numel() for p in tiny_mae.parameters())
-
-
-def test_crop_boxes_in_bounds_and_scaled():
-    g = torch.Generator().manual_seed(0)
-    boxes = sample_crop_boxes(500, 40, 30, (0.08, 1.0), (3 / 4, 4 / 3), g)
-    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 30).all() and (boxes[:, 3] <= 40).all()
-    area = w * h / (40 * 30)
-    assert area.min() >= 0.07 and area.max() <= 1.0 and 0.4 < area.mean() < 0.65  # E[U(0.08, 1)] = 0.54, clipped
-    fallback = sample_crop_boxes(1, 10, 100, (0.9, 1.0), (1.0, 1.0), g)  # no square of 90% area fits: centre crop
-    assert fallback.tolist() == [[45.0, 0.0, 55.0, 10.0]]
 
 
 def test_batch_transform_is_deterministic_picklable_and_mixes():

@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 from explora.cli.main import main
 from explora.core.errors import ConfigError
 from explora.core.schedules import scaled_lr
+from explora.data.multicrop import random_resized_crop_boxes
 from explora.engine.trainer import OptimConfig, TrainConfig
 from explora.models.backbone import build_backbone
 from explora.recipes.finetune import (
@@ -32,7 +33,6 @@ from explora.recipes.finetune import (
     prepare_classifier,
     rand_augment_images,
     run_finetune,
-    sample_crop_boxes,
     set_linear_drop_path,
     trainable_counts,
 )
@@ -234,7 +234,7 @@ def test_rand_augment_runs_per_image_on_the_uint8_crop():
     assert torch.equal(out, pickle.loads(pickle.dumps(with_ra))(images, torch.Generator().manual_seed(7))["images"])
 
     g = torch.Generator().manual_seed(7)  # the transform's draws, in its order: boxes, flips, RandAugment seeds
-    sample_crop_boxes(4, 32, 32, plain.scale, plain.ratio, g)
+    random_resized_crop_boxes(4, 32, 32, plain.scale, plain.ratio, g)
     torch.rand(4, generator=g)
     seeds = torch.randint(0, 2**31 - 1, (4,), generator=g).tolist()
     crops = FinetuneTransform(24, (0.0,) * 3, (1.0,) * 3, plain)(images, torch.Generator().manual_seed(7))["images"]
