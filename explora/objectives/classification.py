@@ -110,12 +110,12 @@ def rand_augment_images(images: torch.Tensor, op: Callable, seeds: list[int]) ->
 
 
 class FinetuneTransform:
-    """Picklable batch transform: batched RandomResizedCrop (the data layer's antialiased bicubic
-    ``crop_resize``, as MAE's fine-tuning transform resizes) + horizontal flip + RandAugment (when ``aug.rand_augment`` is set: per image, on
-    the crop rounded to uint8, as timm's transform sits between flip and ToTensor) + per-band normalisation +
-    mixup/cutmix against the batch reversed (timm ``Mixup``, mode 'batch'). Labels are not visible here (the engine
-    adds them), so it returns the per-sample mixing weight ``mix_lam`` (1 = unmixed) and the objective mixes the
-    targets with ``labels.flip(0)``.
+    """Picklable batch transform: batched RandomResizedCrop (the data layer's antialiased bicubic ``crop_resize``, as
+    MAE's fine-tuning transform resizes) + horizontal flip + RandAugment (when ``aug.rand_augment`` is set: per
+    image, on the crop rounded to uint8, as timm's transform sits between flip and ToTensor) + per-band
+    normalisation + mixup/cutmix against the batch reversed (timm ``Mixup``, mode 'batch'). Labels are not visible
+    here (the engine adds them), so it returns the per-sample mixing weight ``mix_lam`` (1 = unmixed) and the
+    objective mixes the targets with ``labels.flip(0)``.
 
     Temporal batches are (B, T*C, H, W) with ``timestamps`` (B, T, 3): the crop box and flip are drawn per sample
     and applied to all its channels, so every frame of a sample gets the same crop/flip; the timestamps are
