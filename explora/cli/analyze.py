@@ -9,7 +9,10 @@ from explora.analysis.blockwise import analyze
 from explora.analysis.plots import compare_analyses
 from explora.cli.config_args import add_config_arguments, config_from_args
 from explora.core.errors import ConfigError
+from explora.models.backbone import build_backbone
+from explora.models.registry import get_backbone_spec
 from explora.recipes.analyze_config import AnalyzeConfig, CompareConfig
+from explora.recipes.evaluate import save_run_config
 
 
 def _build_dataset(spec: str, image_size: int | None):
@@ -22,14 +25,11 @@ def _build_dataset(spec: str, image_size: int | None):
 
 
 def _build_backbone(name: str, weights: str | None, image_size: int | None, in_chans: int = 3):
-    from explora.models.backbone import build_backbone
 
     return build_backbone(name, weights=weights, img_size=image_size, in_chans=in_chans)
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    from explora.models.registry import get_backbone_spec
-    from explora.recipes.evaluate import save_run_config
 
     cfg: AnalyzeConfig = config_from_args(args)
     image_size = cfg.image_size or get_backbone_spec(cfg.model).default_img_size

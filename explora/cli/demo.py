@@ -7,10 +7,10 @@ import argparse
 from explora.cli.config_args import add_config_arguments, config_from_args
 from explora.core.errors import ConfigError
 from explora.recipes.demo.run import VARIANTS, DemoConfig, run_demo
+from explora.recipes.evaluate import save_run_config
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from explora.recipes.evaluate import save_run_config
 
     cfg: DemoConfig = config_from_args(args)
     unknown = sorted(set(cfg.variants) - set(VARIANTS))

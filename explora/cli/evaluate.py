@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from explora.cli.config_args import add_config_arguments, config_from_args
+from explora.eval.report import load_runs, markdown_table, write_report
 from explora.recipes.evaluate import KnnConfig, LinprobeConfig, run_knn, run_linprobe
 from explora.recipes.finetune_config import FinetuneConfig, run_finetune_config
 
@@ -37,7 +38,6 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from explora.eval.report import load_runs, markdown_table, write_report
 
     out = write_report(args.runs, args.out)
     print(markdown_table(load_runs(args.runs)))

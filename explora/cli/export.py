@@ -12,14 +12,16 @@ from torch import nn
 from explora.cli.config_args import add_config_arguments, config_from_args
 from explora.core.errors import ConfigError
 from explora.models.adapt import ExploraSpec, apply_explora
+from explora.models.backbone import build_backbone
 from explora.models.export import export_backbone, load_adapted
 from explora.models.params import memory_estimate, parameter_report
+from explora.models.registry import get_backbone_spec
 from explora.recipes.export_config import ExportConfig, ParamsConfig
-from explora.recipes.memory import objective_report
+from explora.recipes.memory import estimate_all, objective_report, summary_markdown
+from explora.recipes.pretrain import load_config
 
 
 def _build(name: str, device: str | torch.device = "cpu", in_chans: int = 3) -> nn.Module:
-    from explora.models.backbone import build_backbone
 
     with torch.device(device):
         return build_backbone(name, in_chans=in_chans)
@@ -31,7 +33,6 @@ def _spec_options(spec: ExploraSpec | None) -> dict[str, Any] | None:
 
 def _memory_config(cfg: ParamsConfig, overrides: list[str]):
     """The PretrainConfig to estimate: ``config`` + overrides, or the defaults for ``model``/``adapt.preset``."""
-    from explora.recipes.pretrain import load_config
 
     if cfg.config is None:
         overrides = [f"model.name={cfg.model}", f"adapt.preset={cfg.adapt.preset}", "model.weights=null", *overrides]
@@ -40,7 +41,6 @@ def _memory_config(cfg: ParamsConfig, overrides: list[str]):
 
 def memory_command(cfg: ParamsConfig, overrides: list[str]) -> int:
     """Predicted peak training memory (explora.recipes.memory) of a config: the configured setting plus all four."""
-    from explora.recipes.memory import estimate_all, summary_markdown
 
     pretrain = _memory_config(cfg, overrides)
     reports = estimate_all(pretrain)
@@ -58,7 +58,6 @@ def memory_command(cfg: ParamsConfig, overrides: list[str]) -> int:
 
 
 def objective_params_command(cfg: ParamsConfig, overrides: list[str]) -> int:
-    from explora.recipes.pretrain import load_config
 
     pretrain = load_config(cfg.config, overrides)
     report = objective_report(pretrain)
@@ -102,7 +101,6 @@ def params_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     """Load adapted weights, merge LoRA and write the export formats."""
-    from explora.models.registry import get_backbone_spec
 
     cfg: ExportConfig = config_from_args(args)
     model = load_adapted(cfg.model, cfg.weights, _spec_options(cfg.explora_spec()))

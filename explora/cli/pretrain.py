@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from explora import presets
 from explora.cli.config_args import add_config_arguments
-from explora.recipes.pretrain import PretrainConfig
+from explora.models.adapt import PRESETS
+from explora.recipes.pretrain import PretrainConfig, load_config, run_pretrain
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from explora.recipes.pretrain import load_config, run_pretrain
 
     cfg = load_config(args.config, args.overrides)
     result = run_pretrain(cfg, resume=args.resume)
@@ -18,8 +19,6 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from explora import presets
-    from explora.models.adapt import PRESETS
 
     rows = [presets.info(name) for name in presets.names()]
     width = max(len(r.name) for r in rows)

@@ -27,6 +27,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset, get_worker_info
 
 from explora.core.errors import ConfigError, DataError
+from explora.data.stats import compute_stats
 
 log = logging.getLogger("explora.data")
 
@@ -191,7 +192,6 @@ class ExploraDataset(Dataset):
         if self.in_chans == 3:
             self.set_stats(IMAGENET_MEAN, IMAGENET_STD)
             return
-        from explora.data.stats import compute_stats
 
         stats = compute_stats(self, max_samples=STATS_SAMPLES)
         self.set_stats(stats["mean"], stats["std"])

@@ -13,7 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from explora.core.distributed import (  # noqa: F401 - re-exported: the engine's callers use D.rank() etc.
     all_gather_objects,
@@ -29,6 +32,7 @@ from explora.core.distributed import (  # noqa: F401 - re-exported: the engine's
     world_size,
 )
 from explora.core.errors import ConfigError
+from explora.core.precision import resolve_precision
 
 # -- logging values of the global batch ------------------------------------------------------------------------
 
@@ -68,7 +72,6 @@ class _GlobalOutput(nn.Module):
 
 
 def _ddp_class():
-    from torch.nn.parallel import DistributedDataParallel
 
     class GlobalLossDDP(DistributedDataParallel):
         """DDP whose output reports the global-batch loss (see :func:`global_output`)."""
@@ -89,8 +92,6 @@ def gradient_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     if enabled:
         yield
         return
-    from torch.distributed.fsdp import FSDPModule
-    from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel):
         with model.no_sync():
@@ -151,10 +152,7 @@ def shard_fsdp2(module: nn.Module, device: torch.device, precision: str = "fp32"
     reduced in fp32 (``MixedPrecisionPolicy``, as DinoV2's FSDP setup does): half the all-gather volume; the
     sharded master weights, the optimiser and the EMA stay fp32.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from explora.core.precision import resolve_precision
 
     if getattr(module, "grad_checkpointing", False):
         raise ConfigError("train.strategy=fsdp2 with model.grad_checkpointing is not tested; use ddp.")

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from explora.core.errors import ExploraError
+
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion_matrix.png"
 
@@ -73,7 +75,6 @@ def save_metrics(metrics: dict[str, Any], out_dir: str | Path, class_names: list
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     """Read ``RUN_DIR/metrics.json`` (or the file itself), with an error that names the path."""
-    from explora.core.errors import ExploraError
 
     path = Path(run_dir)
     if path.is_dir():

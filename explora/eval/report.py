@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from explora.core.errors import ExploraError
 from explora.eval.metrics import load_metrics
 
@@ -58,7 +60,6 @@ def bar_chart(runs: list[tuple[str, dict[str, Any]]], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = [n for n, _ in runs]
     x = np.arange(len(runs))

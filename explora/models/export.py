@@ -31,6 +31,8 @@ from typing import Any
 
 import timm
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from explora.core.errors import CheckpointError, ConfigError
@@ -284,7 +286,6 @@ def export_wrapped_encoder(
 
     Only the safetensors format applies: the upstream ``encoder``/``teacher`` layouts describe plain ViTs.
     """
-    from safetensors.torch import save as st_save
 
     if not is_wrapped(encoder):
         raise ConfigError(f"{type(encoder).__name__} is not a group-channel/temporal wrapper; use export_backbone")
@@ -348,7 +349,6 @@ def load_encoder(path: str | os.PathLike[str]) -> nn.Module:
     A plain export gives the timm ViT (:func:`load_exported`); a group-channel / temporal export gives the
     ``GroupChannelViT`` / ``TemporalViT`` around a freshly built base ViT, with every tensor loaded strictly.
     """
-    from safetensors.torch import load_file
 
     files = _export_files(path)
     if files is None:

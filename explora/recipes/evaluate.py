@@ -16,8 +16,13 @@ import torch
 
 from explora.core.config import save_yaml
 from explora.core.errors import ConfigError, DataError
-from explora.eval.knn import UPSTREAM_KS
-from explora.eval.linprobe import UPSTREAM_LRS
+from explora.data import build_dataset
+from explora.eval.features import EvalTransform, extract_features
+from explora.eval.knn import UPSTREAM_KS, knn_classify
+from explora.eval.linprobe import UPSTREAM_LRS, LinearProbeConfig, train_linear_probe
+from explora.eval.metrics import save_metrics
+from explora.models.backbone import build_backbone
+from explora.models.export import is_wrapped_export, load_encoder
 
 _log = logging.getLogger(__name__)
 
@@ -76,7 +81,6 @@ class KnnConfig(EvalRunConfig):
 
 def eval_datasets(cfg: EvalRunConfig):
     """Train and validation datasets, loaded at the size the eval transform crops ``image_size`` out of."""
-    from explora.data import build_dataset
 
     load_size = round(cfg.image_size / CROP_PCT)
     train = build_dataset(cfg.data, split=cfg.train_split, image_size=load_size)
@@ -91,8 +95,6 @@ def eval_datasets(cfg: EvalRunConfig):
 
 
 def eval_backbone(cfg: EvalRunConfig, in_chans: int):
-    from explora.models.backbone import build_backbone
-    from explora.models.export import is_wrapped_export, load_encoder
 
     if is_wrapped_export(cfg.weights):  # group-channel / temporal MAE export: the sidecar describes the model
         return load_encoder(cfg.weights)  # its base architecture comes from the sidecar, not --backbone
@@ -100,7 +102,6 @@ def eval_backbone(cfg: EvalRunConfig, in_chans: int):
 
 
 def _features(cfg: LinprobeConfig | KnnConfig, n_blocks: int):
-    from explora.eval.features import EvalTransform, extract_features
 
     train, val = eval_datasets(cfg)
     device = cfg.torch_device()
@@ -135,8 +136,6 @@ def save_run_config(cfg: Any, out: str | Path) -> Path:
 
 def run_linprobe(cfg: LinprobeConfig) -> tuple[dict[str, Any], Path]:
     """Linear probe on frozen features; returns the metrics and the path of ``metrics.json``."""
-    from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
-    from explora.eval.metrics import save_metrics
 
     save_run_config(cfg, cfg.out)
     probe = LinearProbeConfig(
@@ -156,8 +155,6 @@ def run_linprobe(cfg: LinprobeConfig) -> tuple[dict[str, Any], Path]:
 
 def run_knn(cfg: KnnConfig) -> tuple[dict[str, Any], Path]:
     """Weighted kNN on frozen CLS features; returns the metrics and the path of ``metrics.json``."""
-    from explora.eval.knn import knn_classify
-    from explora.eval.metrics import save_metrics
 
     save_run_config(cfg, cfg.out)
     train_ds, train, val = _features(cfg, 1)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from explora.core.errors import ConfigError
 from explora.models.params import ParamReport, gradient_and_moment_bytes
@@ -106,7 +107,6 @@ def saved_bytes(module: nn.Module, fn, shapes: list[tuple[int, ...]], precision:
     Storages of the module's own parameters (and views of them, e.g. ``weight.t()``) are not counted: they exist
     anyway. Each storage is counted once however many saved views point into it.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode()
     fake = _fake_copy(module, mode)
@@ -149,7 +149,6 @@ def _meta_objective(cfg: Any) -> nn.Module:
     Compilation, gradient checkpointing and the uniform drop-path layout are left out: the estimate models
     checkpointing itself, and the others do not change what a step keeps alive.
     """
-    from explora.recipes.pretrain import build_objective
 
     model = replace(cfg.model, weights=None, compile=False, grad_checkpointing=False, drop_path_uniform=False)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # build_objective seeds the global RNG

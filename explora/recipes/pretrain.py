@@ -14,13 +14,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from timm.layers import DropPath
 
 from explora.core.config import compose, from_dict, save_yaml, section, to_dict
 from explora.core.errors import ConfigError, DataError
+from explora.data.specs import build_dataset
 from explora.engine import parallel as D
 from explora.engine.lengths import resolve_lengths
 from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, train
 from explora.models.adapt import ExploraSpec, apply_explora, preset_spec
+from explora.models.backbone import build_backbone
+from explora.models.export import infer_model_args
+from explora.objectives.mae.config import MAEConfig
 from explora.presets import config_path
 
 
@@ -69,14 +74,12 @@ def objective_config(cfg: PretrainConfig) -> Any:
         from explora.objectives.dinov2.config import DinoV2Config
 
         return from_dict(DinoV2Config, cfg.dinov2, "dinov2")
-    from explora.objectives.mae.config import MAEConfig
 
     return from_dict(MAEConfig, cfg.mae, "mae")
 
 
 def set_uniform_drop_path(backbone: torch.nn.Module, rate: float) -> None:
     """DinoV2's ``drop_path_uniform``: every block drops its residual branches with the same probability."""
-    from timm.layers import DropPath
 
     for block in backbone.blocks:
         block.drop_path1 = DropPath(rate)
@@ -88,7 +91,6 @@ def build_objective(cfg: PretrainConfig, dataset_stats: tuple[tuple[float, ...],
 
     ``dataset_stats`` (per-band mean, std) fill the objective's normalisation when the config does not set it.
     """
-    from explora.models.backbone import build_backbone
 
     torch.manual_seed(cfg.train.seed)  # random parts of the model (heads, decoder) are reproducible on resume
     backbone = build_backbone(
@@ -138,7 +140,6 @@ def compile_blocks(module: torch.nn.Module) -> int:
 
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     """Train, then export the merged backbone (teacher for DinoV2, encoder for MAE) to ``<output_dir>/export``."""
-    from explora.data.specs import build_dataset
 
     out = Path(cfg.output_dir)
     D.init_distributed()  # before anything reads the rank or the world size (torchrun: every process)
@@ -202,8 +203,6 @@ def resolve_run_lengths(cfg: PretrainConfig, dataset_len: int) -> PretrainConfig
 
 def base_model_args(cfg: PretrainConfig, timm_name: str) -> dict[str, Any]:
     """timm kwargs of the run's base ViT, from an architecture-only rebuild on the meta device (no memory, no I/O)."""
-    from explora.models.backbone import build_backbone
-    from explora.models.export import infer_model_args
 
     with torch.device("meta"):
         vit = build_backbone(cfg.model.name, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans)

@@ -12,6 +12,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F
+
+from explora.analysis.attention import attention_maps
+from explora.analysis.pca_image import pca_feature_image
+from explora.analysis.plots import display_image
+from explora.core.precision import resolve_precision
+from explora.eval.features import eval_transform_for
+from explora.models.backbone import build_backbone
+from explora.recipes.demo.variants import VARIANTS
 
 LOSS_TERMS = ("loss", "dino_local", "dino_global", "ibot", "koleo")
 
@@ -68,11 +77,7 @@ def plot_accuracy_bars(results: dict[str, dict[str, Any]], labels: dict[str, str
 
 def plot_before_after(raw: torch.Tensor, models: dict[str, torch.nn.Module], normalise, out_png: Path) -> Path:
     """Rows: the images, then per model its PCA-of-patch-features image and its last-block CLS attention."""
-    import torch.nn.functional as F
 
-    from explora.analysis.attention import attention_maps
-    from explora.analysis.pca_image import pca_feature_image
-    from explora.analysis.plots import display_image
 
     x = normalise(raw)
     rows: list[tuple[str, torch.Tensor | None]] = [("image", None)]
@@ -103,10 +108,6 @@ def plot_before_after(raw: torch.Tensor, models: dict[str, torch.nn.Module], nor
 
 
 def write_report(cfg, out: Path, results, params, timings, frozen, test_set, stats_source) -> Path:
-    from explora.core.precision import resolve_precision
-    from explora.eval.features import eval_transform_for
-    from explora.models.backbone import build_backbone
-    from explora.recipes.demo.run import VARIANTS
 
     labels = {"frozen": "DinoV2 (frozen)", **{k: v.label for k, v in VARIANTS.items()}}
     figs = out / "figures"

@@ -17,28 +17,27 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
+from torch.utils.data import Subset
+
+from explora.core.precision import autocast_dtype
+from explora.data.specs import build_dataset
+from explora.engine.step import forward_backward
+from explora.engine.trainer import OptimConfig, TrainConfig
+from explora.eval.features import eval_transform_for, extract_features
+from explora.eval.knn import knn_classify
+from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
+from explora.eval.metrics import save_metrics
+from explora.models.adapt import ExploraSpec, apply_preset
+from explora.models.backbone import build_backbone
+from explora.models.params import parameter_report
+from explora.recipes.demo.report import write_report
+from explora.recipes.demo.variants import VARIANTS, Variant  # noqa: F401  (Variant: public name)
+from explora.recipes.pretrain import DataConfig, ModelConfig, PretrainConfig, build_objective, run_pretrain
 
 _log = logging.getLogger(__name__)
-
-
-class Variant(NamedTuple):
-    """One pre-training run of the demo: an ExPLoRA preset, its label in the report, and overrides of the preset."""
-
-    preset: str
-    label: str
-    overrides: dict[str, Any] = {}
-
-
-VARIANTS: dict[str, Variant] = {
-    "explora": Variant("D-[L]-r64", "ExPLoRA D-[L]-r64"),
-    "lora_only": Variant("lora-only-r64", "LoRA-only r64"),
-    "unfreeze_only": Variant("unfreeze-only-[L]", "Unfreeze-only [L]"),
-    # the official scripts' LoRA scaling 1/r (loralib alpha 1) instead of explora's alpha = r: an A/B of the scaling
-    "explora_alpha1": Variant("D-[L]-r64", "ExPLoRA D-[L]-r64, scaling 1/r", {"lora_alpha": 1.0}),
-}
 
 
 @dataclass
@@ -107,9 +106,6 @@ def default_data() -> str:
 
 
 def _pretrain_config(cfg: DemoConfig, variant: str):
-    from explora.engine.trainer import OptimConfig, TrainConfig
-    from explora.models.adapt import ExploraSpec
-    from explora.recipes.pretrain import DataConfig, ModelConfig, PretrainConfig
 
     chosen = VARIANTS[variant]
     dinov2 = {
@@ -154,7 +150,6 @@ def _pretrain_config(cfg: DemoConfig, variant: str):
 
 
 def _eval_subset(dataset, n: int, seed: int):
-    from torch.utils.data import Subset
 
     n = min(n, len(dataset))
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
@@ -163,11 +158,6 @@ def _eval_subset(dataset, n: int, seed: int):
 
 def _evaluate(backbone, name: str, cfg: DemoConfig, train_set, test_set, stats_source, num_classes: int, out: Path):
     """Linear probe (DinoV2 protocol on cached features) and kNN of a frozen backbone -> metrics dict."""
-    from explora.core.precision import autocast_dtype
-    from explora.eval.features import eval_transform_for, extract_features
-    from explora.eval.knn import knn_classify
-    from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
-    from explora.eval.metrics import save_metrics
 
     transform = eval_transform_for(stats_source, cfg.image_size, crop_pct=1.0)
     autocast = autocast_dtype(cfg.precision, torch.device("cpu"))
@@ -224,8 +214,6 @@ def plan_steps(cfg: DemoConfig, elapsed_s: float, eval_s: float, step_s: float) 
 
 def measure_step_seconds(cfg: DemoConfig, dataset) -> float:
     """Seconds of one ExPLoRA optimisation step at the demo's settings (the second of two timed steps)."""
-    from explora.engine.step import forward_backward
-    from explora.recipes.pretrain import build_objective
 
     pcfg = _pretrain_config(replace(cfg, steps=cfg.steps or cfg.max_steps), "explora")
     objective = build_objective(pcfg, (tuple(dataset.mean), tuple(dataset.std)))
@@ -246,11 +234,6 @@ def measure_step_seconds(cfg: DemoConfig, dataset) -> float:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the whole demo; returns the path of ``report.md``. Finished stages are reused on a rerun."""
-    from explora.data.specs import build_dataset
-    from explora.models.adapt import apply_preset
-    from explora.models.backbone import build_backbone
-    from explora.models.params import parameter_report
-    from explora.recipes.pretrain import run_pretrain
 
     if not cfg.data:
         cfg = replace(cfg, data=default_data())
@@ -320,7 +303,6 @@ def run_demo(cfg: DemoConfig) -> Path:
         timings[f"eval_{variant}_s"] = time.perf_counter() - t
 
     stage("figures")
-    from explora.recipes.demo.report import write_report
 
     timings["total_s"] = time.perf_counter() - t0
     report_path = write_report(cfg, out, results, params, timings, frozen, test_set, train_full)
