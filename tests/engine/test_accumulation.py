@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from dinov2_fixtures import FixedImages, PerSampleViews
 from torch import nn
 
 from explora.engine.step import accumulate_step, forward_backward
@@ -158,30 +158,6 @@ def test_finetune_accumulation_equals_one_larger_batch(tiny_mae):
 # -- the trainer -------------------------------------------------------------------------------------------------
 
 
-class _PerSampleViews:
-    """DinoV2 views and masks that depend on each image only (not on its batch or generator); see
-    tests/engine/test_parallel.py: so that micro-batches and one batch see the same crops."""
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x = images.float() / 255 - 0.5  # (B, 3, 32, 32)
-        small = F.interpolate(x, size=16, mode="bilinear", align_corners=False)  # (B, 3, 16, 16)
-        patch = F.avg_pool2d(x.mean(1, keepdim=True), 8).flatten(1)  # (B, 16)
-        masked = patch > patch.median(dim=1, keepdim=True).values  # (B, 16)
-        return {"global": torch.cat([x, x.flip(-1)]), "local": torch.cat([small, small.flip(-1)]),
-                "masks": torch.cat([masked, torch.zeros_like(masked)])}
-
-
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n: int = 32) -> None:
-        self.x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int):
-        return self.x[i], -1
-
-
 TINY = [
     "model.name=test_dinov2", "model.weights=null", "data.image_size=32", "dinov2.n_prototypes=64",
     "dinov2.hidden_dim=32", "dinov2.bottleneck_dim=16", "dinov2.global_size=32", "dinov2.local_size=16",
@@ -201,8 +177,8 @@ def _train_dinov2(out, *overrides: str):
 
     cfg = load_config(None, [*TINY, *overrides])
     objective = build_objective(cfg)
-    objective.batch_transform = _PerSampleViews  # a zero-argument factory of the transform
-    result = train(objective, _Images(), cfg.optim, cfg.train, out)
+    objective.batch_transform = PerSampleViews  # a zero-argument factory of the transform
+    result = train(objective, FixedImages(seed=5), cfg.optim, cfg.train, out)
     return objective, result
 
 

@@ -22,11 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from conftest import REPO
+from dinov2_fixtures import FixedImages, PerSampleViews
 from safetensors.torch import load_file
 from tolerances import FP32_TRAINING
-from torch.utils.data import Dataset
 
 pytestmark = pytest.mark.dist
 
@@ -44,36 +43,6 @@ COMPARED = ("loss", "dino_local", "dino_global", "ibot", "lr", "wd", "grad_norm"
 # Measured max relative difference 2 x 4 (gloo) vs 1 x 8 over 4 steps: see docs/distributed.md.
 RTOL, ATOL = FP32_TRAINING["rtol"], FP32_TRAINING["atol"]
 WTOL = 1e-5  # max |difference| of exported weights (weights are ~0.02-1 in size)
-
-
-class _Images(Dataset):
-    """32 fixed random RGB uint8 images, unlabeled."""
-
-    def __init__(self, n: int = 32) -> None:
-        g = torch.Generator().manual_seed(123)
-        self.x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.x[i], -1
-
-
-class _PerSampleViews:
-    """Views and iBOT masks that depend on each image only (not on its batch, rank or the generator).
-
-    global (2B, 3, 32, 32): [image; flipped image]; local (2B, 3, 16, 16): the same at half size;
-    masks (2B, 16): view 0 masks the 8x8 patches brighter than the image's median patch, view 1 is unmasked.
-    """
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x = images.float() / 255 - 0.5  # (B, 3, 32, 32)
-        small = F.interpolate(x, size=16, mode="bilinear", align_corners=False)  # (B, 3, 16, 16)
-        patch = F.avg_pool2d(x.mean(1, keepdim=True), 8).flatten(1)  # (B, 16)
-        masked = patch > patch.median(dim=1, keepdim=True).values  # (B, 16)
-        return {"global": torch.cat([x, x.flip(-1)]), "local": torch.cat([small, small.flip(-1)]),
-                "masks": torch.cat([masked, torch.zeros_like(masked)])}
 
 
 def _count_allreduces(wrap_model, counter: list[int]):
@@ -106,11 +75,11 @@ def _run(out: Path, strategy: str, batch_size: int, extra: list[str]) -> None:
     cfg = load_config(None, [*TINY, f"train.steps={STEPS}", f"train.batch_size={batch_size}",
                              f"train.strategy={strategy}", *extra])
     objective = build_objective(cfg)
-    objective.batch_transform = _PerSampleViews  # the class is a zero-argument factory of the transform
+    objective.batch_transform = PerSampleViews  # the class is a zero-argument factory of the transform
     calls, wrap_model = [0], D.wrap_model
     D.wrap_model = _count_allreduces(wrap_model, calls)
     try:
-        train(objective, _Images(), cfg.optim, cfg.train, out)
+        train(objective, FixedImages(), cfg.optim, cfg.train, out)
     finally:
         D.wrap_model = wrap_model
     if D.is_dist() and strategy == "ddp":
@@ -144,7 +113,7 @@ def _loop(strategy: str, steps: int, precision: str = "fp32") -> tuple[list[floa
     for g in optimizer.param_groups:
         g["lr"], g["weight_decay"] = 0.01 * g["lr_multiplier"], 0.04 * g["wd_multiplier"]
     params = [p for g in groups for p in g["params"]]
-    data, transform, per_rank = _Images(), _PerSampleViews(), 8 // D.world_size()
+    data, transform, per_rank = FixedImages(), PerSampleViews(), 8 // D.world_size()
     losses = []
     for step in range(steps):
         lo = step * 8 + D.rank() * per_rank
@@ -171,7 +140,7 @@ def _run_nan(out: Path, strategy: str) -> None:
 
     cfg = load_config(None, [*TINY, f"train.steps={STEPS}", "train.batch_size=4", f"train.strategy={strategy}"])
     objective = build_objective(cfg)
-    objective.batch_transform = _PerSampleViews
+    objective.batch_transform = PerSampleViews
     forward = objective.forward
 
     def poisoned(batch, step, stage=None):
@@ -181,7 +150,7 @@ def _run_nan(out: Path, strategy: str) -> None:
         return out
 
     objective.forward = poisoned  # before wrapping: FSDP2/DDP hooks still run around it
-    result = train(objective, _Images(), cfg.optim, cfg.train, out)
+    result = train(objective, FixedImages(), cfg.optim, cfg.train, out)
     finite = all(bool(torch.isfinite(v).all()) for v in objective.state_dict().values())
     (out / f"rank{D.rank()}.json").write_text(json.dumps(
         {"steps": result.steps_done, "skipped": result.skipped_steps, "finite": finite}))
