@@ -154,3 +154,26 @@ def test_augmentation_is_a_function_of_the_generator():
     a = augment_pair(images, masks, 16, DenseAugConfig(), torch.Generator().manual_seed(9))
     b = augment_pair(images, masks, 16, DenseAugConfig(), torch.Generator().manual_seed(9))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_data_check_names_bad_pairs(tmp_path):
+    from explora.data.check import check_dataset
+
+    seg_folder(tmp_path, n=4, classes=3)
+    report = check_dataset(build_dataset(f"seg_folder:{tmp_path}:classes=3", on_error="skip"))
+    assert report.clean and report.checked == 4 and report.counts == {"0": 4, "1": 4, "2": 4}
+    Image.fromarray(np.zeros((16, 16), np.uint8), mode="L").save(tmp_path / "masks" / "chip0.png")
+    Image.fromarray(np.full((32, 32), 7, np.uint8), mode="L").save(tmp_path / "masks" / "chip1.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8), mode="L").save(tmp_path / "masks" / "chip2.png")
+    (tmp_path / "images" / "lonely.png").write_bytes((tmp_path / "images" / "chip3.png").read_bytes())
+    report = check_dataset(build_dataset(f"seg_folder:{tmp_path}:classes=3", on_error="skip"))
+    assert not report.clean and report.checked == 2
+    text = "\n".join(report.unreadable)
+    assert "lonely.png: missing mask" in text
+    assert "chip0.png: image is (32, 32) pixels but its mask" in text
+    assert "chip1.png: label 7 outside the class range 0..2" in text
+    assert any("chip2.png" in w and "only ignored pixels" in w for w in report.warnings)
+    for p in (tmp_path / "masks").iterdir():
+        p.unlink()
+    with pytest.raises(DataError, match="no image/mask pairs"):
+        build_dataset(f"seg_folder:{tmp_path}:classes=3", on_error="skip")
