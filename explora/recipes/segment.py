@@ -7,7 +7,8 @@ augmentation are :class:`explora.objectives.segmentation.SegmentationObjective`;
 resume are the engine's (:func:`explora.engine.trainer.train`), as for ``explora finetune``. Evaluation runs every
 ``eval_every`` steps (default one epoch) on the validation chips; the best model by validation mIoU is kept in
 ``<out>/best/``. The run directory gets ``metrics.json`` (``explora report`` lists its mIoU),
-``confusion_matrix.png``, ``eval_history.json`` and the report (:func:`write_segment_report`).
+``confusion_matrix.png``, ``eval_history.json``, ``segmenter.json`` (what ``explora predict`` rebuilds the model
+from) and the report (:func:`write_segment_report`).
 
 Default optimisation (:data:`SEGMENT_OPTIM`): AdamW lr 1e-3 (no batch scaling), weight decay 0.05, warm-up 10 %,
 cosine to 1e-6, layer decay 1.0, global gradient clipping at 3 -- a setting that trains the heads and LoRA alike;
@@ -35,7 +36,7 @@ from explora.engine.trainer import OptimConfig, TrainConfig, train
 from explora.eval.metrics import save_metrics
 from explora.eval.seg_metrics import mean_and_se, pixel_confusion, plot_per_class_iou, segmentation_metrics
 from explora.models.classifier import trainable_counts
-from explora.models.encoder import encoder_kind
+from explora.models.encoder import as_encoder, encoder_kind
 from explora.models.seg_heads import SegmentationModel
 from explora.objectives.base import Objective
 from explora.objectives.segmentation import SegLossConfig, SegmentationObjective, SegmentationSettings, normalise
@@ -51,6 +52,7 @@ OVERLAY_CHIPS = 4  # validation chips drawn in the report (the first ones: a fix
 REPORT_MD = "report.md"
 IOU_PNG = "per_class_iou.png"
 OVERLAY_PNG = "overlays.png"
+SEGMENTER_FILE = "segmenter.json"  # what `explora predict` needs besides the weights
 
 
 def prepare_segmenter(backbone: nn.Module, num_classes: int, mode: SegMode = "lora", head: str = "linear",
@@ -207,6 +209,11 @@ def run_segment(
     settings = SegmentationSettings(num_classes, image_size, mean, std, aug or DenseAugConfig(),
                                     loss or SegLossConfig())
     objective = SegmentationObjective(model, settings)
+    if D.is_main():
+        info = {"num_classes": num_classes, "class_names": list(getattr(train_set, "classes", [])), "mean": mean,
+                "std": std, "image_size": image_size, "head": head, "blocks": list(model.blocks),
+                "channels": channels, "in_chans": len(mean), "patch_size": int(as_encoder(backbone).patch_size[0])}
+        atomic_write_bytes(out_dir / SEGMENTER_FILE, json.dumps(info, indent=2).encode())
     device = next(model.parameters()).device
     cfg = train_cfg or TrainConfig(steps=1000, batch_size=16)
     D.init_distributed()
@@ -252,5 +259,5 @@ def run_segment(
     return metrics
 
 
-__all__ = ["SEGMENT_OPTIM", "SEG_MODES", "SegMode", "evaluate_segmentation", "plot_overlays", "predict_batches",
-           "prepare_segmenter", "run_segment", "segment_optim", "write_segment_report"]
+__all__ = ["SEGMENTER_FILE", "SEGMENT_OPTIM", "SEG_MODES", "SegMode", "evaluate_segmentation", "plot_overlays",
+           "predict_batches", "prepare_segmenter", "run_segment", "segment_optim", "write_segment_report"]
