@@ -72,12 +72,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--configs", nargs="+", default=["frozen:linear", "frozen:upernet", "lora:linear", "lora:upernet"])
+    p.add_argument("--channels", type=int, default=64, help="UPerNet width (64 keeps a CPU run to minutes)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     counts = make_dataset(Path(args.scene), out / "data", args.chip, args.stride, args.ndwi, args.val_from)
-    print(json.dumps({"dataset": counts, "chip": args.chip, "stride": args.stride, "ndwi": args.ndwi}), flush=True)
+    print(json.dumps({"dataset": counts, "chip": args.chip, "stride": args.stride, "ndwi": args.ndwi,
+                      "channels": args.channels, "steps": args.steps}), flush=True)
     for spec in args.configs:
         mode, head = spec.split(":")
         torch.manual_seed(0)
@@ -88,7 +90,7 @@ def main() -> None:
                           tensorboard=False, eval_every=args.steps, ckpt_every=args.steps, log_every=20)
         start = time.perf_counter()
         m = run_segment(backbone, train, val, out / f"{mode}_{head}", image_size=args.chip, mode=mode, head=head,
-                        train_cfg=cfg)
+                        channels=args.channels, train_cfg=cfg)
         print(json.dumps({"config": spec, "miou": round(m["miou"], 2), "miou_chip_mean": round(m["miou_chip_mean"], 2),
                           "miou_chip_se": round(m["miou_chip_se"], 2), "per_class_iou": m["per_class_iou"],
                           "pixel_accuracy": round(m["pixel_accuracy"], 2), "val_chips": m["num_samples"],
