@@ -121,6 +121,22 @@ def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[tor
     return TF.center_crop(image, [size, size]), TF.center_crop(m, [size, size])[0]
 
 
+def check_pair(image: torch.Tensor, mask: torch.Tensor, num_classes: int, image_where: str,
+               mask_where: str) -> torch.Tensor:
+    """``mask`` as (H, W) int64 after checking it matches ``image``'s size and holds labels in ``0..K-1`` or
+    IGNORE_INDEX; errors name the image and the mask."""
+    mask = mask.reshape(mask.shape[-2:]) if mask.ndim == 3 and mask.shape[0] == 1 else mask
+    if mask.ndim != 2 or tuple(mask.shape) != tuple(image.shape[-2:]):
+        raise DataError(f"{image_where}: image is {tuple(image.shape[-2:])} pixels but its mask {mask_where} is "
+                        f"{tuple(mask.shape)}; expected the same height and width")
+    mask = mask.long()
+    bad = (mask >= num_classes) & (mask != IGNORE_INDEX) | (mask < 0)
+    if bad.any():
+        raise DataError(f"{mask_where}: label {int(mask[bad][0])} outside the class range 0..{num_classes - 1} "
+                        f"(or {IGNORE_INDEX} = ignore); {int(bad.sum())} pixel(s)")
+    return mask
+
+
 # --- datasets ----------------------------------------------------------------------------------------------------
 class DenseDataset(ExploraDataset):
     """Pairs ``(image path, mask path)``; ``load`` returns ``(image (C, H, W), mask (H, W) int64)`` checked for
@@ -154,16 +170,7 @@ class DenseDataset(ExploraDataset):
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
         image = read_image(image_path, self.int_scale)
-        mask = self.read_mask(index)
-        if tuple(mask.shape) != tuple(image.shape[-2:]):
-            raise DataError(f"{image_path}: image is {tuple(image.shape[-2:])} pixels but its mask {mask_path} is "
-                            f"{tuple(mask.shape)}; expected the same height and width")
-        bad = (mask >= len(self.classes)) & (mask != IGNORE_INDEX) | (mask < 0)
-        if bad.any():
-            value = int(mask[bad][0])
-            raise DataError(f"{mask_path}: label {value} outside the class range 0..{len(self.classes) - 1} "
-                            f"(or {IGNORE_INDEX} = ignore); {int(bad.sum())} pixel(s)")
-        return image, mask
+        return image, check_pair(image, self.read_mask(index), len(self.classes), str(image_path), str(mask_path))
 
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index)
@@ -380,6 +387,6 @@ def is_dense(dataset: object) -> bool:
     return bool(getattr(dataset, "dense", False))
 
 
-__all__ = ["IGNORE_INDEX", "DenseDataset", "SegCsv", "SegFolder", "SpaceNet", "geojson_rings", "geotiff_transform",
-           "is_dense", "load_class_map", "palette_to_index", "rasterize_polygons", "read_mask", "resize_pair",
-           "world_to_pixel"]
+__all__ = ["IGNORE_INDEX", "DenseDataset", "SegCsv", "SegFolder", "SpaceNet", "check_pair", "geojson_rings",
+           "geotiff_transform", "is_dense", "load_class_map", "palette_to_index", "rasterize_polygons", "read_mask",
+           "resize_pair", "world_to_pixel"]

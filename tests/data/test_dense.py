@@ -177,3 +177,33 @@ def test_data_check_names_bad_pairs(tmp_path):
         p.unlink()
     with pytest.raises(DataError, match="no image/mask pairs"):
         build_dataset(f"seg_folder:{tmp_path}:classes=3", on_error="skip")
+
+
+def test_torchgeo_segmentation_dataset_through_a_fake_module(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    class FakeSeg(torch.utils.data.Dataset):
+        classes = ["background", "road", "water"]
+
+        def __init__(self, root, split="train"):
+            self.root, self.split = root, split
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            mask = torch.zeros(12, 12, dtype=torch.long)
+            mask[:, 6:] = i % 3
+            return {"image": torch.rand(4, 12, 12), "mask": mask}
+
+    pkg, mod = types.ModuleType("torchgeo"), types.ModuleType("torchgeo.datasets")
+    mod.FakeSeg = FakeSeg
+    monkeypatch.setitem(sys.modules, "torchgeo", pkg)
+    monkeypatch.setitem(sys.modules, "torchgeo.datasets", mod)
+    ds = build_dataset(f"torchgeo:FakeSeg:{tmp_path}", split="val", image_size=8)
+    assert ds.dense and ds.classes == ["background", "road", "water"] and ds.in_chans == 4
+    image, mask = ds[2]
+    assert image.shape == (4, 8, 8) and mask.shape == (8, 8) and set(mask.unique().tolist()) == {0, 2}
+    with pytest.raises(DataError, match=r"FakeSeg.*\[2\] mask: label 2 outside the class range 0\.\.1"):
+        build_dataset(f"torchgeo:FakeSeg:{tmp_path}:classes=2")[2]
