@@ -116,8 +116,8 @@ def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[tor
     m = mask[None]
     if min(h, w) != size:
         image = TF.resize(image, [size], antialias=True)
-        m = TF.resize(m.to(torch.uint8) if mask.max() < 256 else m, [size],
-                      interpolation=TF.InterpolationMode.NEAREST_EXACT).to(torch.int64)
+        # float32 holds every class index exactly; nearest-neighbour only copies values
+        m = TF.resize(m.float(), [size], interpolation=TF.InterpolationMode.NEAREST_EXACT).to(torch.int64)
     return TF.center_crop(image, [size, size]), TF.center_crop(m, [size, size])[0]
 
 
