@@ -30,6 +30,7 @@ from explora.core.errors import ConfigError, DataError
 from explora.core.io import atomic_write_bytes
 from explora.data.dense import IGNORE_INDEX, is_dense
 from explora.data.dense_augment import DenseAugConfig
+from explora.data.stats import spread_indices
 from explora.engine import parallel as D
 from explora.engine.lengths import resolve_lengths, run_length
 from explora.engine.trainer import OptimConfig, TrainConfig, train
@@ -48,7 +49,7 @@ SEGMENT_OPTIM: dict[str, Any] = dict(
     base_lr=1e-3, lr_scaling="none", min_lr=1e-6, weight_decay=0.05, weight_decay_end=0.05, layer_decay=1.0,
     patch_embed_lr_mult=1.0, clip_grad=3.0, clip_grad_mode="global", freeze_last_layer_steps=0,
 )
-OVERLAY_CHIPS = 4  # validation chips drawn in the report (the first ones: a fixed set across runs)
+OVERLAY_CHIPS = 4  # validation chips drawn in the report (evenly spread: the same set in every run)
 REPORT_MD = "report.md"
 IOU_PNG = "per_class_iou.png"
 OVERLAY_PNG = "overlays.png"
@@ -103,20 +104,21 @@ def evaluate_segmentation(model: nn.Module, dataset, mean, std, num_classes: int
 def _colours(k: int) -> np.ndarray:
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab20"]
-    table = np.array([cmap(i % 20)[:3] for i in range(k)] + [(0.0, 0.0, 0.0)])
+    cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
+    table = np.array([cmap(i % cmap.N)[:3] for i in range(k)] + [(0.0, 0.0, 0.0)])
     return table  # (K + 1, 3); the last row is ignored pixels
 
 
 def plot_overlays(model: nn.Module, dataset, mean, std, path: Path, n: int = OVERLAY_CHIPS,
                   device: str | torch.device = "cpu") -> Path:
-    """A grid of image / ground truth / prediction for the first ``n`` chips of ``dataset`` (PNG)."""
+    """A grid of image / ground truth / prediction for ``n`` chips evenly spread over ``dataset`` (PNG); ignored
+    pixels are black."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    subset = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
+    subset = torch.utils.data.Subset(dataset, spread_indices(len(dataset), n))
     images, masks, preds = next(predict_batches(model, subset, mean, std, len(subset), device))
     table = _colours(dataset.num_classes)
     fig, axes = plt.subplots(len(subset), 3, figsize=(7.5, 2.5 * len(subset)), squeeze=False)
