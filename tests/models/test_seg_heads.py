@@ -51,3 +51,12 @@ def test_group_channel_encoder_maps_average_the_groups(tiny_mae):
     vit = GroupChannelViT(tiny_mae, groups=((0, 1, 2), (3, 4, 5)), group_dim=16)
     seg = SegmentationModel(vit, 2, head="upernet").eval()
     assert seg(torch.randn(1, 6, 32, 32)).shape == (1, 2, 32, 32)
+
+
+def test_temporal_encoder_maps_average_the_frames(tiny_mae):
+    from explora.models.temporal import TemporalViT
+
+    vit = TemporalViT(tiny_mae, num_frames=3, time_dim=16)
+    seg = SegmentationModel(vit, 2, head="linear").eval()
+    ts = torch.tensor([[[2016, 5, 10], [2017, 6, 11], [2018, 7, 12]]]).float()
+    assert seg(torch.randn(1, 9, 32, 32), timestamps=ts).shape == (1, 2, 32, 32)
