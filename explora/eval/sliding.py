@@ -9,9 +9,10 @@ covers them; ``linear``: a triangle; ``none``: uniform) and accumulated with the
 argmax of the weighted mean. Where the windows tile the scene without overlap, every pixel is one window's own
 prediction (the same as a full forward of each window; a single-window scene equals one full forward).
 
-Scenes larger than memory: :class:`SceneReader` reads one window at a time from a GeoTIFF (tifffile's
-memory-mapped series where the file is contiguous, its pages otherwise); the accumulators can be ``numpy.memmap``
-files (``scratch=`` a folder), so memory use is a few windows regardless of the scene size.
+Scenes larger than memory: :class:`SceneReader` reads one window at a time from a GeoTIFF (a memory map where the
+file is uncompressed and contiguous, otherwise only the strips or tiles the window overlaps, decoded by tifffile);
+the accumulators can be ``numpy.memmap`` files (``scratch=`` a folder), so memory use is a few windows plus the
+output class map regardless of the scene size.
 """
 
 from __future__ import annotations
@@ -55,42 +56,106 @@ def blend_weights(window: int, blend: str = "hann") -> torch.Tensor:
 
 
 class SceneReader:
-    """Window reads ``(C, h, w)`` of one image file: memory-mapped / page-wise for GeoTIFFs, decoded once otherwise."""
+    """Window reads ``(C, h, w)`` of one image file without holding the scene in memory where the format allows.
+
+    GeoTIFFs: an uncompressed contiguous file is memory-mapped (a read touches only the window's bytes); a
+    compressed or tiled single-image file is read segment by segment (its strips or tiles: only those a window
+    overlaps are read and decoded, the last few kept in a small cache for the neighbouring windows); anything
+    else (several pages per image, volumes) is decoded once. Other formats are decoded once.
+    """
+
+    CACHE = 64  # decoded strips / tiles kept for neighbouring windows
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._array: np.ndarray | None = None  # (C, H, W) view or array
         self._tensor: torch.Tensor | None = None
-        if self.path.suffix.lower() in (".tif", ".tiff"):
-            try:
-                with tifffile.TiffFile(self.path) as tif:
-                    series = tif.series[0]
-                    axes = series.axes
-                try:
-                    arr = tifffile.memmap(self.path)  # contiguous, uncompressed files: no read until sliced
-                except (ValueError, OSError):
-                    arr = tifffile.imread(self.path)  # compressed or tiled: decoded once
-            except FileNotFoundError as e:
-                raise DataError(f"{self.path}: file not found") from e
-            except Exception as e:
-                raise DataError(f"{self.path}: unreadable GeoTIFF ({type(e).__name__}: {e})") from e
-            if arr.ndim == 2:
-                arr = arr[None]
-            elif axes.endswith("S"):
-                arr = np.moveaxis(arr, -1, 0)  # (C, H, W) view of (H, W, C)
-            self._array = arr
-            self.shape = tuple(int(v) for v in arr.shape)
-        else:
+        self._tif: tifffile.TiffFile | None = None
+        self._cache: dict[int, np.ndarray] = {}
+        if self.path.suffix.lower() not in (".tif", ".tiff"):
             self._tensor = read_image(self.path)
             self.shape = tuple(self._tensor.shape)
+            return
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                series = tif.series[0]
+                axes, pages = series.axes, len(series.pages)
+                shaped = tuple(tif.pages[0].shaped)
+            try:
+                arr = tifffile.memmap(self.path, mode="r")  # contiguous, uncompressed: no read until sliced
+            except (ValueError, OSError):
+                arr = None
+            if arr is None and pages == 1 and shaped[1] == 1:
+                self._tif = tifffile.TiffFile(self.path)  # segment by segment
+                s, _, h, w, c = shaped
+                self.shape = (s * c, h, w)
+                return
+            if arr is None:
+                arr = tifffile.imread(self.path)
+        except FileNotFoundError as e:
+            raise DataError(f"{self.path}: file not found") from e
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{self.path}: unreadable GeoTIFF ({type(e).__name__}: {e})") from e
+        if arr.ndim == 2:
+            arr = arr[None]
+        elif axes.endswith("S"):
+            arr = np.moveaxis(arr, -1, 0)  # (C, H, W) view of (H, W, C)
+        self._array = arr
+        self.shape = tuple(int(v) for v in arr.shape)
+
+    def _segment(self, index: int) -> np.ndarray:
+        """Strip / tile ``index`` of the first page, decoded: (rows, cols, samples)."""
+        if index not in self._cache:
+            assert self._tif is not None
+            page = self._tif.pages[0]
+            fh = self._tif.filehandle
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+            try:
+                seg = page.decode(data, index, jpegtables=page.jpegtables)[0]  # (depth, rows, cols, samples)
+            except Exception as e:
+                raise DataError(f"{self.path}: segment {index} could not be decoded ({type(e).__name__}: {e})") from e
+            if len(self._cache) >= self.CACHE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[index] = seg[0]
+        return self._cache[index]
+
+    def _read_segments(self, top: int, left: int, h: int, w: int) -> np.ndarray:
+        assert self._tif is not None
+        page = self._tif.pages[0]
+        planes, _, height, width, samples = page.shaped
+        th, tw = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip or height, width)
+        ny, nx = -(-height // th), -(-width // tw)
+        out = None
+        for p in range(planes):
+            for ty in range(top // th, (top + h - 1) // th + 1):
+                for tx in range(left // tw, (left + w - 1) // tw + 1):
+                    seg = self._segment(p * ny * nx + ty * nx + tx)
+                    if out is None:
+                        out = np.zeros((planes, h, w, samples), dtype=seg.dtype)
+                    y0, x0 = ty * th, tx * tw
+                    ys, ye = max(top, y0), min(top + h, y0 + seg.shape[0])
+                    xs, xe = max(left, x0), min(left + w, x0 + seg.shape[1])
+                    out[p, ys - top : ye - top, xs - left : xe - left] = seg[ys - y0 : ye - y0, xs - x0 : xe - x0]
+        assert out is not None
+        return out.transpose(0, 3, 1, 2).reshape(planes * samples, h, w)  # (C, h, w)
 
     def read(self, top: int, left: int, h: int, w: int) -> torch.Tensor:
         """Pixels ``[top, top + h) x [left, left + w)`` as ``(C, h, w)`` (uint8, or float32 scaled like
         :func:`explora.data.io.read_image`)."""
         if self._tensor is not None:
             return self._tensor[:, top : top + h, left : left + w]
+        if self._tif is not None:
+            return array_to_tensor(np.ascontiguousarray(self._read_segments(top, left, h, w)))
         assert self._array is not None
         return array_to_tensor(np.ascontiguousarray(self._array[:, top : top + h, left : left + w]))
+
+    def close(self) -> None:
+        if self._tif is not None:
+            self._tif.close()
+            self._tif = None
 
 
 def _accumulator(shape: tuple[int, ...], scratch: Path | None, name: str) -> np.ndarray:

@@ -103,6 +103,7 @@ def predict_scene(model: nn.Module, info: dict[str, Any], path: str | Path, out_
                                  progress=lambda done, _: bar.update(done - bar.n))
     finally:
         bar.close()
+        reader.close()
     classes = p.argmax(0).astype(np.uint8 if info["num_classes"] <= 256 else np.uint16)  # (H, W)
     out_dir.mkdir(parents=True, exist_ok=True)
     tags = geo_tags(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -69,3 +71,32 @@ def test_scene_reader_reads_windows_of_a_geotiff(tmp_path):
     assert reader.shape == (3, 40, 50)
     win = reader.read(5, 7, 16, 20)
     assert win.dtype == torch.uint8 and torch.equal(win, torch.from_numpy(arr[5:21, 7:27].transpose(2, 0, 1)))
+
+
+@pytest.mark.parametrize("layout", [dict(planarconfig="contig", tile=(16, 16), compression="zlib"),
+                                    dict(planarconfig="contig", rowsperstrip=5, compression="zlib"),
+                                    dict(planarconfig="separate", rowsperstrip=7, compression="zlib")])
+def test_scene_reader_decodes_only_the_segments_of_a_window(tmp_path, layout):
+    import tifffile
+
+    arr = np.random.default_rng(0).integers(0, 4000, (4, 45, 70)).astype(np.uint16)  # (C, H, W)
+    data = arr if layout.get("planarconfig") == "separate" else arr.transpose(1, 2, 0)
+    tifffile.imwrite(tmp_path / "c.tif", data, photometric="minisblack", **layout)
+    reader = SceneReader(tmp_path / "c.tif")
+    assert reader._tif is not None and reader.shape == (4, 45, 70)
+    for top, left, h, w in ((0, 0, 16, 16), (7, 13, 30, 40), (29, 54, 16, 16)):
+        torch.testing.assert_close(reader.read(top, left, h, w),
+                                   torch.from_numpy(arr[:, top:top + h, left:left + w].astype(np.float32) / 10000))
+    assert len(reader._cache) < reader.shape[1]  # never the whole scene at once for a small window
+    reader.close()
+
+
+def test_scene_reader_on_the_real_landsat_scene():
+    import tifffile
+    from conftest import require
+
+    path = require(Path("/work/shared/data/landsat7_etm_olinda_6band.tif"))
+    reader = SceneReader(path)
+    full = tifffile.imread(path).transpose(2, 0, 1)  # (6, 352, 349), deflate strips of 3 rows
+    assert reader.shape == (6, 352, 349)
+    assert torch.equal(reader.read(100, 200, 64, 64), torch.from_numpy(np.ascontiguousarray(full[:, 100:164, 200:264])))
