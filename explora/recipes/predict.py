@@ -104,7 +104,9 @@ def predict_scene(model: nn.Module, info: dict[str, Any], path: str | Path, out_
     finally:
         bar.close()
         reader.close()
-    classes = p.argmax(0).astype(np.uint8 if info["num_classes"] <= 256 else np.uint16)  # (H, W)
+    classes = np.empty((h, w), dtype=np.uint8 if info["num_classes"] <= 256 else np.uint16)  # (H, W)
+    for r in range(0, h, 512):  # row blocks: a memory-mapped probability array is never loaded whole
+        classes[r : r + 512] = p[:, r : r + 512].argmax(0)
     out_dir.mkdir(parents=True, exist_ok=True)
     tags = geo_tags(path)
     written: dict[str, Any] = {"input": str(path), "windows": total, "size": [h, w]}
@@ -116,7 +118,10 @@ def predict_scene(model: nn.Module, info: dict[str, Any], path: str | Path, out_
         atomic_write(written["classes"], lambda f: Image.fromarray(classes).save(f, format="PNG"))
     if probs:
         written["probs"] = out_dir / f"{path.stem}_probs.tif"
-        _write_tiff(written["probs"], np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8), tags, planar=True)
+        scaled = np.empty(p.shape, dtype=np.uint8)
+        for r in range(0, h, 512):
+            scaled[:, r : r + 512] = np.rint(np.clip(p[:, r : r + 512], 0, 1) * 255)
+        _write_tiff(written["probs"], scaled, tags, planar=True)
     return written
 
 
