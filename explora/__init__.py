@@ -12,6 +12,8 @@ The public API, by stage::
     objective = DinoV2Objective(backbone, DinoV2Config(), total_steps=...)       # or MAEObjective
     train(objective, build_dataset("fmow:/data/train.csv", image_size=256), OptimConfig(), TrainConfig(), "runs/x")
     export_backbone(objective.export_backbone(), "runs/x/export", timm_name="vit_large_patch14_dinov2")
+    run_segment(backbone, build_dataset("seg_folder:/data/water:classes=2", image_size=224), val, "runs/seg",
+                image_size=224, mode="lora", head="upernet")                       # mIoU, report, best/
 
 Most users run the same through the CLI: ``explora pretrain --config dinov2_vitl14_fmow_D-L-r64``.
 """
@@ -26,6 +28,8 @@ from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, train
 from explora.eval.features import extract_features
 from explora.eval.knn import knn_classify
 from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
+from explora.eval.seg_metrics import segmentation_metrics
+from explora.eval.sliding import sliding_window_probs
 from explora.models.adapt import PRESETS, ExploraSpec, apply_explora, apply_preset
 from explora.models.backbone import build_backbone
 from explora.models.checkpoints import convert_checkpoint, load_checkpoint_file
@@ -34,12 +38,15 @@ from explora.models.export import export_backbone
 from explora.models.group_channel import GroupChannelViT
 from explora.models.params import ParamReport, parameter_report
 from explora.models.record import ExploraRecord, record_of
+from explora.models.seg_heads import SegmentationModel
 from explora.models.temporal import TemporalViT
 from explora.objectives.base import Objective, ObjectiveOutput
 from explora.objectives.dinov2 import DinoV2Config, DinoV2Objective
 from explora.objectives.mae import MAEConfig, MAEObjective
 from explora.recipes.finetune import ClassifierModel, FinetuneObjective, prepare_classifier, run_finetune
+from explora.recipes.predict import load_segmenter, predict_scene
 from explora.recipes.pretrain import PretrainConfig, load_config, run_pretrain
+from explora.recipes.segment import prepare_segmenter, run_segment
 from explora.vit.lora import LoRALinear, LoRAQKV, inject_lora, merge_lora, merged_state_dict, unmerge_lora
 
 __version__ = "0.1.0"
@@ -70,6 +77,7 @@ __all__ = [
     "OptimConfig",
     "ParamReport",
     "PretrainConfig",
+    "SegmentationModel",
     "StepOutput",
     "TemporalViT",
     "TrainConfig",
@@ -89,13 +97,19 @@ __all__ = [
     "knn_classify",
     "load_checkpoint_file",
     "load_config",
+    "load_segmenter",
     "merge_lora",
     "merged_state_dict",
     "parameter_report",
+    "predict_scene",
     "prepare_classifier",
+    "prepare_segmenter",
     "record_of",
     "run_finetune",
     "run_pretrain",
+    "run_segment",
+    "segmentation_metrics",
+    "sliding_window_probs",
     "train",
     "train_linear_probe",
     "unmerge_lora",

@@ -108,3 +108,42 @@ def idx_files(root: Path, n: int = 12, prefix: str = "train", gz: bool = True) -
         else:
             (root / name).write_bytes(data)
     return images, labels
+
+
+def seg_folder(root: Path, n: int = 4, size: tuple[int, int] = (32, 32), classes: int = 3) -> Path:
+    """``root/images/*.png`` + ``root/masks/*.png`` (single-band class indices: a vertical band per class)."""
+    for i in range(n):
+        write_jpg(root / "images" / f"chip{i}.png", size=size, seed=i, fmt="PNG")
+        mask = (np.arange(size[1])[None, :] * classes // size[1] + i).repeat(size[0], 0) % classes
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8), mode="L").save(root / "masks" / f"chip{i}.png")
+    return root
+
+
+def geotiff_chip(path: Path, origin: tuple[float, float], pixel: float, size: tuple[int, int] = (32, 32),
+                 bands: int = 3, seed: int = 0) -> np.ndarray:
+    """A uint8 GeoTIFF with ModelPixelScaleTag + ModelTiepointTag: pixel (0, 0)'s corner at world ``origin``
+    (x, y), square pixels of ``pixel`` world units, y growing north (rows go south)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = rng(seed).integers(0, 256, (*size, bands)).astype(np.uint8)
+    tags = [(33550, "d", 3, (pixel, pixel, 0.0)), (33922, "d", 6, (0.0, 0.0, 0.0, origin[0], origin[1], 0.0))]
+    tifffile.imwrite(path, arr, photometric="rgb" if bands == 3 else "minisblack", extratags=tags)
+    return arr
+
+
+def spacenet(root: Path, n: int = 2, pixel: float = 1e-5, origin: tuple[float, float] = (-115.3, 36.2)) -> Path:
+    """SpaceNet layout: ``RGB-PanSharpen/RGB-PanSharpen_AOI_2_Vegas_img<i>.tif`` and
+    ``geojson/buildings/buildings_AOI_2_Vegas_img<i>.geojson`` with one square building covering pixel rows
+    4..11 and columns 8..19 (in lon/lat, through the chip's tags)."""
+    import json
+
+    for i in range(1, n + 1):
+        geotiff_chip(root / "RGB-PanSharpen" / f"RGB-PanSharpen_AOI_2_Vegas_img{i}.tif", origin, pixel, seed=i)
+        x0, y0 = origin
+        ring = [[x0 + c * pixel, y0 - r * pixel] for c, r in ((8, 4), (20, 4), (20, 12), (8, 12), (8, 4))]
+        feature = {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}
+        fc = {"type": "FeatureCollection", "features": [feature]}
+        out = root / "geojson" / "buildings" / f"buildings_AOI_2_Vegas_img{i}.geojson"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(fc))
+    return root

@@ -15,5 +15,6 @@ def test_cli_lists_every_command(capsys):
 
     assert main([]) == 1
     out = capsys.readouterr().out
-    for cmd in ("demo", "pretrain", "finetune", "linprobe", "knn", "report", "params", "export", "data", "analyze"):
+    for cmd in ("demo", "pretrain", "finetune", "linprobe", "knn", "report", "params", "export", "data", "analyze",
+                "segment", "predict"):
         assert cmd in out

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "explora.cli.demo",
     "explora.cli.pretrain",
     "explora.cli.evaluate",
+    "explora.cli.segment",
     "explora.cli.export",
     "explora.cli.data",
     "explora.cli.analyze",

@@ -5,6 +5,11 @@ file with the reason, and per-band statistics of the readable samples. ``clean``
 unreadable, nothing was dropped while indexing, and all samples agree on bands and dtype. DICOM / NIfTI datasets
 add ``medical`` (sizes, bit depths, photometric interpretations, transfer syntaxes, the intensity range before and
 after windowing) and ``warnings`` (inconsistent sizes or bit depths), which also make the report not clean.
+
+Dense (segmentation) datasets are checked pair by pair: a missing mask, an image/mask size mismatch or a label
+outside the class range is an unreadable sample whose message names the files; ``counts`` are the chips in which
+each class occurs, and a mask with no counted pixel (all ignore) is a warning. An empty pair set is an error of
+the dataset itself (it names both folders).
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from explora.core.errors import DataError
 from explora.data.base import ExploraDataset
+from explora.data.dense import IGNORE_INDEX
 from explora.data.medical import medical_report
 from explora.data.stats import BandMoments, spread_indices
 
@@ -64,6 +71,9 @@ class _Probe(Dataset):
             self.dataset._check_bands(image, self.dataset.describe(index))
         except DataError as e:
             return "error", str(e)
+        if isinstance(label, torch.Tensor) and label.ndim > 0:  # a mask: the classes it holds
+            present = sorted(set(label.unique().tolist()) - {IGNORE_INDEX})
+            return "ok", (image, present or self.dataset.describe(index))
         return "ok", (image, int(label))
 
 
@@ -91,8 +101,10 @@ def check_dataset(dataset: ExploraDataset, *, split: str = "", max_samples: int 
                 continue
             image, label = payload
             report.checked += 1
-            name = dataset.classes[label] if 0 <= label < len(dataset.classes) else "unlabeled"
-            counts[name] += 1
+            if isinstance(label, str):  # a mask without a counted pixel
+                report.warnings.append(f"{label}: mask has only ignored pixels ({IGNORE_INDEX})")
+            for c in label if isinstance(label, list) else [] if isinstance(label, str) else [label]:
+                counts[dataset.classes[c] if 0 <= c < len(dataset.classes) else "unlabeled"] += 1
             bands[int(image.shape[0])] += 1
             dtypes[str(image.dtype).replace("torch.", "")] += 1
             sizes[f"{image.shape[-2]}x{image.shape[-1]}"] += 1
@@ -100,7 +112,8 @@ def check_dataset(dataset: ExploraDataset, *, split: str = "", max_samples: int 
                 moments.update(image)
     report.counts, report.bands, report.dtypes, report.sizes = dict(counts), dict(bands), dict(dtypes), dict(sizes)
     report.stats = moments.result()
-    report.medical, report.warnings = medical_report(dataset, indices)
+    report.medical, medical_warnings = medical_report(dataset, indices)
+    report.warnings.extend(medical_warnings)
     return report
 
 

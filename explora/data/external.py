@@ -1,5 +1,9 @@
 """Adapters for datasets from other libraries: WILDS (optional ``wilds`` package) and any torchgeo-style dataset.
 
+torchgeo segmentation datasets (items ``{"image", "mask"}``, e.g. ``LandCoverAI``, ``LoveDA``, ``Potsdam2D``) become
+dense datasets (:class:`WrappedDenseDataset`: ``(image, mask)`` pairs checked like :mod:`explora.data.dense`'s);
+their class list is the dataset's ``classes`` or ``classes=K`` in the spec.
+
 Both are lazy: the packages are imported only when such a spec is built, and a missing package is a ConfigError
 telling how to install it (they are optional extras, too heavy to require).
 """
@@ -15,6 +19,7 @@ from torch.utils.data import Dataset
 
 from explora.core.errors import ConfigError, DataError
 from explora.data.base import ExploraDataset
+from explora.data.dense import check_pair, resize_pair
 
 
 def to_chw_tensor(image: Any, where: str) -> torch.Tensor:
@@ -92,6 +97,37 @@ class WrappedDataset(ExploraDataset):
         return to_chw_tensor(item, where), -1
 
 
+class WrappedDenseDataset(WrappedDataset):
+    """A wrapped dataset whose dict items carry a per-pixel ``mask``: samples ``(image (C, H, W), mask (H, W))``."""
+
+    dense = True
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        where = f"{self.source}[{index}]"
+        try:
+            item = self.inner[index]
+        except Exception as e:
+            raise DataError(f"{where}: the wrapped dataset failed ({type(e).__name__}: {e})") from e
+        if not isinstance(item, dict) or "image" not in item or "mask" not in item:
+            raise DataError(f"{where}: expected a dict with 'image' and 'mask' (a segmentation dataset)")
+        image = to_chw_tensor(item["image"], where)
+        mask = torch.as_tensor(np.asarray(item["mask"]) if not isinstance(item["mask"], torch.Tensor) else item["mask"])
+        return image, check_pair(image, mask, len(self.classes), where, f"{where} mask")
+
+    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.load(index)
+        self._check_bands(image, self.describe(index))
+        return resize_pair(image, mask, self.image_size) if self.image_size is not None else (image, mask)
+
+
+def _is_segmentation(inner: Dataset) -> bool:
+    try:
+        item = inner[0]
+    except Exception:
+        return False
+    return isinstance(item, dict) and "mask" in item and "image" in item
+
+
 def _import(name: str, extra: str) -> Any:
     try:
         return importlib.import_module(name)
@@ -139,6 +175,7 @@ def torchgeo_dataset(name: str, root: str, *, split: str = "train", image_size: 
                      on_error: str = "raise", **kwargs: Any) -> WrappedDataset:
     """``torchgeo:<ClassName>:<root>`` — ``torchgeo.datasets.<ClassName>(root=..., split=..., **kw)`` wrapped."""
     tg = _import("torchgeo.datasets", "torchgeo")
+    n_classes = kwargs.pop("classes", None)
     cls = getattr(tg, name, None)
     if cls is None:
         raise ConfigError(f"torchgeo.datasets has no {name!r}")
@@ -148,4 +185,13 @@ def torchgeo_dataset(name: str, root: str, *, split: str = "train", image_size: 
         inner = cls(root=root, **kwargs)  # datasets without splits
     except Exception as e:
         raise DataError(f"torchgeo:{name}:{root}: could not open ({type(e).__name__}: {e})") from e
-    return WrappedDataset(inner, source=f"torchgeo:{name}:{root}", image_size=image_size, on_error=on_error)
+    source = f"torchgeo:{name}:{root}"
+    try:
+        classes = [str(i) for i in range(int(n_classes))] if n_classes is not None else None
+    except ValueError:
+        raise ConfigError(f"{source}: option classes={n_classes!r}; expected the number of classes") from None
+    if _is_segmentation(inner):
+        if classes is None and not getattr(inner, "classes", None):
+            raise ConfigError(f"{source}: a segmentation dataset without a 'classes' list; add classes=K to the spec")
+        return WrappedDenseDataset(inner, classes=classes, source=source, image_size=image_size, on_error=on_error)
+    return WrappedDataset(inner, classes=classes, source=source, image_size=image_size, on_error=on_error)

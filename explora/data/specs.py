@@ -9,6 +9,8 @@ Examples::
     eurosat:/data/EuroSAT                          resisc45:/data/NWPU-RESISC45
     wilds:camelyon17:train:/data/wilds             torchgeo:EuroSAT:/data/eurosat
     dicom:/data/ct:window=lung,frame=all           nifti:/data/vols:axis=2,skip_empty=1,window=brain
+    seg_folder:/data/water:classes=2               seg_csv:/data/pairs.csv:class_map=classes.json
+    spacenet:/data/AOI_2_Vegas_Train               (dense: (image, mask) pairs, explora.data.dense)
 
 Any spec also takes ``by=<group>,val_fraction=0.2`` for a patient-level split (:mod:`explora.data.splits`).
 
@@ -28,6 +30,7 @@ from torch.utils.data import Dataset
 
 from explora.core.errors import ConfigError
 from explora.data.base import ExploraDataset
+from explora.data.dense import SegCsv, SegFolder, SpaceNet
 from explora.data.dicom import DicomDataset
 from explora.data.external import WrappedDataset, torchgeo_dataset, wilds_dataset
 from explora.data.fmow import FMoWRGB, FMoWSentinel, FMoWTemporal
@@ -119,6 +122,9 @@ BUILDERS: dict[str, Callable[..., ExploraDataset]] = {
     "torchgeo": _torchgeo,
     "dicom": lambda parts, split, **kw: DicomDataset(_path("dicom", parts), **kw),
     "nifti": lambda parts, split, **kw: NiftiSlices(_path("nifti", parts), **kw),
+    "seg_folder": lambda parts, split, **kw: SegFolder(_path("seg_folder", parts), **kw),
+    "seg_csv": lambda parts, split, **kw: SegCsv(_path("seg_csv", parts), **kw),
+    "spacenet": lambda parts, split, **kw: SpaceNet(_path("spacenet", parts), **kw),
 }
 
 

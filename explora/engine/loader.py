@@ -134,11 +134,17 @@ class SeededCollate:
         stacked = {}
         if extras and len(extras) == len(samples):
             stacked = {k: torch.stack([torch.as_tensor(e[k]) for e in extras]) for k in extras[0]}
+        # Dense samples (image, mask (H, W)): the masks go through the transform with the images (paired
+        # augmentation) as ``masks``.
+        dense = isinstance(labels[0], torch.Tensor) and labels[0].ndim > 0
+        if dense:
+            stacked["masks"] = torch.stack([torch.as_tensor(m) for m in labels])
         g = torch.Generator().manual_seed(seed)
         batch = self.transform(batch_images, g, **stacked)
         for k, v in stacked.items():
             batch.setdefault(k, v)
-        batch.setdefault("labels", torch.as_tensor([int(x) for x in labels], dtype=torch.long))
+        if not dense:
+            batch.setdefault("labels", torch.as_tensor([int(x) for x in labels], dtype=torch.long))
         return batch
 
 

@@ -1,7 +1,8 @@
-"""Several evaluation runs side by side: a Markdown table and a bar chart of top-1/top-5.
+"""Several evaluation runs side by side: a Markdown table and a bar chart of top-1/top-5 (and mIoU).
 
-Each run directory holds the ``metrics.json`` that ``explora linprobe``, ``knn`` or ``finetune`` wrote
-(:func:`explora.eval.metrics.save_metrics`), so runs of different protocols and backbones compare directly.
+Each run directory holds the ``metrics.json`` that ``explora linprobe``, ``knn``, ``finetune`` or ``segment`` wrote
+(:func:`explora.eval.metrics.save_metrics`), so runs of different protocols and backbones compare directly; an
+mIoU column appears when a segmentation run is among them.
 """
 
 from __future__ import annotations
@@ -43,19 +44,22 @@ def load_runs(run_dirs: list[str | Path]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def markdown_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
-    """One row per run: protocol, top-1, top-5, samples and the selected setting."""
-    lines = ["| run | protocol | top-1 | top-5 | samples | selected |", "|---|---|---:|---:|---:|---|"]
+    """One row per run: protocol, top-1, top-5, (mIoU when a run has one), samples and the selected setting."""
+    seg = any("miou" in m for _, m in runs)
+    fmt = lambda m, k: f"{m[k]:.2f}" if k in m else "-"  # noqa: E731
+    head = "| run | protocol | top-1 | top-5 |" + (" mIoU |" if seg else "") + " samples | selected |"
+    lines = [head, "|---|---|---:|---:|" + ("---:|" if seg else "") + "---:|---|"]
     for name, m in runs:
-        top1 = f"{m['top1']:.2f}" if "top1" in m else "-"
-        top5 = f"{m['top5']:.2f}" if "top5" in m else "-"
+        miou = f" {fmt(m, 'miou')} |" if seg else ""
         lines.append(
-            f"| {name} | {m.get('protocol', '?')} | {top1} | {top5} | {m.get('num_samples', '-')} | {_detail(m)} |"
+            f"| {name} | {m.get('protocol', '?')} | {fmt(m, 'top1')} | {fmt(m, 'top5')} |{miou} "
+            f"{m.get('num_samples', '-')} | {_detail(m)} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def bar_chart(runs: list[tuple[str, dict[str, Any]]], path: str | Path) -> Path:
-    """Grouped bars of top-1 and top-5 per run (matplotlib, Agg)."""
+    """Grouped bars of top-1 and top-5 (and mIoU when a run has one) per run (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,12 +68,14 @@ def bar_chart(runs: list[tuple[str, dict[str, Any]]], path: str | Path) -> Path:
     names = [n for n, _ in runs]
     x = np.arange(len(runs))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(runs) + 2), 4))
-    for off, key in ((-0.2, "top1"), (0.2, "top5")):
+    keys = ["top1", "top5"] + (["miou"] if any("miou" in m for _, m in runs) else [])
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
         vals = [m.get(key, 0.0) for _, m in runs]
-        bars = ax.bar(x + off, vals, width=0.4, label=key)
+        bars = ax.bar(x + (i - (len(keys) - 1) / 2) * width, vals, width=width, label=key)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy / IoU (%)")
     ax.set_ylim(0, 105)
     ax.legend(loc="lower right")
     fig.tight_layout()

@@ -129,11 +129,11 @@ def set_linear_drop_path(backbone: nn.Module, rate: float) -> None:
         block.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
 
 
-def trainable_counts(model: ClassifierModel) -> dict[str, int]:
+def trainable_counts(model: nn.Module) -> dict[str, int]:
     """Trainable parameters of the backbone (LoRA / all) and of the head (with a trained ``fc_norm``), reported
     separately as in the paper."""
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad) if m is not None else 0  # noqa: E731
-    return {"backbone": count(model.backbone), "head": count(model.head) + count(model.fc_norm)}
+    return {"backbone": count(model.backbone), "head": count(model.head) + count(getattr(model, "fc_norm", None))}
 
 
 __all__ = ["POOLS", "ClassifierModel", "Pool", "PooledEncoder", "resolve_pool", "set_linear_drop_path",

@@ -74,24 +74,20 @@ from explora.vit.lora import merged_state_dict
 Mode = Literal["lora", "full", "head"]
 
 
-def prepare_classifier(
+def prepare_backbone(
     backbone: nn.Module,
-    num_classes: int,
     mode: Mode = "lora",
-    pool: Pool = "auto",
     lora_rank: int | None = None,
     lora_targets: tuple[str, ...] | None = None,
     preset: str = "LoRA-r8",
-    **head_kwargs: Any,
-) -> ClassifierModel:
-    """Freeze/unfreeze ``backbone`` for ``mode`` and add the head (always trainable).
+) -> nn.Module:
+    """Freeze/unfreeze ``backbone`` in place for ``mode`` (every supervised downstream task shares this).
 
     ``lora``: the paper's LoRA-r8 through the ``explora.models.adapt`` ``preset`` (``LoRA-r8``: rank 8 on Q,V of every
     block, alpha = rank, norms frozen; ``LoRA-r8-official``: the same with loralib alpha 1); ``lora_rank`` /
     ``lora_targets`` override the preset's. On a group-channel / temporal wrapper everything else (group
-    projections, position/time encodings) stays frozen too. ``full``: every backbone parameter trains; ``head``: the
-    backbone is frozen (a linear probe trained end to end). An ``avg_fc_norm`` pool's ``fc_norm`` trains in ``full``
-    mode only: the official LoRA script trains LoRA and the head alone.
+    projections, position/time encodings) stays frozen too. ``full``: every backbone parameter trains; ``head``
+    (``frozen``): the backbone is frozen.
     """
     if mode == "lora":
         as_encoder(backbone)  # LoRA goes into a registered encoder's timm blocks; anything else is refused by name
@@ -104,10 +100,29 @@ def prepare_classifier(
         apply_preset(backbone, preset, **overrides)
     elif mode == "full":
         backbone.requires_grad_(True)
-    elif mode == "head":
+    elif mode in ("head", "frozen"):
         backbone.requires_grad_(False)
     else:
         raise ConfigError(f"finetune mode: got {mode!r}, expected 'lora', 'full' or 'head'")
+    return backbone
+
+
+def prepare_classifier(
+    backbone: nn.Module,
+    num_classes: int,
+    mode: Mode = "lora",
+    pool: Pool = "auto",
+    lora_rank: int | None = None,
+    lora_targets: tuple[str, ...] | None = None,
+    preset: str = "LoRA-r8",
+    **head_kwargs: Any,
+) -> ClassifierModel:
+    """Freeze/unfreeze ``backbone`` for ``mode`` (:func:`prepare_backbone`) and add the head (always trainable).
+
+    ``head``: the backbone is frozen (a linear probe trained end to end). An ``avg_fc_norm`` pool's ``fc_norm``
+    trains in ``full`` mode only: the official LoRA script trains LoRA and the head alone.
+    """
+    prepare_backbone(backbone, mode, lora_rank, lora_targets, preset)
     model = ClassifierModel(backbone, num_classes, pool=pool, **head_kwargs)
     model.head.requires_grad_(True)
     if model.fc_norm is not None:
@@ -302,11 +317,13 @@ def finetune_optim_defaults():
     return FINETUNE_RECIPES["explora"].optim_config()
 
 
-def _save_best(model: nn.Module, out_dir: Path, metrics: dict[str, Any], step: int) -> None:
-    """The best classifier so far (LoRA merged, plain keys) as safetensors, written atomically, plus its metrics."""
+def save_best_model(model: nn.Module, out_dir: Path, metrics: dict[str, Any], step: int,
+                    keys: tuple[str, ...] = ("top1", "top5")) -> None:
+    """The best model so far (LoRA merged, plain keys) as ``<out>/best/model.safetensors``, written atomically,
+    plus ``best/metrics.json`` with the ``keys`` of ``metrics`` and the step."""
     state = {k: v.detach().cpu().contiguous() for k, v in merged_state_dict(model).items()}
     atomic_write_bytes(out_dir / "best" / "model.safetensors", save_safetensors(state))
-    summary = {k: v for k, v in metrics.items() if k in ("top1", "top5")} | {"step": step}
+    summary = {k: v for k, v in metrics.items() if k in keys} | {"step": step}
     buf = io.StringIO()
     json.dump(summary, buf, indent=2)
     atomic_write_bytes(out_dir / "best" / "metrics.json", buf.getvalue().encode())
@@ -386,7 +403,7 @@ def run_finetune(
             out_dir.mkdir(parents=True, exist_ok=True)
             history_path.write_text(json.dumps(history, indent=2))
             if m["top1"] > best:
-                _save_best(obj.model, out_dir, m, step)
+                save_best_model(obj.model, out_dir, m, step)
         return m
 
     result = train(objective, train_set, optim, cfg, out_dir, eval_fn=eval_fn, resume=resume)
@@ -426,10 +443,12 @@ __all__ = [  # the job, and the model / objective names that have lived here (re
     "mixed_targets",
     "posterize_keeping_zero_bits",
     "predict",
+    "prepare_backbone",
     "prepare_classifier",
     "rand_augment_images",
     "resolve_pool",
     "run_finetune",
+    "save_best_model",
     "set_linear_drop_path",
     "trainable_counts",
 ]

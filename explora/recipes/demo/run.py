@@ -8,6 +8,11 @@ maps before/after. Every number in the report is read from the metrics files thi
 
 The target domain defaults to Fashion-MNIST (Debian's ``dataset-fashion-mnist`` location); ``--data`` takes any
 dataset spec. Pre-training never reads labels; the probes use a fixed random subset of the labeled splits.
+
+With ``--seg-data`` (a dense spec, e.g. ``seg_folder:/d:classes=2``), the demo adds a segmentation part: the frozen
+DinoV2 and each adapted backbone, frozen, under a linear segmentation head trained by
+:func:`explora.recipes.segment.run_segment` (PANGAEA's frozen-encoder protocol), mIoU on ``--seg-val-data``,
+and a section of the report with their numbers.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ from explora.engine.trainer import OptimConfig, TrainConfig
 from explora.eval.features import eval_transform_for, extract_features
 from explora.eval.knn import knn_classify
 from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
-from explora.eval.metrics import save_metrics
+from explora.eval.metrics import load_metrics, save_metrics
 from explora.models.adapt import ExploraSpec, apply_preset
 from explora.models.backbone import build_backbone
 from explora.models.params import parameter_report
 from explora.recipes.demo.report import write_report
 from explora.recipes.demo.variants import VARIANTS, Variant  # noqa: F401  (Variant: public name)
 from explora.recipes.pretrain import DataConfig, ModelConfig, PretrainConfig, build_objective, run_pretrain
+from explora.recipes.segment import run_segment
 
 _log = logging.getLogger(__name__)
 
@@ -67,6 +73,10 @@ class DemoConfig:
     num_workers: int = 1
     precision: str = "auto"  # bf16 where the hardware is fast at it, else fp32 (explora/core/precision.py)
     dinov2: dict[str, Any] = field(default_factory=dict)  # extra DinoV2 objective overrides
+    seg_data: str = ""  # a dense dataset spec: adds a segmentation part (frozen encoders, linear head, mIoU)
+    seg_val_data: str | None = None  # validation spec of the segmentation part (default: seg_data)
+    seg_steps: int = 100  # training steps of each segmentation head
+    seg_batch_size: int = 8
 
     @classmethod
     def smoke(cls, out: str, data: str) -> DemoConfig:
@@ -302,12 +312,55 @@ def run_demo(cfg: DemoConfig) -> Path:
         )
         timings[f"eval_{variant}_s"] = time.perf_counter() - t
 
+    segmentation: dict[str, dict[str, Any]] = {}
+    if cfg.seg_data:
+        stage("segmentation: frozen encoders under a linear head")
+        t = time.perf_counter()
+        segmentation = _segment_part(cfg, out)
+        timings["segmentation_s"] = time.perf_counter() - t
+
     stage("figures")
 
     timings["total_s"] = time.perf_counter() - t0
     report_path = write_report(cfg, out, results, params, timings, frozen, test_set, train_full)
+    if segmentation:
+        _append_segmentation(report_path, segmentation)
     _log.info("demo: report %s (%.0fs)", report_path.resolve(), timings["total_s"])
     return report_path
+
+
+def _segment_part(cfg: DemoConfig, out: Path) -> dict[str, dict[str, Any]]:
+    """The frozen DinoV2 and every adapted export, frozen, under a linear segmentation head; each run's metrics
+    (read back from its ``metrics.json``; a finished run is reused on a rerun)."""
+    train = build_dataset(cfg.seg_data, split="train", image_size=cfg.image_size)
+    val = build_dataset(cfg.seg_val_data or cfg.seg_data, split="val", image_size=cfg.image_size)
+    sources = {"frozen": cfg.weights} | {
+        v: str(out / "runs" / v / "export" / "model.safetensors") for v in cfg.variants
+    }
+    results = {}
+    for name, weights in sources.items():
+        run_dir = out / "seg" / name
+        if not (run_dir / "metrics.json").is_file():
+            torch.manual_seed(cfg.seed)
+            backbone = build_backbone(cfg.model, weights=weights, img_size=cfg.image_size)
+            train_cfg = TrainConfig(steps=cfg.seg_steps, batch_size=cfg.seg_batch_size, seed=cfg.seed,
+                                    precision=cfg.precision, num_workers=0, tensorboard=False,
+                                    eval_every=cfg.seg_steps, ckpt_every=cfg.seg_steps, log_every=10)
+            run_segment(backbone, train, val, run_dir, image_size=cfg.image_size, mode="frozen", head="linear",
+                        train_cfg=train_cfg)
+        results[name] = load_metrics(run_dir)
+    return results
+
+
+def _append_segmentation(report: Path, results: dict[str, dict[str, Any]]) -> None:
+    """A section of ``report.md`` with each encoder's mIoU, pixel accuracy and the spread over chips."""
+    labels = {"frozen": "DinoV2 (frozen)", **{k: v.label for k, v in VARIANTS.items()}}
+    lines = ["", "## Segmentation (frozen encoder, linear head)", "",
+             "| model | mIoU | mIoU over chips (± SE) | pixel acc. | val chips |", "|---|---:|---:|---:|---:|"]
+    for name, m in results.items():
+        lines.append(f"| {labels.get(name, name)} | {m['miou']:.2f} | {m['miou_chip_mean']:.2f} ± "
+                     f"{m['miou_chip_se']:.2f} | {m['pixel_accuracy']:.2f} | {m['num_samples']} |")
+    report.write_text(report.read_text() + "\n".join(lines) + "\n")
 
 
 __all__ = ["DemoConfig", "run_demo", "VARIANTS", "replace"]
