@@ -85,6 +85,18 @@ def n_loss_terms(n_local: int, n_global: int = 2) -> int:
     return (n_global - 1) * n_global + max(n_local * n_global, 1)
 
 
+def _check_crop_sizes(cfg: DinoV2Config, patch: int) -> None:
+    """Both crop sizes must be multiples of the patch size (DINOv3's 16: 256/112; DinoV2's 14: 224/98): otherwise
+    the patch embedding drops the remainder and the iBOT mask grid (``global_size // patch``) would not be the one
+    the model sees."""
+    for key in ("global_size", "local_size"):
+        size = getattr(cfg, key)
+        if size % patch:
+            lo, hi = size // patch * patch, -(-size // patch) * patch
+            raise ConfigError(f"dinov2.{key}={size} is not a multiple of the backbone's patch size {patch}; "
+                              f"use {lo or hi} or {hi}")
+
+
 class DinoV2Objective(Objective):
     """DinoV2 continued pre-training of an ExPLoRA-parameterised backbone.
 
@@ -133,6 +145,7 @@ class DinoV2Objective(Objective):
                                      else cfg.n_prototypes, cfg.center_momentum)
         patch = backbone.patch_embed.patch_size
         self.patch_size = patch[0] if isinstance(patch, tuple | list) else int(patch)
+        _check_crop_sizes(cfg, self.patch_size)
         self._cast_cache = FrozenWeightCastCache()  # one bf16 copy of each frozen weight under autocast
         self._kept_targets: tuple | None = None  # (step, teacher targets) between the stages of a split backward
         self.record_frozen(pretrained)  # in the student and, shared, in the teacher; not the heads' fixed gains
