@@ -108,6 +108,15 @@ def build_backbone(
     return record_input_size(model, use_size)
 
 
+def backbone_patch_size(name: str, **timm_kwargs: Any) -> int:
+    """The patch size of backbone ``name`` (registry short name or timm name), read from its architecture built on
+    the meta device (no weights, no memory)."""
+    spec = get_backbone_spec(name)
+    with torch.device("meta"):
+        probe = _create(spec, None, 3, {**spec.timm_kwargs, **timm_kwargs})
+    return int(probe.patch_embed.patch_size[0])
+
+
 def _stored_img_size(grid: tuple[int, int], probe: nn.Module, native: Any) -> Any:
     """The timm ``img_size`` that lays the position embedding out on ``grid`` (``native`` when it already does)."""
     if tuple(grid) == tuple(probe.patch_embed.grid_size):
