@@ -34,6 +34,7 @@ from explora.models.export import export_backbone
 from explora.models.group_channel import GroupChannelViT
 from explora.models.params import ParamReport, parameter_report
 from explora.models.record import ExploraRecord, record_of
+from explora.models.registry import weights_license
 from explora.models.temporal import TemporalViT
 from explora.objectives.base import Objective, ObjectiveOutput
 from explora.objectives.dinov2 import DinoV2Config, DinoV2Objective
@@ -99,5 +100,6 @@ __all__ = [
     "train",
     "train_linear_probe",
     "unmerge_lora",
+    "weights_license",
     "__version__",
 ]
