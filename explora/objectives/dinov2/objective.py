@@ -27,7 +27,7 @@ from explora.objectives.base import Objective, ObjectiveOutput
 from explora.objectives.dinov2.centering import EMACenter, sinkhorn_knopp
 from explora.objectives.dinov2.config import DinoV2Config
 from explora.objectives.dinov2.heads import DINOHead
-from explora.objectives.dinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from explora.objectives.dinov2.losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
 from explora.objectives.dinov2.masking import BlockMaskSampler
 from explora.vit.cast_cache import FrozenWeightCastCache
 from explora.vit.tokens import forward_tokens
@@ -136,6 +136,13 @@ class DinoV2Objective(Objective):
             t_params[n].requires_grad_(False)
         teacher.eval()
         self.student, self.teacher = student, teacher
+        # DINOv3 Gram anchoring: the Gram teacher is the source model, i.e. this backbone as it arrives (LoRA B = 0),
+        # frozen for good: frozen tensors shared, a fixed copy of the ones this run trains
+        self.gram_teacher = None
+        if cfg.gram_loss_weight > 0:
+            self.gram_teacher = copy.deepcopy(backbone, memo={id(p): p for p in pretrained}).requires_grad_(False)
+            self.gram_teacher.eval()
+            self.gram_loss = GramLoss(cfg.gram_remove_neg)
         self.register_buffer("teacher_mask_token", token.clone())
         # losses and target normalisation
         self.dino_loss, self.ibot_loss, self.koleo_loss = (
@@ -154,6 +161,8 @@ class DinoV2Objective(Objective):
     def train(self, mode: bool = True) -> DinoV2Objective:
         super().train(mode)
         self.teacher.eval()  # the teacher never uses dropout / drop-path
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
         return self
 
     def batch_transform(self) -> DinoV2BatchTransform:
@@ -325,6 +334,11 @@ class DinoV2Objective(Objective):
             terms["koleo"] = sum(self.koleo_loss(c) for c in s_cls.chunk(g_views))
             loss = loss + (cfg.dino_loss_weight * terms["dino_global"] + cfg.ibot_loss_weight * terms["ibot"]
                            + cfg.koleo_loss_weight * terms["koleo"])
+            if self.gram_teacher is not None:  # a mean over all global crops; this stage's views' share of it
+                with torch.no_grad():
+                    target = forward_tokens(self.gram_teacher, glob[g0:g1])[1]  # (g, N, D), unmasked crops
+                terms["gram"] = self.gram_loss(s_patch, target) * (g_views / 2)
+                loss = loss + cfg.gram_loss_weight * terms["gram"]
         if not stage:
             terms.update(teacher_temp=torch.tensor(temp),
                          momentum=torch.tensor(teacher_momentum(cfg, step, self.total_steps)),

@@ -1,6 +1,6 @@
 """The DinoV2-family objective on a DINOv3 (timm Eva) backbone: masked forward with registers and RoPE, split
-backward, crop sizes that are multiples of 16, a tiny `explora pretrain` run that resumes exactly, and the shipped
-DINOv3 preset."""
+backward, crop sizes that are multiples of 16, a tiny `explora pretrain` run that resumes exactly, the shipped
+DINOv3 preset, and the optional Gram anchoring to the source model."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def test_dinov3_split_backward_gives_the_joint_gradients() -> None:
     with torch.no_grad():
         for p in backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    joint = _objective(copy.deepcopy(backbone), split_backward="none", n_local=4).train()
-    split = _objective(backbone, split_backward="view", n_local=4).train()
+    joint = _objective(copy.deepcopy(backbone), split_backward="none", n_local=4, gram_loss_weight=1.0).train()
+    split = _objective(backbone, split_backward="view", n_local=4, gram_loss_weight=1.0).train()
     split.load_state_dict(joint.state_dict())
     batch = next(b for b in (_batch(joint, s) for s in range(50)) if b["masks"][:4].any() and b["masks"][4:].any())
     cpu = torch.device("cpu")
@@ -88,7 +88,8 @@ def test_shipped_dinov3_preset_is_dinov3s_objective() -> None:
 PRETRAIN = ["model.name=test_dinov3", "model.weights=null", "adapt.preset=D3-[L]-r64-reg", "adapt.lora_rank=4",
             "data.image_size=32", "dinov2.n_prototypes=64", "dinov2.hidden_dim=32", "dinov2.bottleneck_dim=16",
             "dinov2.separate_head=true", "dinov2.centering=sinkhorn_knopp", "dinov2.global_size=32",
-            "dinov2.local_size=16", "dinov2.n_local=2", "dinov2.warmup_teacher_temp_steps=0", "train.batch_size=4",
+            "dinov2.local_size=16", "dinov2.n_local=2", "dinov2.warmup_teacher_temp_steps=0",
+            "dinov2.gram_loss_weight=1.0", "train.batch_size=4",
             "train.num_workers=0",
             "train.log_every=1", "train.tensorboard=false", "train.precision=fp32"]
 
@@ -98,15 +99,56 @@ def test_dinov3_pretrain_exports_and_resumes_exactly(idx_dir, tmp_path) -> None:
         return ["pretrain", *PRETRAIN, f"data.spec=fashion_mnist:{idx_dir}:rgb=true", f"output_dir={out}", *extra]
 
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert main(args(ref, "train.steps=4", "train.ckpt_every=2")) == 0
-    assert json.loads((ref / "summary.json").read_text())["steps"] == 4
-    assert main(args(run, "train.steps=4", "train.ckpt_every=2")) == 0
-    for p in (run / "checkpoints").glob("ckpt-00000004.*"):
+    assert main(args(ref, "train.steps=2", "train.ckpt_every=1")) == 0
+    assert json.loads((ref / "summary.json").read_text())["steps"] == 2
+    assert main(args(run, "train.steps=2", "train.ckpt_every=1")) == 0
+    for p in (run / "checkpoints").glob("ckpt-00000002.*"):
         p.unlink()
     (run / "summary.json").unlink()
-    assert main(args(run, "train.steps=4", "train.ckpt_every=2", "--resume")) == 0
+    assert main(args(run, "train.steps=2", "train.ckpt_every=1", "--resume")) == 0
     a, b = load_file(ref / "export" / "model.safetensors"), load_file(run / "export" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "reg_token" in a and not any("lora_" in k for k in a)
+    assert "gram" in (ref / "metrics.csv").read_text().splitlines()[0].split(",")
     model = build_backbone("test_dinov3", weights=str(ref / "export" / "model.safetensors"))
     assert record_of(model).source is not None
+
+
+def test_gram_loss_is_the_mse_of_normalised_patch_similarities() -> None:
+    from explora.objectives.dinov2.losses import GramLoss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    sn, tn = s / s.norm(dim=-1, keepdim=True), t / t.norm(dim=-1, keepdim=True)
+    want = ((sn @ sn.transpose(1, 2) - tn @ tn.transpose(1, 2)) ** 2).mean()
+    torch.testing.assert_close(GramLoss()(s, t), want)
+    assert float(GramLoss()(s, 3 * s)) == pytest.approx(0.0, abs=1e-12)  # scale-free
+    clipped = ((sn @ sn.transpose(1, 2)).clamp_min(0) - (tn @ tn.transpose(1, 2)).clamp_min(0)) ** 2
+    torch.testing.assert_close(GramLoss(remove_neg=True)(s, t), clipped.mean())
+
+
+def test_gram_anchoring_to_the_source_model() -> None:
+    torch.manual_seed(0)
+    obj = _objective(build_backbone("test_dinov3"), gram_loss_weight=1.0).train()
+    gram, student = obj.gram_teacher, obj.student["backbone"]
+    assert gram is not None and not gram.training and not any(p.requires_grad for p in gram.parameters())
+    assert gram.blocks[0].attn.qkv.weight is student.blocks[0].attn.qkv.weight  # frozen tensors shared
+    assert gram.blocks[-1].mlp.fc1.weight is not student.blocks[-1].mlp.fc1.weight  # trained ones: a fixed copy
+    before = {k: v.clone() for k, v in gram.state_dict().items()}
+    unmasked = _batch(obj, 0)
+    unmasked["masks"] = torch.zeros_like(unmasked["masks"])
+    assert float(obj(unmasked, step=0).terms["gram"]) == pytest.approx(0.0, abs=1e-10)  # student = source
+    opt = torch.optim.SGD([p for p in obj.parameters() if p.requires_grad], lr=0.5)
+    for step in range(2):
+        out = obj(unmasked, step=step)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        obj.on_optimizer_step(step)
+    out = obj(unmasked, step=2)
+    assert float(out.terms["gram"]) > 1e-6  # the student moved away from the source's patch similarities
+    out.loss.backward()
+    assert student.blocks[-1].mlp.fc1.weight.grad.abs().sum() > 0
+    assert all(torch.equal(gram.state_dict()[k], v) for k, v in before.items())  # the Gram teacher never moves
+    frozen = obj.frozen_state_names()  # shared source tensors are rebuilt on resume, the fixed copies checkpointed
+    assert "gram_teacher.blocks.0.attn.qkv.weight" in frozen and "gram_teacher.blocks.3.mlp.fc1.weight" not in frozen
