@@ -5,6 +5,7 @@ off because it is per-process upstream)."""
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import socket
 from pathlib import Path
@@ -12,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
+from dinov2_fixtures import FixedImages, PerSampleViews
 from safetensors.torch import load_file
 from tolerances import FP32_TRAINING
-from torch.utils.data import Dataset
 
 pytestmark = pytest.mark.dist
 
@@ -30,30 +30,6 @@ TINY = [
 COMPARED = ("loss", "dino_local", "dino_global", "ibot", "grad_norm")
 
 
-class _Images(Dataset):
-    def __init__(self, n: int = 24) -> None:
-        self.x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.x[i], -1
-
-
-class _PerSampleViews:
-    """global: [image; flipped]; local: the same at 16 px (one 16-px patch); masks (2B, 4) on the 2x2 grid: view 0
-    masks the patches brighter than the image's median patch, view 1 none."""
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        x = images.float() / 255 - 0.5
-        small = F.interpolate(x, size=16, mode="bilinear", align_corners=False)
-        patch = F.avg_pool2d(x.mean(1, keepdim=True), 16).flatten(1)  # (B, 4)
-        masked = patch > patch.median(dim=1, keepdim=True).values
-        return {"global": torch.cat([x, x.flip(-1)]), "local": torch.cat([small, small.flip(-1)]),
-                "masks": torch.cat([masked, torch.zeros_like(masked)])}
-
-
 def _run(out: Path, strategy: str, batch_size: int) -> None:
     from explora.engine import parallel as D
     from explora.engine.trainer import train
@@ -62,8 +38,8 @@ def _run(out: Path, strategy: str, batch_size: int) -> None:
 
     cfg = load_config(None, [*TINY, f"train.batch_size={batch_size}", f"train.strategy={strategy}"])
     objective = build_objective(cfg)
-    objective.batch_transform = _PerSampleViews
-    train(objective, _Images(), cfg.optim, cfg.train, out)
+    objective.batch_transform = functools.partial(PerSampleViews, patch=16)  # a 2x2 grid of 16-px patches
+    train(objective, FixedImages(24, seed=5), cfg.optim, cfg.train, out)
     if D.is_main():
         export_backbone(objective.export_backbone(), out / "export", timm_name="vit_small_patch16_dinov3",
                         formats=("safetensors",))
