@@ -15,8 +15,9 @@ LayerScale; ecosystem-notes §11), named after the official hub entries (``dinov
 ``dinov3_vits16`` ... ``dinov3_vit7b16``; ``_sat`` for the SAT-493M satellite weights). Their official ``.pth`` files
 are gated downloads without a fixed URL, so their named weights are timm's hub copies (``default``:
 ``timm:<arch>.<tag>``, online); a local official file loads by path (:mod:`explora.models.checkpoints` converts its
-layout). The short names map to timm's models without the ``qkv`` bias (the released distilled weights have zero
-``qkv`` biases); the ``*_qkvb`` timm names, which keep a q/v bias, work by timm name. They carry the DINOv3 License
+layout). The short names map to timm's default models without the ``qkv`` bias (timm ``eva.py``: the distilled
+B/L/H+ weights have all-zero ``qkv`` biases; a non-zero bias is refused, not dropped); the ``*_qkvb`` timm names,
+which keep a q/v bias, work by timm name. They carry the DINOv3 License
 (``license``), which a distributed derivative keeps; the satellite ones their own normalisation (``mean``/``std``).
 
 The ``test_*`` entries are tiny architectures (depth 4, width 64, 32-px input) with the same module layout as their
