@@ -38,6 +38,7 @@ from explora.models.export import export_backbone
 from explora.models.group_channel import GroupChannelViT
 from explora.models.params import ParamReport, parameter_report
 from explora.models.record import ExploraRecord, record_of
+from explora.models.registry import weights_license
 from explora.models.seg_heads import SegmentationModel
 from explora.models.temporal import TemporalViT
 from explora.objectives.base import Objective, ObjectiveOutput
@@ -113,5 +114,6 @@ __all__ = [
     "train",
     "train_linear_probe",
     "unmerge_lora",
+    "weights_license",
     "__version__",
 ]

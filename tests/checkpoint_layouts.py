@@ -122,3 +122,30 @@ def assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def to_dinov3_official(sd: dict[str, Tensor], mask_token: Tensor, k_bias_junk: float = 0.0) -> dict[str, Tensor]:
+    """timm Eva -> the official DINOv3 ``.pth`` layout (``dinov3/models/vision_transformer.py``): ``storage_tokens``,
+    ``ls1/ls2.gamma``, SwiGLU ``w1/w2/w3``, one ``qkv.bias`` (3D,) with a ``bias_mask`` zeroing the key part (filled
+    with ``k_bias_junk`` here, which the mask must remove), ``rope_embed.periods``, ``mask_token`` (1, D)."""
+    out: dict[str, Tensor] = {}
+    dim = sd["cls_token"].shape[-1]
+    for k, v in sd.items():
+        if k.endswith(("attn.q_bias", "attn.v_bias")):
+            continue
+        k = k.replace("reg_token", "storage_tokens")
+        k = re.sub(r"\.gamma_1$", ".ls1.gamma", k)
+        k = re.sub(r"\.gamma_2$", ".ls2.gamma", k)
+        k = k.replace("mlp.fc1_g.", "mlp.w1.").replace("mlp.fc1_x.", "mlp.w2.")
+        k = k.replace("mlp.fc2.", "mlp.w3.") if "blocks.0.mlp.fc1_g.weight" in sd else k
+        out[k] = v
+        m = re.match(r"^(blocks\.\d+\.attn\.)qkv\.weight$", k)
+        if m:
+            q = sd.get(f"{m.group(1)}q_bias", torch.zeros(dim))
+            val = sd.get(f"{m.group(1)}v_bias", torch.zeros(dim))
+            out[f"{m.group(1)}qkv.bias"] = torch.cat([q, torch.full((dim,), k_bias_junk), val])
+            out[f"{m.group(1)}qkv.bias_mask"] = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
+    heads = sd["blocks.0.attn.qkv.weight"].shape[0] // 3 // 4
+    out["rope_embed.periods"] = torch.arange(1, dim // heads // 4 + 1, dtype=torch.float32)
+    out["mask_token"] = mask_token
+    return out

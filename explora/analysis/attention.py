@@ -6,12 +6,16 @@ from its own ``qkv`` module. The module is *called* (never its ``.weight`` read)
 (an ``nn.Linear`` subclass adding its low-rank update in ``forward``) gives the adapted attention; ``q_norm`` /
 ``k_norm`` are applied as timm does. This mirrors DINO's ``get_last_selfattention`` visualisation
 (facebookresearch/dino ``visualize_attention.py``), re-derived for timm modules.
+
+timm's ``EvaAttention`` (DINOv3) adds its q/v bias after ``qkv`` and rotates q and k of the patch tokens with the
+block's RoPE (the ``rope`` keyword the pre-hook captures), as its own forward does.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers import Attention
+from timm.layers import Attention, apply_rot_embed_cat
+from timm.models.eva import EvaAttention
 from torch import nn
 
 from explora.analysis.features import patch_grid
@@ -28,20 +32,41 @@ def _attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
 
 
+def _eva_attention_probs(attn: EvaAttention, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    """Full attention probabilities of a fused-qkv timm ``EvaAttention``: (B, N, C) -> (B, heads, N, N)."""
+    b, n, _ = x.shape
+    qkv = attn.qkv(x)  # (B, N, 3 * heads * hd); the fused Eva qkv Linear has no bias of its own
+    if attn.q_bias is not None:
+        qkv = qkv + torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    qkv = qkv.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, hd)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    if rope is not None:  # RoPE on the patch tokens only, after the prefix (cls + registers)
+        npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
+
+
 @torch.no_grad()
 def last_block_attention(backbone: nn.Module, images: torch.Tensor, block: int = -1) -> torch.Tensor:
     """Full attention probabilities of one block (default the last): (B, heads, N_tokens, N_tokens)."""
     encoder = as_encoder(backbone)
     attn = backbone.blocks[block].attn
-    if not isinstance(attn, Attention):
-        raise ConfigError(f"blocks[{block}].attn is a {type(attn).__name__}; expected a timm Attention (fused qkv)")
-    captured: list[torch.Tensor] = []
-    handle = attn.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    eva = isinstance(attn, EvaAttention) and attn.qkv is not None
+    if not isinstance(attn, Attention) and not eva:
+        raise ConfigError(f"blocks[{block}].attn is a {type(attn).__name__}; expected a timm Attention or a fused-qkv "
+                          "EvaAttention")
+    captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    handle = attn.register_forward_pre_hook(
+        lambda _m, args, kwargs: captured.append((args[0], kwargs.get("rope", args[1] if len(args) > 1 else None))),
+        with_kwargs=True,
+    )
     try:
         encoder.forward_features(images)
     finally:
         handle.remove()
-    return _attention_probs(attn, captured[-1])
+    x, rope = captured[-1]
+    return _eva_attention_probs(attn, x, rope) if eva else _attention_probs(attn, x)
 
 
 @torch.no_grad()

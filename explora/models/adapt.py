@@ -247,6 +247,18 @@ PRESETS: dict[str, ExploraSpec] = {
     "LoRA-r8-official": ExploraSpec(
         unfrozen_blocks=(), lora_rank=8, lora_alpha=1.0, lora_targets=("q", "v"), train_norms=False
     ),
+    # DINOv3 (timm Eva: cls + 4 registers, RoPE, LayerScale): the D-[L]-r64 recipe on a DINOv3 backbone. The
+    # unfrozen block trains its LayerScale gammas with it; LoRA on Q,V of the fused qkv (the *_qkvb models' q/v
+    # biases stay frozen, as the qkv bias of a DinoV2 block does); no position embedding to train (RoPE).
+    "D3-[L]-r64": ExploraSpec(unfrozen_blocks=(-1,), lora_rank=64, lora_targets=("q", "v"), train_norms=True),
+    # ... plus the cls and the 4 register tokens (and the iBOT mask token): DINOv3's registers absorb
+    # image-global "sink" attention, which a new domain may need to move.
+    "D3-[L]-r64-reg": ExploraSpec(
+        unfrozen_blocks=(-1,), lora_rank=64, lora_targets=("q", "v"), train_norms=True, train_tokens=True
+    ),
+    # The last two blocks unfrozen, LoRA r32 on Q,V of the others: the trainable budget moved from LoRA to full
+    # blocks (ViT-L/16: 28.2M trainable vs 18.7M for D3-[L]-r64, docs/dinov3.md).
+    "D3-[L-1,L]-r32": ExploraSpec(unfrozen_blocks=(-2, -1), lora_rank=32, lora_targets=("q", "v"), train_norms=True),
     # Ablation: LoRA r64 on every block + norms, no unfrozen block.
     "lora-only-r64": ExploraSpec(unfrozen_blocks=(), lora_rank=64, lora_targets=("q", "v"), train_norms=True),
     # Ablation: last block + norms, no LoRA.

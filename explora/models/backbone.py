@@ -108,6 +108,15 @@ def build_backbone(
     return record_input_size(model, use_size)
 
 
+def backbone_patch_size(name: str, **timm_kwargs: Any) -> int:
+    """The patch size of backbone ``name`` (registry short name or timm name), read from its architecture built on
+    the meta device (no weights, no memory)."""
+    spec = get_backbone_spec(name)
+    with torch.device("meta"):
+        probe = _create(spec, None, 3, {**spec.timm_kwargs, **timm_kwargs})
+    return int(probe.patch_embed.patch_size[0])
+
+
 def _stored_img_size(grid: tuple[int, int], probe: nn.Module, native: Any) -> Any:
     """The timm ``img_size`` that lays the position embedding out on ``grid`` (``native`` when it already does)."""
     if tuple(grid) == tuple(probe.patch_embed.grid_size):
@@ -158,10 +167,9 @@ def decoder_targets(source: str | os.PathLike[str]) -> str | None:
 
 def _read_weights(spec: BackboneSpec, weights: str | os.PathLike[str]) -> tuple[dict[str, Any], str, Any]:
     """(raw state, where it came from, the grid a sidecar states or None) for any ``weights`` source."""
-    weights_str = os.fspath(weights)
+    weights_str = resolve_weights_name(spec, os.fspath(weights))
     if weights_str.startswith(ONLINE_PREFIXES):
         return _timm_pretrained_state(weights_str), weights_str, None
-    weights_str = resolve_weights_name(spec, weights_str)
     raw = load_checkpoint_file(weights_str)
     return raw, weights_str, None if is_url(weights_str) else _sidecar_grid(Path(weights_str))
 
@@ -174,7 +182,8 @@ def resolve_weights_name(spec: BackboneSpec, weights: str) -> str:
     """
     if weights in spec.weights:
         return spec.weights[weights]
-    if is_url(weights) or not _WEIGHTS_NAME.fullmatch(weights) or Path(weights).exists():
+    if (weights.startswith(ONLINE_PREFIXES) or is_url(weights) or not _WEIGHTS_NAME.fullmatch(weights)
+            or Path(weights).exists()):
         return weights
     if not spec.weights:
         known = ", ".join(n for n, s in BACKBONES.items() if s.weights)
@@ -197,11 +206,15 @@ def _create(spec: BackboneSpec, stored_size: Any, in_chans: int, kwargs: dict[st
         kwargs["img_size"] = stored_size
     kwargs.setdefault("dynamic_img_size", True)
     try:
-        return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise CheckpointError(
             f"backbone {spec.name!r}: {err}; use a name from explora.models.registry or timm"
         ) from err
+    overlay = {k: v for k, v in (("license", spec.license), ("mean", spec.mean), ("std", spec.std)) if v is not None}
+    if overlay:  # the weights' licence and normalisation where timm's default tag would say otherwise
+        model.pretrained_cfg = model.default_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **overlay}
+    return model
 
 
 def _timm_pretrained_state(weights: str) -> dict[str, Any]:

@@ -11,9 +11,11 @@ the file, the expected architecture and the offending keys, instead of deep insi
 Sources followed (no code copied): timm ``vision_transformer.checkpoint_filter_fn`` / ``_convert_dinov2``
 (register tokens, SwiGLU renames, cls pos-embed folding), timm ``resample_abs_pos_embed`` and ``adapt_input_conv``;
 DinoV2 ``dinov2/hub/backbones.py`` and ``dinov2/layers/block.py`` (hub and chunked-block layouts); MAE
-``models_mae.py`` (decoder key names); the ExPLoRA README "ExPLoRA Checkpoints" note (merged ``q_proj/k_proj/v_proj``
-kept next to ``qkv`` in full checkpoints, ``qkv`` only in encoder-only ones) and ExPLoRA ``util/misc.py``
-``load_pretrained_weights`` (``teacher``/``model`` keys, ``module.``/``backbone.`` prefixes).
+``models_mae.py`` (decoder key names); DINOv3 ``dinov3/models/vision_transformer.py`` and ``dinov3/layers``
+(``storage_tokens``, ``ls1.gamma``, ``qkv.bias`` with its ``bias_mask``, ``rope_embed.periods``) and timm
+``eva.py`` ``checkpoint_filter_fn`` (their timm ``Eva`` names); the ExPLoRA README "ExPLoRA Checkpoints" note
+(merged ``q_proj/k_proj/v_proj`` kept next to ``qkv`` in full checkpoints, ``qkv`` only in encoder-only ones) and
+ExPLoRA ``util/misc.py`` ``load_pretrained_weights`` (``teacher``/``model`` keys, ``module.``/``backbone.`` prefixes).
 """
 
 from __future__ import annotations
@@ -225,6 +227,7 @@ def convert_checkpoint(
         notes.append("unwrapped " + " > ".join(repr(w) for w in wrappers))
 
     decoder, mask_token = _split_extras(state)
+    state = _convert_dinov3_keys(state, target, source, notes)
     state = _convert_dinov2_keys(state, notes)
     state = _merge_qkv(state, source, notes)
     state = _drop_heads(state, target, notes)
@@ -291,6 +294,8 @@ def _detect_layout(state: Mapping[str, Tensor], wrappers: list[str]) -> str:
     """Name the layout: dinov2-hub, dinov2-train, explora-full, mae+decoder, encoder-only, timm."""
     if any(".attn.q_proj." in k for k in state):
         return "explora-full"
+    if "storage_tokens" in state:
+        return "dinov3-official"
     if wrappers and wrappers[0] in ("teacher", "student"):
         return "dinov2-train"
     if any(k.startswith("decoder_") for k in state):
@@ -337,6 +342,60 @@ def _convert_dinov2_keys(state: dict[str, Tensor], notes: list[str]) -> dict[str
     if renamed.keys() != out.keys():
         notes.append("SwiGLU mlp.w12/w3 -> mlp.fc1/fc2")
     return renamed
+
+
+_DINOV3_DROP = re.compile(r"(^rope_embed\.|\.bias_mask$|^local_cls_norm\.)")
+_DINOV3_QKV_BIAS = re.compile(r"^(blocks\.\d+\.attn\.)qkv\.bias$")
+_DINOV3_RENAMES = (  # official dinov3/layers -> timm Eva (eva.py checkpoint_filter_fn, read for the names)
+    (re.compile(r"^storage_tokens$"), "reg_token"),
+    (re.compile(r"^(blocks\.\d+\.)ls1\.gamma$"), r"\1gamma_1"),
+    (re.compile(r"^(blocks\.\d+\.)ls2\.gamma$"), r"\1gamma_2"),
+    (re.compile(r"^(blocks\.\d+\.mlp\.)w1\."), r"\1fc1_g."),  # SwiGLU (S+, H+, 7B): gate, value, out
+    (re.compile(r"^(blocks\.\d+\.mlp\.)w2\."), r"\1fc1_x."),
+    (re.compile(r"^(blocks\.\d+\.mlp\.)w3\."), r"\1fc2."),
+)
+
+
+def _convert_dinov3_keys(
+    state: dict[str, Tensor], target: BackboneTarget, source: str, notes: list[str]
+) -> dict[str, Tensor]:
+    """Official DINOv3 (``dinov3/models/vision_transformer.py``) -> timm ``Eva`` keys; other layouts pass through.
+
+    ``storage_tokens`` -> ``reg_token``, ``ls1/ls2.gamma`` -> ``gamma_1/gamma_2``, SwiGLU ``w1/w2/w3`` ->
+    ``fc1_g/fc1_x/fc2``; ``rope_embed.periods`` (recomputed by timm), ``local_cls_norm`` (7B pre-training only) and
+    the ``bias_mask`` buffers are dropped. ``qkv.bias`` is multiplied by its ``bias_mask`` (which zeroes the key
+    bias, as the official forward does) and becomes ``q_bias``/``v_bias`` of a ``*_qkvb`` model; a model without a
+    q/v bias takes it only when it is all zero (the released distilled weights), anything else is an error naming
+    the ``_qkvb`` architecture to use. The mask token was split off before (``mask_token``, kept for iBOT).
+    """
+    if "storage_tokens" not in state:
+        return state
+    out: dict[str, Tensor] = {}
+    dropped_bias = 0
+    for k, v in state.items():
+        if _DINOV3_DROP.search(k):
+            continue
+        m = _DINOV3_QKV_BIAS.match(k)
+        if m:
+            mask = state.get(k + "_mask")
+            bias = v * mask.to(v.dtype) if mask is not None else v  # (3D,) with the k part zeroed
+            q, _, val = bias.chunk(3, dim=-1)
+            if f"{m.group(1)}q_bias" in target.shapes:
+                out[f"{m.group(1)}q_bias"], out[f"{m.group(1)}v_bias"] = q, val
+            elif bool(bias.any()):
+                raise CheckpointError(
+                    f"{source}: {k} is not zero, but {target.describe()} has no q/v bias; build the `_qkvb` timm "
+                    "architecture instead (e.g. vit_large_patch16_dinov3_qkvb), which keeps it"
+                )
+            else:
+                dropped_bias += 1
+            continue
+        for pattern, repl in _DINOV3_RENAMES:
+            k = pattern.sub(repl, k)
+        out[k] = v
+    notes.append("DINOv3 storage_tokens -> reg_token, ls*.gamma -> gamma_*, qkv.bias (bias_mask applied) -> "
+                 + ("dropped (all zero)" if dropped_bias else "q_bias/v_bias"))
+    return out
 
 
 _QKV_PART = re.compile(r"^(blocks\.\d+\.attn\.)([qkv])_proj\.(weight|bias)$")

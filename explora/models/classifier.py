@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 from timm.layers import DropPath, calculate_drop_path_rates
+from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -123,7 +124,7 @@ def set_linear_drop_path(backbone: nn.Module, rate: float) -> None:
     as_encoder(backbone)  # every registered encoder has timm blocks
     blocks = backbone.blocks
     for block, p in zip(blocks, calculate_drop_path_rates(rate, len(blocks)), strict=True):
-        if not isinstance(block, Block):
+        if not isinstance(block, Block | EvaBlock):
             raise ConfigError(f"drop path: {type(block).__name__} blocks are not timm Blocks (drop_path1/drop_path2)")
         block.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
         block.drop_path2 = DropPath(p) if p > 0 else nn.Identity()

@@ -5,7 +5,8 @@ an encoder (its width, patch grid, normed tokens, intermediate blocks, a pooled 
 it). Asking the module for them by name (``hasattr``, ``inspect.signature``) silently took another branch when a
 name was missing; :func:`as_encoder` instead dispatches on the module's type and raises for anything unknown.
 
-- timm's ``VisionTransformer`` is not ours, so :class:`TimmViTEncoder` adapts it. It is a plain object holding the
+- timm's ``VisionTransformer`` is not ours, so :class:`TimmViTEncoder` adapts it; timm's ``Eva`` (DINOv3) gets
+  :class:`~explora.models.eva.EvaEncoder` (:mod:`explora.models.eva`). Both are plain objects holding the
   module, not a parent ``nn.Module``, so state-dict keys stay timm's.
 - The group-channel and temporal encoders (:mod:`explora.models.group_channel`, :mod:`explora.models.temporal`)
   are our modules and implement the protocol directly; :func:`as_encoder` returns them as they are.
@@ -20,10 +21,12 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from explora.core.errors import CheckpointError, ConfigError
+from explora.models.eva import EvaEncoder
 from explora.models.group_channel import GroupChannelViT, pool_tokens
 from explora.models.temporal import TemporalViT
 from explora.vit.tokens import forward_tokens, image_hw
@@ -37,7 +40,7 @@ class Encoder(Protocol):
     encoders with ``needs_timestamps`` (ignored by the others); P prefix (cls/register) tokens; N patch tokens
     (``R*L`` for encoders that embed R groups / frames of L patches)."""
 
-    kind: str  # registry name: 'vit', 'group_channel', 'temporal' (metrics.json backbone_kind, export sidecars)
+    kind: str  # registry name: 'vit', 'eva', 'group_channel', 'temporal' (metrics.json backbone_kind, export sidecars)
     pools: tuple[str, ...]  # the pool modes this encoder supports (subset of POOLS)
     default_pool: str  # the pooling fine-tuning uses for pool='auto'
     needs_timestamps: bool
@@ -152,6 +155,7 @@ class TimmViTEncoder:
 # The one registration point: module type -> how to see it as an Encoder. Our own encoders are returned as they are.
 ENCODERS: dict[type[nn.Module], Callable[[nn.Module], Encoder]] = {
     VisionTransformer: TimmViTEncoder,
+    Eva: EvaEncoder,  # timm's DINOv3 architecture (explora.models.eva)
     GroupChannelViT: lambda m: m,
     TemporalViT: lambda m: m,
 }
@@ -172,12 +176,12 @@ def _adapter_for(module: object) -> Callable[[nn.Module], Encoder] | None:
 
 def is_encoder(module: object) -> bool:
     """True for a module :func:`as_encoder` accepts (or an adapter it returned)."""
-    return isinstance(module, TimmViTEncoder) or _adapter_for(module) is not None
+    return isinstance(module, TimmViTEncoder | EvaEncoder) or _adapter_for(module) is not None
 
 
 def as_encoder(module: nn.Module | Encoder) -> Encoder:
     """``module`` seen through the :class:`Encoder` interface; raises ConfigError for unregistered types."""
-    if isinstance(module, TimmViTEncoder):
+    if isinstance(module, TimmViTEncoder | EvaEncoder):
         return module
     adapt = _adapter_for(module)
     if adapt is None:
@@ -190,7 +194,7 @@ def as_encoder(module: nn.Module | Encoder) -> Encoder:
 
 
 def encoder_kind(module: nn.Module) -> str:
-    """The registry kind of an encoder module: ``vit``, ``group_channel`` or ``temporal``."""
+    """The registry kind of an encoder module: ``vit``, ``eva``, ``group_channel`` or ``temporal``."""
     return as_encoder(module).kind
 
 

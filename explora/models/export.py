@@ -4,7 +4,8 @@ The paper's output is ``W_T* = W_S + Delta_T`` with LoRA folded in, so the archi
 "All checkpoints have LoRA adapters already merged into the weights"). We write:
 
 - ``safetensors``: ``model.safetensors``, a plain timm state dict, plus ``model.json`` (timm name, ``model_args``,
-  input size, stored position-embedding grid, channels, provenance, sha256 of each file). It loads with
+  input size, stored position-embedding grid, channels, the weights' ``license``, provenance, sha256 of each
+  file). It loads with
   ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), **model_args)``; the position
   embedding is stored on the backbone's own grid (the checkpoint's, e.g. DinoV2's 37x37) and ``dynamic_img_size``
   makes timm interpolate it per forward exactly as the adapted model did, at any input size. No extra keys are
@@ -42,6 +43,7 @@ from explora.models.backbone import build_backbone, input_size
 from explora.models.checkpoints import adapted_backbone_state, load_checkpoint_file
 from explora.models.encoder import as_encoder, rebuild_encoder
 from explora.models.record import ExploraRecord, attach_record, record_of
+from explora.models.registry import weights_license
 from explora.vit.lora import merged_state_dict
 
 FORMATS = ("safetensors", "encoder", "teacher")
@@ -60,6 +62,8 @@ def _family(model: nn.Module, timm_name: str, metadata: Mapping[str, Any] | None
         return str(metadata["family"])
     if "dinov2" in timm_name:
         return "dinov2"
+    if "dinov3" in timm_name:
+        return "dinov3"
     return "mae" if ".mae" in timm_name else "timm"
 
 
@@ -212,6 +216,7 @@ def export_backbone(
         "in_chans": int(model.patch_embed.proj.in_channels),
         **({"input_channels": input_channels} if input_channels else {}),
         "num_features": int(model.num_features),
+        "license": weights_license(model),  # a DINOv3 derivative carries the DINOv3 License (dinov3-license)
         "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
         "provenance": {
             "source": record.source,

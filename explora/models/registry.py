@@ -10,6 +10,16 @@ Each registry backbone has *named weights* (``build_backbone(name, weights="<wei
 large only) and ``encoder`` = ``mae_pretrain_vit_*.pth`` (encoder only). File names as published in the MAE README
 ("Pre-trained checkpoints", the ``_full`` variants; ``demo/mae_visualize.ipynb`` for the visualize ones).
 
+DINOv3 (Siméoni et al., 2025, arXiv:2508.10104) backbones are timm ``Eva`` models (RoPE, 4 register tokens,
+LayerScale; ecosystem-notes §11), named after the official hub entries (``dinov3/hub/backbones.py``:
+``dinov3_vits16`` ... ``dinov3_vit7b16``; ``_sat`` for the SAT-493M satellite weights). Their official ``.pth`` files
+are gated downloads without a fixed URL, so their named weights are timm's hub copies (``default``:
+``timm:<arch>.<tag>``, online); a local official file loads by path (:mod:`explora.models.checkpoints` converts its
+layout). The short names map to timm's default models without the ``qkv`` bias (timm ``eva.py``: the distilled
+B/L/H+ weights have all-zero ``qkv`` biases; a non-zero bias is refused, not dropped); the ``*_qkvb`` timm names,
+which keep a q/v bias, work by timm name. They carry the DINOv3 License
+(``license``), which a distributed derivative keeps; the satellite ones their own normalisation (``mean``/``std``).
+
 The ``test_*`` entries are tiny architectures (depth 4, width 64, 32-px input) with the same module layout as their
 full-size family; tests, the CPU benchmarks and the smoke run of the demo use them.
 """
@@ -42,6 +52,9 @@ class BackboneSpec:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     default_img_size: int = 224
     native_img_size: int | None = None
+    license: str | None = None  # the weights' licence as timm tags it (``dinov3-license``); None: timm's tag
+    mean: tuple[float, float, float] | None = None  # input normalisation of the weights; None: timm's
+    std: tuple[float, float, float] | None = None
 
     @property
     def url(self) -> str | None:
@@ -81,6 +94,27 @@ for _name, _timm, _size in (
         native_img_size=224,  # MAE models_mae.py: img_size=224 (14x14 / 16x16 position embeddings)
     )
 
+DINOV3_LICENSE = "dinov3-license"
+# SAT-493M normalisation (dinov3 README "Pretrained models", satellite; timm eva.py ``*.sat493m`` cfgs)
+DINOV3_SAT_MEAN, DINOV3_SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+for _name, _timm, _tag in (
+    ("dinov3_vits16", "vit_small_patch16_dinov3", "lvd1689m"),
+    ("dinov3_vits16plus", "vit_small_plus_patch16_dinov3", "lvd1689m"),
+    ("dinov3_vitb16", "vit_base_patch16_dinov3", "lvd1689m"),
+    ("dinov3_vitl16", "vit_large_patch16_dinov3", "lvd1689m"),
+    ("dinov3_vitl16_sat", "vit_large_patch16_dinov3", "sat493m"),
+    ("dinov3_vith16plus", "vit_huge_plus_patch16_dinov3", "lvd1689m"),
+    ("dinov3_vit7b16", "vit_7b_patch16_dinov3", "lvd1689m"),
+    ("dinov3_vit7b16_sat", "vit_7b_patch16_dinov3", "sat493m"),
+):
+    _sat = _tag == "sat493m"
+    BACKBONES[_name] = BackboneSpec(
+        name=_name, timm_name=f"{_timm}.{_tag}", family="dinov3", weights={"default": f"timm:{_timm}.{_tag}"},
+        default_img_size=224, license=DINOV3_LICENSE,
+        mean=DINOV3_SAT_MEAN if _sat else IMAGENET_MEAN, std=DINOV3_SAT_STD if _sat else IMAGENET_STD,
+    )
+
 _TINY = dict(embed_dim=64, depth=4, num_heads=4, patch_size=8)
 BACKBONES["test_dinov2"] = BackboneSpec(
     name="test_dinov2", timm_name="vit_small_patch14_dinov2", family="dinov2", timm_kwargs=_TINY,
@@ -90,11 +124,26 @@ BACKBONES["test_mae"] = BackboneSpec(
     name="test_mae", timm_name="vit_base_patch16_224", family="mae", timm_kwargs=_TINY,
     default_img_size=32, native_img_size=32,
 )
+BACKBONES["test_dinov3"] = BackboneSpec(
+    name="test_dinov3", timm_name="vit_small_patch16_dinov3.lvd1689m", family="dinov3",
+    timm_kwargs=dict(embed_dim=64, depth=4, num_heads=4), default_img_size=32, license=DINOV3_LICENSE,
+    mean=IMAGENET_MEAN, std=IMAGENET_STD,
+)
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
     """The spec for a short name, or a pass-through spec for any other timm ViT name."""
     if name in BACKBONES:
         return BACKBONES[name]
+    if "dinov3" in name:
+        return BackboneSpec(name=name, timm_name=name, family="dinov3", license=DINOV3_LICENSE)
     family = "dinov2" if "dinov2" in name else ("mae" if name.endswith(".mae") else "timm")
     return BackboneSpec(name=name, timm_name=name, family=family)
+
+
+def weights_license(model: Any) -> str | None:
+    """The licence of a backbone's weights: what its timm ``pretrained_cfg`` says (``dinov3-license`` for every
+    DINOv3 model, which :func:`~explora.models.backbone.build_backbone` records), None when it says nothing."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    value = cfg.get("license")
+    return str(value) if value else None

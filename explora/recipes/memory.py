@@ -138,6 +138,21 @@ def _call(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
+def _block_call(vit: nn.Module, size: int, patch: int):
+    """How a block of ``vit`` is called on crops of ``size`` px: ``blk(x)``, or for a RoPE ViT (timm ``Eva``, DINOv3)
+    ``blk(x, rope=...)`` with a rotary embedding of the crop's grid, whose q/k rotations keep tensors alive too."""
+    rope = getattr(vit, "rope", None)
+    if rope is None or not hasattr(rope, "get_embed"):
+        return _call
+    with torch.device("meta"):
+        shape = tuple(rope.get_embed(shape=(size // patch, size // patch)).shape)  # (N, rope_dim)
+
+    def call(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m(x, rope=torch.zeros(shape, dtype=x.dtype))  # a fake tensor under saved_bytes' FakeTensorMode
+
+    return call
+
+
 # -- the estimate -------------------------------------------------------------------------------------------------
 def _tokens(size: int, patch: int, prefix: int) -> int:
     return (size // patch) ** 2 + prefix
@@ -203,20 +218,21 @@ def estimate_pretrain_memory(cfg: Any, *, precision: str | None = None, grad_che
 
     B, D, patch, prefix = cfg.train.batch_size, vit.embed_dim, objective.patch_size, vit.num_prefix_tokens
     t_global, t_local = _tokens(dcfg.global_size, patch, prefix), _tokens(dcfg.local_size, patch, prefix)
-    groups = [("global", t_global, True)]  # the mask token trains, so global tokens need grad from block 0
+    groups = [("global", t_global, True, dcfg.global_size)]  # the mask token trains: grads from block 0
     if dcfg.n_local:
-        groups.append(("local", t_local, _stem_trains(vit)))
+        groups.append(("local", t_local, _stem_trains(vit), dcfg.local_size))
 
     # per crop group: kept activations per image (without / with checkpointing), per-call copies, largest block
     per_group: dict[str, dict[str, int]] = {}
     cache: dict[tuple, tuple[int, int]] = {}
-    for gname, tokens, needs_grad in groups:
+    for gname, tokens, needs_grad, size in groups:
         g = per_group[gname] = dict.fromkeys(("acts", "acts_ckpt", "calls", "block_img", "block_call"), 0)
+        call = _block_call(vit, size, patch)
         for blk in vit.blocks:
             needs_grad = needs_grad or any(p.requires_grad for p in blk.parameters())
             key = (_signature(blk), tokens, needs_grad)
             if key not in cache:
-                cache[key] = per_image_and_call(blk, _call, lambda n, t=tokens: (n, t, D), precision, needs_grad)
+                cache[key] = per_image_and_call(blk, call, lambda n, t=tokens: (n, t, D), precision, needs_grad)
             per_img, per_call = cache[key]
             g["acts"] += per_img
             g["calls"] += per_call

@@ -9,6 +9,13 @@ Hu et al. (2021) and the fused-layer idea of microsoft/LoRA ``MergedLinear`` (``
 
 Both layers subclass ``nn.Linear`` and keep ``weight``/``bias``, so timm parameter names are unchanged and a merged
 model is a plain timm model; every LoRA parameter has ``lora_`` in its name (architecture contract).
+
+A LoRA layer only acts if the attention's forward *calls* the module in ``attn.qkv``. timm's ``Attention`` does;
+timm's ``EvaAttention`` (DINOv3, EVA) does too, except with separate ``q_bias``/``v_bias`` parameters and
+``qkv_bias_separate=False`` (the DINOv3 ``*_qkvb`` models), where it calls ``F.linear(x, qkv.weight, bias)`` on the
+weight directly and a swapped-in module is silently bypassed. :func:`route_qkv_through_module` makes such an
+attention call ``self.qkv(x)`` and add the bias after it (timm's own ``qkv_bias_separate`` path: the same sum), and
+refuses, with a :class:`ConfigError`, every attention layout it does not know LoRA reaches.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.models.eva import EvaAttention
+from timm.models.vision_transformer import Attention
 from torch import nn
 
 from explora.core.errors import ConfigError
@@ -270,6 +279,36 @@ def split_lora_targets(targets: Iterable[str]) -> tuple[tuple[str, ...], tuple[s
     return tuple(dict.fromkeys(qkv)), tuple(dict.fromkeys(linear))
 
 
+def route_qkv_through_module(attn: nn.Module, where: str = "attn") -> None:
+    """Make ``attn``'s forward compute q/k/v by calling the module in ``attn.qkv``, or raise ConfigError.
+
+    Known layouts (the forward of the exact class, not of a subclass that overrides it):
+    - timm ``Attention`` (ViT, DinoV2, MAE): calls ``self.qkv(x)``; nothing to do.
+    - timm ``EvaAttention`` with a fused ``qkv``: calls ``self.qkv(x)`` unless it has ``q_bias``/``v_bias`` and
+      ``qkv_bias_separate=False`` (``F.linear`` on ``qkv.weight``); that one is switched to
+      ``qkv_bias_separate=True`` (``qkv(x) + cat(q_bias, 0, v_bias)``, the same value up to fp rounding).
+    Anything else (separate ``q_proj``/``k_proj``/``v_proj``, other attention classes, overridden forwards) is
+    refused instead of leaving a LoRA layer that the forward never calls.
+    """
+    kind = type(attn)
+    if kind.forward is Attention.forward and isinstance(attn, Attention):
+        return
+    if kind.forward is EvaAttention.forward and isinstance(attn, EvaAttention):
+        if not isinstance(getattr(attn, "qkv", None), nn.Linear):
+            raise ConfigError(
+                f"{where}: {kind.__name__} has no fused qkv Linear (separate q_proj/k_proj/v_proj); LoRA on q/k/v "
+                "slices supports fused-qkv attention only"
+            )
+        if attn.q_bias is not None and not attn.qkv_bias_separate:
+            attn.qkv_bias_separate = True  # forward now calls self.qkv(x), then adds the bias
+        return
+    raise ConfigError(
+        f"{where}: LoRA cannot reach the q/k/v projections of {kind.__module__}.{kind.__qualname__} (known layouts: "
+        "timm Attention, timm EvaAttention with a fused qkv); refusing instead of injecting a LoRA layer its forward "
+        "would never call"
+    )
+
+
 def inject_lora(
     model: nn.Module,
     blocks: Iterable[int] | None = None,
@@ -294,14 +333,20 @@ def inject_lora(
         where = f"{blocks_attr}.{i}"
         if qkv_targets:
             attn = block.attn
-            if isinstance(attn.qkv, LoRALayer):
+            if isinstance(getattr(attn, "qkv", None), LoRALayer):
                 raise ConfigError(f"{where}.attn.qkv already carries LoRA; inject once per model")
+            route_qkv_through_module(attn, f"{where}.attn")
             attn.qkv = LoRAQKV.from_linear(attn.qkv, rank, alpha, dropout, qkv_targets)
             replaced.append(f"{where}.attn.qkv")
         for t in linear_targets:
             parent_name, attr = LINEAR_TARGETS[t].split(".")
             parent = getattr(block, parent_name)
-            base = getattr(parent, attr)
+            base = getattr(parent, attr, None)
+            if base is None:
+                raise ConfigError(
+                    f"{where}.{LINEAR_TARGETS[t]}: {type(parent).__name__} has no `{attr}` Linear (a SwiGLU MLP has "
+                    f"fc1_g/fc1_x); LoRA target {t!r} does not exist in this model"
+                )
             if isinstance(base, LoRALayer):
                 raise ConfigError(f"{where}.{LINEAR_TARGETS[t]} already carries LoRA; inject once per model")
             if type(base) is not nn.Linear:

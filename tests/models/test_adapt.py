@@ -77,6 +77,7 @@ def test_presets_and_unknown_name(tiny_mae) -> None:
     assert set(PRESETS) == {
         "D-[L]-r64", "M-[1,L]-r32", "LoRA-r8", "lora-only-r64", "unfreeze-only-[L]",
         "D-[L]-r64-official", "M-[L]-r64-official", "LoRA-r8-official",
+        "D3-[L]-r64", "D3-[L]-r64-reg", "D3-[L-1,L]-r32",
     }
     spec = apply_preset(tiny_mae, "M-[1,L]-r32")
     assert spec.preset == "M-[1,L]-r32" and spec.resolved_unfrozen_blocks == (0, 3) and spec.lora_rank == 32

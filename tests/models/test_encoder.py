@@ -28,6 +28,10 @@ def _vit():
     return build_backbone("test_dinov2").eval(), torch.randn(B, 3, 32, 32), None, 1  # (module, x, ts, slices)
 
 
+def _eva():  # DINOv3 layout (cls + 4 registers, RoPE); patch 8 here for the shared 4x4 grid
+    return build_backbone("test_dinov3", patch_size=8).eval(), torch.randn(B, 3, 32, 32), None, 1
+
+
 def _group_channel():
     enc = GroupChannelViT(build_backbone("test_mae"), groups=((0, 1), (2, 3, 4)), group_dim=16).eval()
     return enc, torch.randn(B, 5, 32, 32), None, 2
@@ -39,7 +43,7 @@ def _temporal():
     return enc, torch.randn(B, 6, 32, 32), ts, 2
 
 
-KINDS = {"vit": _vit, "group_channel": _group_channel, "temporal": _temporal}
+KINDS = {"vit": _vit, "eva": _eva, "group_channel": _group_channel, "temporal": _temporal}
 
 
 def test_every_registered_type_has_a_contract_case() -> None:
@@ -80,7 +84,7 @@ def test_encoder_contract(kind: str) -> None:
         assert patch_mean is None or patch_mean.shape == (B, D)
     config = enc.export_config()
     if config is None:
-        assert kind == "vit"
+        assert kind in ("vit", "eva")  # timm rebuilds both from architecture + model_args
     else:
         assert config["kind"] == kind
         rebuilt = rebuild_encoder(build_backbone("test_mae"), config)

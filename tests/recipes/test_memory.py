@@ -138,12 +138,17 @@ MEASURE = textwrap.dedent('''
 ''')
 
 
+# the DINOv3 layout (timm Eva: RoPE in every block, cls + 4 registers, patch 16) at the same token counts
+TINY_DINOV3 = [a.replace("test_dinov2", "test_dinov3") for a in TINY if "_size=" not in a] + [
+    "dinov2.global_size=128", "dinov2.local_size=64"]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
-@pytest.mark.parametrize("split", ["view", "crop_size", "none"])
-def test_predicted_peak_matches_measured_rss(tmp_path, split):
+@pytest.mark.parametrize("split,base", [("view", TINY), ("crop_size", TINY), ("none", TINY), ("view", TINY_DINOV3)])
+def test_predicted_peak_matches_measured_rss(tmp_path, split, base):
     script = tmp_path / "measure.py"
     script.write_text(MEASURE)
-    args = [*TINY, f"dinov2.split_backward={split}"]
+    args = [*base, f"dinov2.split_backward={split}"]
     # a fixed mmap threshold makes glibc return every freed large buffer, so RSS follows live tensor memory
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=300)

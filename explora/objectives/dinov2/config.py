@@ -39,6 +39,10 @@ class DinoV2Config:
     dino_loss_weight: float = 1.0  # dino.loss_weight
     ibot_loss_weight: float = 1.0  # ibot.loss_weight
     koleo_loss_weight: float = 0.1  # dino.koleo_loss_weight
+    # DINOv3 Gram anchoring (optional; dinov3 gram.loss_weight, 0 = off): the student's patch similarities are pulled
+    # to those of the *source* model (its weights before this run, the ExPLoRA Gram teacher) on the same global crops
+    gram_loss_weight: float = 0.0
+    gram_remove_neg: bool = False  # dinov3 gram.remove_neg
     student_temp: float = 0.1  # DINOLoss/iBOTPatchLoss student_temp
     teacher_temp: float = 0.07  # teacher.teacher_temp
     warmup_teacher_temp: float = 0.04  # teacher.warmup_teacher_temp
@@ -72,6 +76,9 @@ class DinoV2Config:
         lo, hi = self.mask_ratio_min_max
         if not 0 <= lo <= hi <= 1:
             raise ConfigError(f"dinov2.mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {(lo, hi)}")
+        if self.gram_loss_weight < 0:
+            raise ConfigError(f"dinov2.gram_loss_weight must be >= 0 (0 = no Gram anchoring), got "
+                              f"{self.gram_loss_weight}")
         if not 0 <= self.mask_probability <= 1:
             raise ConfigError(f"dinov2.mask_probability must be in [0, 1], got {self.mask_probability}")
         if self.n_prototypes < 1 or self.bottleneck_dim < 1 or self.hidden_dim < 1 or self.head_nlayers < 1:

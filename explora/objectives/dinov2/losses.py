@@ -1,8 +1,11 @@
 """DinoV2's three losses as small modules, following ``dinov2/loss/`` and ``dinov2/train/ssl_meta_arch.py``.
 
+DINOv3's Gram anchoring (:class:`GramLoss`) is here too.
+
 - [0]: DINO, Caron et al. 2021, https://arxiv.org/abs/2104.14294
 - [1]: iBOT, Zhou et al. 2022, https://arxiv.org/abs/2111.07832
 - [2]: DinoV2, Oquab et al. 2024, https://arxiv.org/abs/2304.07193 (KoLeo: Sablayrolles et al. 2019)
+- [3]: DINOv3, Siméoni et al. 2025, https://arxiv.org/abs/2508.10104 (Gram anchoring, ``dinov3/loss/gram_loss.py``)
 
 Every loss (and every teacher-target computation in ``centering.py``) runs in fp32 with autocast disabled
 (:func:`autocast_off`): the heads' logits may arrive in bf16, but a bf16 contraction over 65,536 prototypes quantises
@@ -93,3 +96,26 @@ class KoLeoLoss(nn.Module):
             nn_idx = dots.argmax(dim=1)  # (B,)
             dist = F.pairwise_distance(x, x[nn_idx], p=2, eps=self.eps)  # (B,)
             return -torch.log(dist + self.eps).mean()
+
+
+class GramLoss(nn.Module):
+    """DINOv3's Gram anchoring [3]: MSE between the patch-similarity (Gram) matrices of the student and of a fixed
+    "Gram teacher", per image: ``mean((S S^T - T T^T)^2)`` over L2-normalised patch features ``S``, ``T`` (B, N, D).
+
+    As ``dinov3/loss/gram_loss.py`` with ``apply_norm=True`` and ``img_level=True`` (the settings of
+    ``configs/train/dinov3_vit7b16_gram_anchor.yaml``); ``remove_neg`` zeroes negative similarities on both sides
+    (upstream's ``remove_neg``, off there). fp32 with autocast disabled.
+    """
+
+    def __init__(self, remove_neg: bool = False) -> None:
+        super().__init__()
+        self.remove_neg = remove_neg
+
+    def forward(self, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with autocast_off(student):
+            s = F.normalize(student.float(), dim=-1)  # (B, N, D)
+            t = F.normalize(target.float(), dim=-1)
+            s_sim, t_sim = s @ s.transpose(-1, -2), t @ t.transpose(-1, -2)  # (B, N, N)
+            if self.remove_neg:
+                s_sim, t_sim = s_sim.clamp_min(0.0), t_sim.clamp_min(0.0)
+            return F.mse_loss(s_sim, t_sim)

@@ -27,7 +27,7 @@ from explora.objectives.base import Objective, ObjectiveOutput
 from explora.objectives.dinov2.centering import EMACenter, sinkhorn_knopp
 from explora.objectives.dinov2.config import DinoV2Config
 from explora.objectives.dinov2.heads import DINOHead
-from explora.objectives.dinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from explora.objectives.dinov2.losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
 from explora.objectives.dinov2.masking import BlockMaskSampler
 from explora.vit.cast_cache import FrozenWeightCastCache
 from explora.vit.tokens import forward_tokens
@@ -85,6 +85,18 @@ def n_loss_terms(n_local: int, n_global: int = 2) -> int:
     return (n_global - 1) * n_global + max(n_local * n_global, 1)
 
 
+def _check_crop_sizes(cfg: DinoV2Config, patch: int) -> None:
+    """Both crop sizes must be multiples of the patch size (DINOv3's 16: 256/112; DinoV2's 14: 224/98): otherwise
+    the patch embedding drops the remainder and the iBOT mask grid (``global_size // patch``) would not be the one
+    the model sees."""
+    for key in ("global_size", "local_size"):
+        size = getattr(cfg, key)
+        if size % patch:
+            lo, hi = size // patch * patch, -(-size // patch) * patch
+            raise ConfigError(f"dinov2.{key}={size} is not a multiple of the backbone's patch size {patch}; "
+                              f"use {lo or hi} or {hi}")
+
+
 class DinoV2Objective(Objective):
     """DinoV2 continued pre-training of an ExPLoRA-parameterised backbone.
 
@@ -124,6 +136,13 @@ class DinoV2Objective(Objective):
             t_params[n].requires_grad_(False)
         teacher.eval()
         self.student, self.teacher = student, teacher
+        # DINOv3 Gram anchoring: the Gram teacher is the source model, i.e. this backbone as it arrives (LoRA B = 0),
+        # frozen for good: frozen tensors shared, a fixed copy of the ones this run trains
+        self.gram_teacher = None
+        if cfg.gram_loss_weight > 0:
+            self.gram_teacher = copy.deepcopy(backbone, memo={id(p): p for p in pretrained}).requires_grad_(False)
+            self.gram_teacher.eval()
+            self.gram_loss = GramLoss(cfg.gram_remove_neg)
         self.register_buffer("teacher_mask_token", token.clone())
         # losses and target normalisation
         self.dino_loss, self.ibot_loss, self.koleo_loss = (
@@ -133,6 +152,7 @@ class DinoV2Objective(Objective):
                                      else cfg.n_prototypes, cfg.center_momentum)
         patch = backbone.patch_embed.patch_size
         self.patch_size = patch[0] if isinstance(patch, tuple | list) else int(patch)
+        _check_crop_sizes(cfg, self.patch_size)
         self._cast_cache = FrozenWeightCastCache()  # one bf16 copy of each frozen weight under autocast
         self._kept_targets: tuple | None = None  # (step, teacher targets) between the stages of a split backward
         self.record_frozen(pretrained)  # in the student and, shared, in the teacher; not the heads' fixed gains
@@ -141,6 +161,8 @@ class DinoV2Objective(Objective):
     def train(self, mode: bool = True) -> DinoV2Objective:
         super().train(mode)
         self.teacher.eval()  # the teacher never uses dropout / drop-path
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
         return self
 
     def batch_transform(self) -> DinoV2BatchTransform:
@@ -312,6 +334,11 @@ class DinoV2Objective(Objective):
             terms["koleo"] = sum(self.koleo_loss(c) for c in s_cls.chunk(g_views))
             loss = loss + (cfg.dino_loss_weight * terms["dino_global"] + cfg.ibot_loss_weight * terms["ibot"]
                            + cfg.koleo_loss_weight * terms["koleo"])
+            if self.gram_teacher is not None:  # a mean over all global crops; this stage's views' share of it
+                with torch.no_grad():
+                    target = forward_tokens(self.gram_teacher, glob[g0:g1])[1]  # (g, N, D), unmasked crops
+                terms["gram"] = self.gram_loss(s_patch, target) * (g_views / 2)
+                loss = loss + cfg.gram_loss_weight * terms["gram"]
         if not stage:
             terms.update(teacher_temp=torch.tensor(temp),
                          momentum=torch.tensor(teacher_momentum(cfg, step, self.total_steps)),

@@ -20,6 +20,7 @@ from explora.analysis.plots import display_image
 from explora.core.precision import resolve_precision
 from explora.eval.features import eval_transform_for
 from explora.models.backbone import build_backbone
+from explora.models.registry import get_backbone_spec
 from explora.recipes.demo.variants import VARIANTS
 
 LOSS_TERMS = ("loss", "dino_local", "dino_global", "ibot", "koleo")
@@ -109,7 +110,8 @@ def plot_before_after(raw: torch.Tensor, models: dict[str, torch.nn.Module], nor
 
 def write_report(cfg, out: Path, results, params, timings, frozen, test_set, stats_source) -> Path:
 
-    labels = {"frozen": "DinoV2 (frozen)", **{k: v.label for k, v in VARIANTS.items()}}
+    frozen_label = "DINOv3 (frozen)" if get_backbone_spec(cfg.model).family == "dinov3" else "DinoV2 (frozen)"
+    labels = {"frozen": frozen_label, **{k: v.label for k, v in VARIANTS.items()}}
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     runs = {v: out / "runs" / v for v in cfg.variants}

@@ -36,7 +36,7 @@ from explora.eval.knn import knn_classify
 from explora.eval.linprobe import LinearProbeConfig, train_linear_probe
 from explora.eval.metrics import load_metrics, save_metrics
 from explora.models.adapt import ExploraSpec, apply_preset
-from explora.models.backbone import build_backbone
+from explora.models.backbone import backbone_patch_size, build_backbone
 from explora.models.params import parameter_report
 from explora.recipes.demo.report import write_report
 from explora.recipes.demo.variants import VARIANTS, Variant  # noqa: F401  (Variant: public name)
@@ -54,8 +54,8 @@ class DemoConfig:
     weights: str | None = "default"
     data: str = ""  # "": Fashion-MNIST from Debian's dataset-fashion-mnist, else downloaded (default_data())
     out: str = "demo-out"
-    image_size: int = 56  # global crop and evaluation size (4x4 patches of 14 px; Fashion-MNIST is 28 px)
-    local_size: int = 28
+    image_size: int | None = None  # global crop and evaluation size; null: 4x4 patches (56 px; DINOv3: 64)
+    local_size: int | None = None  # local crop size; null: 2x2 patches (28 px, DINOv3: 32)
     n_local: int = 2
     prototypes: int = 4096
     steps: int | None = None  # per variant; None: as many as fit in budget_minutes (measured on this machine)
@@ -113,6 +113,14 @@ def default_data() -> str:
         return f"fashion_mnist:{DEBIAN_FASHION_MNIST}:rgb=true"
     cache = Path.home() / ".cache" / "explora" / "fashion-mnist"
     return f"fashion_mnist:{cache}:rgb=true,download=true"
+
+
+def resolve_sizes(cfg: DemoConfig) -> DemoConfig:
+    """``cfg`` with the crop sizes left null set to 4x4 (global) and 2x2 (local) patches of its backbone."""
+    if cfg.image_size is not None and cfg.local_size is not None:
+        return cfg
+    patch = backbone_patch_size(cfg.model)
+    return replace(cfg, image_size=cfg.image_size or 4 * patch, local_size=cfg.local_size or 2 * patch)
 
 
 def _pretrain_config(cfg: DemoConfig, variant: str):
@@ -247,6 +255,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     if not cfg.data:
         cfg = replace(cfg, data=default_data())
+    cfg = resolve_sizes(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
