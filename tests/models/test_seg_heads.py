@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from explora.core.errors import ConfigError
+from explora.models.backbone import build_backbone
 from explora.models.seg_heads import SegmentationModel, default_blocks, token_maps
 
 
@@ -60,3 +61,13 @@ def test_temporal_encoder_maps_average_the_frames(tiny_mae):
     seg = SegmentationModel(vit, 2, head="linear").eval()
     ts = torch.tensor([[[2016, 5, 10], [2017, 6, 11], [2018, 7, 12]]]).float()
     assert seg(torch.randn(1, 9, 32, 32), timestamps=ts).shape == (1, 2, 32, 32)
+
+
+@pytest.mark.parametrize("head", ["linear", "upernet"])
+def test_dinov3_encoder_under_a_segmentation_head(head):
+    """Eva (cls + 4 registers, RoPE): the maps leave out every prefix token and follow the 16-px patch grid."""
+    backbone = build_backbone("test_dinov3").eval()
+    model = SegmentationModel(backbone, 3, head=head).eval()
+    assert model(torch.randn(2, 3, 64, 48)).shape == (2, 3, 64, 48)
+    maps = token_maps(backbone, torch.randn(1, 3, 64, 48), (0,))
+    assert maps[0].shape == (1, backbone.embed_dim, 4, 3)
