@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine  # noqa: E402,F401  (finetune_step.py and features.py import it from here)
 from targets import PRETRAIN_TARGETS, step_targets  # noqa: E402
 
 
@@ -129,18 +130,6 @@ def compare(results: dict[str, dict], ours: str = "ours", base: str = "baseline"
         "peak_rss_ratio": round(a["peak_rss_mib"] / b["peak_rss_mib"], 3),
         "step_memory_ratio": round(a["step_memory_mib"] / b["step_memory_mib"], 3),
     }
-
-
-def machine() -> dict:
-    """Where the numbers come from: CPU model, cores, threads, torch version, date."""
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return {"cpu": model, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def matmul_peak(precision: str, size: int = 1024, budget_s: float = 6.0) -> float:
@@ -551,9 +540,8 @@ def main(argv: list[str] | None = None, script: str = __file__, worker_fn=None, 
               "machine": machine(), "matmul_peak_gflops": None if peak is None else round(peak, 2), **results}
     if {"ours", "baseline"} <= set(results):
         report["comparison"] = compare(results)
-        if args.objective == "dinov2":  # the issue's targets are set for the DinoV2 step
-            report["targets"] = step_targets(PRETRAIN_TARGETS[args.precision], results, report["comparison"],
-                                             args.precision)
+        report["targets"] = step_targets(PRETRAIN_TARGETS[args.objective][args.precision], results,
+                                         report["comparison"], args.precision)
     for v in ("ours_joint", "ours_view"):
         if {v, "baseline"} <= set(results):
             report[f"comparison_{v}"] = compare(results, ours=v)
