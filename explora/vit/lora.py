@@ -28,6 +28,16 @@ LINEAR_TARGETS = {"proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 _TARGET_ALIASES = {"attn.proj": "proj", "mlp.fc1": "fc1", "mlp.fc2": "fc2", "qkv": "qkv", "attn.qkv": "qkv"}
 
 
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in autocast's matmul dtype when autocast is on for its device (what ``F.linear`` would cast it to)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(dev)
+        if x.dtype != dtype and x.dtype == torch.float32:
+            return x.to(dtype)
+    return x
+
+
 class LoRALayer(nn.Linear):
     """Common base: rank/alpha/dropout bookkeeping and exact merge/unmerge of ``delta_weight()``."""
 
@@ -138,9 +148,10 @@ class LoRALinear(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fold_on_the_fly():
             return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)  # (..., out)
-        out = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.merged:
-            return out
+            return F.linear(x, self.weight, self.bias)
+        x = _autocast_input(x)  # cast once for both matmuls (autocast would cast x for each)
+        out = F.linear(x, self.weight, self.bias)  # (..., out)
         low = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
         return out + F.linear(low, self.lora_B) * self.scaling  # (..., out)
 
@@ -218,9 +229,10 @@ class LoRAQKV(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fold_on_the_fly():
             return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)  # (..., 3*dim)
-        out = F.linear(x, self.weight, self.bias)  # (..., 3*dim)
         if self.merged:
-            return out
+            return F.linear(x, self.weight, self.bias)
+        x = _autocast_input(x)  # cast once for both matmuls (autocast would cast x for each)
+        out = F.linear(x, self.weight, self.bias)  # (..., 3*dim)
         n, r = self.lora_A.shape[:2]
         low = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * r, -1))  # (..., T*r)
         low = low.unflatten(-1, (n, r)) * self.scaling  # (..., T, r): scale the narrow tensor, not (..., T, dim)
