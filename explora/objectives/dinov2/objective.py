@@ -249,7 +249,7 @@ class DinoV2Objective(Objective):
                 stage: int | None = None) -> ObjectiveOutput:
         if stage is not None and not 0 <= stage < self.backward_stages():
             raise ValueError(f"stage must be None or in [0, {self.backward_stages()}), got {stage}")
-        with self._cast_cache:
+        with self._cast_cache.under_autocast(batch["global"].device):
             return self._forward(batch, step, stage)
 
     @torch.no_grad()
