@@ -160,8 +160,8 @@ class LoRAQKV(LoRALayer):
     """timm's fused ``qkv`` Linear with independent LoRA pairs on a subset of its q/k/v output slices.
 
     The A and B matrices of the ``T`` targets are stacked (``lora_A``: (T, r, in), ``lora_B``: (T, dim, r)), so the
-    low-rank path is one matmul down and one batched matmul up; the result is added to the target slices of the
-    single base matmul with ``index_add`` (no loop over targets or heads in forward).
+    low-rank path is one matmul down and one batched matmul up; the result is added in place to the target slices
+    of the single base matmul (one strided slice: no loop over targets or heads in forward).
     """
 
     def __init__(
@@ -189,8 +189,11 @@ class LoRAQKV(LoRALayer):
         self._make_lora_parameters(device, dtype)
 
     def _make_lora_parameters(self, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
-        index = torch.tensor([QKV_TARGETS.index(t) for t in self.targets])
+        ids = [QKV_TARGETS.index(t) for t in self.targets]
+        index = torch.tensor(ids)
         self.register_buffer("lora_index", index.to(device or "cpu"), persistent=False)  # (T,) slice ids
+        # every sorted subset of (q, k, v) is evenly spaced: the targets are one strided slice of the 3 outputs
+        self._lora_slice = slice(ids[0], ids[-1] + 1, ids[1] - ids[0] if len(ids) > 1 else 1)
         n, r = len(self.targets), self.rank
         self.lora_A = nn.Parameter(torch.empty(n, r, self.in_features, device=device, dtype=dtype))  # (T, r, in)
         self.lora_B = nn.Parameter(torch.empty(n, self.dim, r, device=device, dtype=dtype))  # (T, dim, r)
@@ -237,8 +240,9 @@ class LoRAQKV(LoRALayer):
         low = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * r, -1))  # (..., T*r)
         low = low.unflatten(-1, (n, r)) * self.scaling  # (..., T, r): scale the narrow tensor, not (..., T, dim)
         up = torch.einsum("...tr,tdr->...td", low, self.lora_B)  # (..., T, dim)
-        # in place into the fresh matmul output (addmm's backward does not need it): no (..., 3*dim) copy
-        out.unflatten(-1, (3, self.dim)).index_add_(-2, self.lora_index, up.to(out.dtype))  # (..., 3, dim)
+        # in place into the target slices of the fresh matmul output (addmm's backward does not need it): no
+        # (..., 3*dim) copy, and a strided add instead of index_add (whose backward is an index_select)
+        out.unflatten(-1, (3, self.dim))[..., self._lora_slice, :].add_(up.to(out.dtype))  # (..., T, dim)
         return out  # (..., 3*dim)
 
 
