@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 for VARIANT in plain ckpt joint compile; do
   case "$VARIANT" in compile) LIMIT=180 ;; *) LIMIT=100 ;; esac  # 3 x 100 + 180 s = 8 minutes at most
   VARIANT="$VARIANT" STEPS="$STEPS" PEAK_TFLOPS="$PEAK_TFLOPS" timeout "$LIMIT" python - <<'PY' || echo "{\"variant\": \"$VARIANT\", \"error\": \"failed or timed out (exit $?)\"}"
-import json, os, statistics, time
+import json, os, statistics, sys, time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -38,6 +38,9 @@ from explora.models.backbone import build_backbone
 from explora.objectives.dinov2 import DinoV2Config, DinoV2Objective
 from explora.objectives.dinov2.masking import BlockMaskSampler
 from explora.objectives.dinov2.objective import DinoV2BatchTransform
+
+sys.path.insert(0, "benchmarks")
+from machine import machine
 
 variant, steps, peak = os.environ["VARIANT"], int(os.environ["STEPS"]), float(os.environ["PEAK_TFLOPS"])
 dev = torch.device("cuda")
@@ -99,7 +102,7 @@ res = {"variant": variant, "steps": steps, "warmup_s": round(warm_s, 1), "s_per_
        "tflop_per_step": None if flops is None else round(flops / 1e12, 2),
        "tflops": None if flops is None else round(flops / s / 1e12, 1),
        "mfu": None if flops is None else round(flops / s / 1e12 / peak, 3),
-       "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+       "device": torch.cuda.get_device_name(), "torch": torch.__version__, "machine": machine()}
 print(json.dumps(res), flush=True)
 PY
 done

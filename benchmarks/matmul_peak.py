@@ -15,9 +15,13 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         "size": size,
         "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if dev.type == "cuda" else None,
         "cpu_count": os.cpu_count(),
+        "machine": machine(),
         "gflops": {},
     }
     for name in args.dtypes:

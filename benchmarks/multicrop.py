@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from torchvision.transforms import v2
 from explora.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine  # noqa: E402
 from targets import MULTICROP_TARGETS, verdict  # noqa: E402
 
 
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"batch": args.batch, "repeats": args.repeats, "rounds": args.rounds,
                      "input": f"{args.size}x{args.size} uint8 RGB",
                      "global": f"2x{args.global_size}", "local": f"{args.n_local}x{args.local_size}",
-                     "threads": args.threads, "torch": torch.__version__, "cpu_capability":
-                     torch.backends.cpu.get_cpu_capability(), "machine": platform.processor() or platform.machine()},
+                     "threads": args.threads},
+        "machine": machine(),
     }
     print(json.dumps(result, indent=1))
     return result

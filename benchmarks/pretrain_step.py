@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine  # noqa: E402,F401  (finetune_step.py and features.py import it from here)
 from targets import PRETRAIN_TARGETS, step_targets  # noqa: E402
 
 
@@ -115,6 +116,8 @@ def summarise(runs: list[dict], items_per_step: int, peak_gflops: float | None) 
         out["fraction_of_matmul_peak"] = round(flops / s / 1e9 / peak_gflops, 3)
     if "trainable_params" in runs[0]:
         out["trainable_params"] = runs[0]["trainable_params"]
+    if "memory_choice" in runs[0]:
+        out["memory_choice"] = runs[0]["memory_choice"]
     return out
 
 
@@ -127,18 +130,6 @@ def compare(results: dict[str, dict], ours: str = "ours", base: str = "baseline"
         "peak_rss_ratio": round(a["peak_rss_mib"] / b["peak_rss_mib"], 3),
         "step_memory_ratio": round(a["step_memory_mib"] / b["step_memory_mib"], 3),
     }
-
-
-def machine() -> dict:
-    """Where the numbers come from: CPU model, cores, threads, torch version, date."""
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return {"cpu": model, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def matmul_peak(precision: str, size: int = 1024, budget_s: float = 6.0) -> float:
@@ -235,21 +226,46 @@ def _engine_step(obj: nn.Module, batch: dict, precision: str, *, depth: int, lay
     return step
 
 
+MEMORY_CHOICE: dict = {}  # the auto choice of the variant this worker built (reported in its JSON)
+
+
+def auto_memory_choice(args) -> dict:
+    """What ``dinov2.split_backward: auto`` picks for this setting on this machine, by ``explora pretrain``'s rule
+    (``explora.recipes.memory.auto_choice`` on the available memory)."""
+    from explora.recipes.memory import auto_choice, available_memory
+    from explora.recipes.pretrain import load_config
+
+    cfg = load_config(None, [
+        f"model.name={args.model}", "model.weights=null", f"train.batch_size={args.batch_size}",
+        f"train.precision={args.precision}", "adapt.preset=D-[L]-r64", f"adapt.lora_rank={args.rank}",
+        f"dinov2.global_size={args.global_size}", f"dinov2.local_size={args.local_size}",
+        f"dinov2.n_local={args.n_local}", f"dinov2.n_prototypes={args.prototypes}"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    available, source = available_memory(device)
+    return auto_choice(cfg, available, precision=args.precision, source=source)
+
+
 def ours_dinov2(args, split_backward: str | None = None) -> tuple[nn.Module, Callable[[int], None], dict]:
     """Our step: apply_explora + DinoV2Objective + engine param groups + fused AdamW + clip + EMA.
 
-    ``split_backward``: None keeps the library default (``view``: crops back-propagated view by view); the
-    ``ours_joint`` variant passes ``none`` (one backward over all crops) to show what the split alone changes.
+    ``split_backward``: None resolves the library default ``auto`` as ``explora pretrain`` does (the fastest setting
+    whose predicted peak fits this machine's memory, gradient checkpointing included); ``ours_view`` passes
+    ``view`` (crops back-propagated view by view), ``ours_joint`` passes ``none`` (one backward over all crops).
     """
     from explora.models.adapt import apply_explora, preset_options
     from explora.objectives.dinov2 import DinoV2Objective
 
+    checkpointing = False
+    if split_backward is None:
+        MEMORY_CHOICE.update(auto_memory_choice(args))
+        split_backward, checkpointing = MEMORY_CHOICE["split_backward"], MEMORY_CHOICE["grad_checkpointing"]
     torch.manual_seed(0)
     backbone = _backbone(args, args.global_size)
+    if checkpointing:
+        backbone.set_grad_checkpointing(True)
     apply_explora(backbone, **preset_options("D-[L]-r64", lora_rank=args.rank))
     cfg = _dinov2_cfg(args)
-    if split_backward is not None:
-        cfg.split_backward = split_backward
+    cfg.split_backward = split_backward
     obj = DinoV2Objective(backbone, cfg, total_steps=10_000)
     batch = _dinov2_batch(args, obj.patch_size)
     step = _engine_step(obj, batch, args.precision, depth=len(backbone.blocks), layer_decay=0.9,
@@ -432,8 +448,13 @@ def ours_joint_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
     return ours_dinov2(args, split_backward="none")
 
 
+def ours_view_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
+    """Our step back-propagated view by view (``dinov2.split_backward: view``, the lowest-memory split)."""
+    return ours_dinov2(args, split_backward="view")
+
+
 VARIANTS = {("dinov2", "ours"): ours_dinov2, ("dinov2", "baseline"): baseline_dinov2,
-            ("dinov2", "ours_joint"): ours_joint_dinov2,
+            ("dinov2", "ours_joint"): ours_joint_dinov2, ("dinov2", "ours_view"): ours_view_dinov2,
             ("mae", "ours"): ours_mae, ("mae", "baseline"): baseline_mae}
 
 
@@ -445,8 +466,11 @@ def worker(args) -> dict:
     times = time_steps(step, args.steps, args.warmup)
     peak = peak_rss_mib()  # before the FLOP count, whose dispatch mode keeps its own bookkeeping
     flops = count_flops(lambda: step(10_000))  # counted after timing: FlopCounterMode slows the step it watches
-    return {"times": times, "flops": flops, "peak_rss_mib": peak, "runtime_rss_mib": runtime,
-            "trainable_params": n_trainable(module)}
+    out = {"times": times, "flops": flops, "peak_rss_mib": peak, "runtime_rss_mib": runtime,
+           "trainable_params": n_trainable(module)}
+    if MEMORY_CHOICE:
+        out["memory_choice"] = dict(MEMORY_CHOICE)
+    return out
 
 
 def items_per_step(args) -> int:
@@ -469,13 +493,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved ours/baseline rounds (one subprocess each)")
-    ap.add_argument("--variants", nargs="+", default=["ours", "baseline"], choices=["ours", "baseline", "ours_joint"],
-                    help="ours_joint (dinov2): ours without the split backward")
+    ap.add_argument("--variants", nargs="+", default=["ours", "baseline"],
+                    choices=["ours", "baseline", "ours_joint", "ours_view"],
+                    help="ours: dinov2.split_backward auto (resolved for this machine); ours_joint (dinov2): "
+                    "split_backward none; ours_view: split_backward view")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch default; use 1 "
                     "on a shared machine: with 2 threads on 2 busy cores every op waits for a descheduled thread)")
     ap.add_argument("--peak-size", type=int, default=1024, help="matrix side of the matmul-peak measurement")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul-peak measurement")
-    ap.add_argument("--worker", choices=["ours", "baseline", "ours_joint"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "baseline", "ours_joint", "ours_view"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model is None:
         args.model = "vit_small_patch14_dinov2" if args.objective == "dinov2" else "vit_base_patch16_224"
@@ -514,11 +540,11 @@ def main(argv: list[str] | None = None, script: str = __file__, worker_fn=None, 
               "machine": machine(), "matmul_peak_gflops": None if peak is None else round(peak, 2), **results}
     if {"ours", "baseline"} <= set(results):
         report["comparison"] = compare(results)
-        if args.objective == "dinov2":  # the issue's targets are set for the DinoV2 step
-            report["targets"] = step_targets(PRETRAIN_TARGETS[args.precision], results, report["comparison"],
-                                             args.precision)
-    if {"ours_joint", "baseline"} <= set(results):
-        report["comparison_ours_joint"] = compare(results, ours="ours_joint")
+        report["targets"] = step_targets(PRETRAIN_TARGETS[args.objective][args.precision], results,
+                                         report["comparison"], args.precision)
+    for v in ("ours_joint", "ours_view"):
+        if {v, "baseline"} <= set(results):
+            report[f"comparison_{v}"] = compare(results, ours=v)
     print(json.dumps(report, indent=2))
     return report
 

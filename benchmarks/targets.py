@@ -8,16 +8,19 @@ native bf16 instructions.
 
 from __future__ import annotations
 
-# name -> (kind, value): "min" = measured must be >= value, "max" = measured must be <= value
+# name -> (kind, value): "min" = measured must be >= value, "max" = measured must be <= value. Issue 18: the bf16
+# steps ahead of the straightforward implementation, fp32 steps and fine-tuning never slower than it, peak memory
+# at most 0.85x the baseline's with the default (split_backward: auto) choice
+_MEMORY = {"peak_rss_ratio": ("max", 0.85), "step_memory_ratio": ("max", 0.85)}
 PRETRAIN_TARGETS = {
-    "fp32": {"speedup": ("min", 1.25), "peak_rss_ratio": ("max", 0.8), "step_memory_ratio": ("max", 0.8)},
-    "bf16": {"speedup": ("min", 2.0), "fraction_of_matmul_peak": ("min", 0.25), "peak_rss_ratio": ("max", 0.8),
-             "step_memory_ratio": ("max", 0.8)},
+    "dinov2": {"fp32": {"speedup": ("min", 1.0), **_MEMORY},
+               "bf16": {"speedup": ("min", 1.25), "fraction_of_matmul_peak": ("min", 0.55), **_MEMORY}},
+    "mae": {"fp32": {"speedup": ("min", 1.0)}, "bf16": {"speedup": ("min", 1.2)}},
 }
 # peak memory is judged twice: the whole process (peak_rss_ratio) and the step's own memory above the imported
 # runtime (step_memory_ratio: peak RSS minus the RSS after importing torch, timm, peft and explora, the CPU
 # analogue of torch.cuda.max_memory_allocated)
-FINETUNE_TARGETS = {"speedup": ("min", 1.3)}
+FINETUNE_TARGETS = {"speedup": ("min", 1.0)}
 MULTICROP_TARGETS = {"ratio": ("min", 3.0)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,7 +18,13 @@ from explora.models.export import export_backbone, load_adapted
 from explora.models.params import memory_estimate, parameter_report
 from explora.models.registry import get_backbone_spec
 from explora.recipes.export_config import ExportConfig, ParamsConfig
-from explora.recipes.memory import estimate_all, objective_report, summary_markdown
+from explora.recipes.memory import (
+    auto_choice,
+    available_memory,
+    estimate_all,
+    objective_report,
+    summary_markdown,
+)
 from explora.recipes.pretrain import load_config
 
 
@@ -43,18 +50,39 @@ def memory_command(cfg: ParamsConfig, overrides: list[str]) -> int:
     """Predicted peak training memory (explora.recipes.memory) of a config: the configured setting plus all four."""
 
     pretrain = _memory_config(cfg, overrides)
+    precision = "bf16" if pretrain.train.precision == "auto" else pretrain.train.precision  # as estimate_all
+    auto = _auto_choice(cfg, pretrain, precision)
+    if auto is not None:  # the tables show the mode auto picks
+        pretrain = replace(pretrain, dinov2={**pretrain.dinov2, "split_backward": auto["split_backward"]})
     reports = estimate_all(pretrain)
-    chosen = next(r for r in reports if r.precision == pretrain.train.precision
-                  and r.grad_checkpointing == pretrain.model.grad_checkpointing)
+    ckpt = auto["grad_checkpointing"] if auto is not None else pretrain.model.grad_checkpointing
+    chosen = next(r for r in reports if r.precision == precision and r.grad_checkpointing == ckpt)
     if cfg.json:
-        print(json.dumps({"configured": chosen.to_dict(), "all": [r.to_dict() for r in reports]}, indent=2))
+        print(json.dumps({"configured": chosen.to_dict(), "all": [r.to_dict() for r in reports], "auto_choice": auto},
+                         indent=2))
     else:
         d = chosen.details
         print(f"## {d['model']}, preset {d['preset']}, batch {d['batch_size']}, crops {d['crops']}\n")
         print(chosen.to_markdown())
         print()
         print(summary_markdown(reports))
+        if auto is not None:
+            mode = auto["split_backward"] + (" + gradient checkpointing" if auto["grad_checkpointing"] else "")
+            print(f"\ndinov2.split_backward: auto with {auto['available_mib'] / 1024:.1f} GiB "
+                  f"({auto['available_source']}, {100 * auto['margin']:.0f}% margin) -> **{mode}** "
+                  f"(predicted {auto['predicted_peak_mib'] / 1024:.1f} GiB{'' if auto['fits'] else ', does not fit'})")
     return 0
+
+
+def _auto_choice(cfg: ParamsConfig, pretrain: Any, precision: str) -> dict[str, Any] | None:
+    """What ``dinov2.split_backward: auto`` picks for ``--available-gib`` (or this machine); None if not auto."""
+    if pretrain.objective != "dinov2" or pretrain.dinov2.get("split_backward", "auto") != "auto":
+        return None
+    if cfg.available_gib is not None:
+        available, source = int(cfg.available_gib * 1024**3), "--available-gib"
+    else:
+        available, source = available_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return auto_choice(pretrain, available, precision=precision, source=source)
 
 
 def objective_params_command(cfg: ParamsConfig, overrides: list[str]) -> int:

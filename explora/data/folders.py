@@ -196,7 +196,7 @@ class UnlabeledFolder(ExploraDataset):
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         f, y, x = self.windows[index]
-        image = self._decode(f) if y >= 0 else read_image(f, self.int_scale)
+        image = self._decode(f) if y >= 0 else read_image(f, self.int_scale, min_side=self.image_size)
         if y >= 0:
             image = image[:, y:y + self.chip, x:x + self.chip].clone()  # (C, chip, chip), own storage
             if image.shape[-2:] != (self.chip, self.chip):

@@ -106,7 +106,7 @@ class ImageListDataset(ExploraDataset):
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label, where = self.items[index]
         try:
-            image = read_image(path, self.int_scale)
+            image = read_image(path, self.int_scale, min_side=self.image_size)  # resized to image_size next
         except DataError as e:
             raise located(where, path, e) from e
         return image, label

@@ -53,6 +53,9 @@ class ParamsConfig:
     model: str | None = None  # backbone short name (e.g. dinov2_vitl14) or timm name
     config: str | None = None  # a pretrain config (file or preset name): its objective's report; --memory: its memory
     memory: bool = False  # with config: predicted peak training memory; with model only: weights/gradients/AdamW
+    # with --memory: the dinov2.split_backward auto choice for a device with this many GiB (default: this machine's
+    # GPU free memory, else its available memory)
+    available_gib: float | None = None
     in_chans: int = 3  # input channels (1: grayscale backbone with the RGB patch filters summed)
     json: bool = False  # print JSON instead of Markdown
     spec: str | None = None  # an ExploraSpec YAML file (overrides adapt)

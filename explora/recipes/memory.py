@@ -22,6 +22,7 @@ transients that are freed before the student's activations exist (reported as it
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +32,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from explora.core.errors import ConfigError
+from explora.core.precision import resolve_precision
 from explora.models.params import ParamReport, gradient_and_moment_bytes
 from explora.recipes.pretrain import build_objective
 
@@ -362,3 +364,91 @@ def objective_report(cfg: Any) -> ParamReport:
     with torch.device("meta"):
         objective = build_objective(cfg)
     return objective.parameter_report()
+
+
+# -- dinov2.split_backward: auto ----------------------------------------------------------------------------------
+# The memory-saving settings of a DinoV2 step, fastest first: (split_backward, gradient checkpointing). The split
+# backward costs smaller matmuls (measured ~1.2x the joint step's time in bf16 on CPU, docs/performance.md);
+# checkpointing recomputes the forward of every block that trains (~1.3x: with LoRA in every block, all of them),
+# so it comes after the splits, and joint + checkpointing before a split with checkpointing.
+AUTO_SETTINGS: tuple[tuple[str, bool], ...] = (
+    ("none", False), ("crop_size", False), ("view", False), ("none", True), ("crop_size", True), ("view", True))
+AUTO_MARGIN = 0.2  # keep 20% of the available memory free: allocator fragmentation, the runtime, data workers
+
+
+def choose_setting(estimates: list[int], available: int, margin: float = AUTO_MARGIN) -> tuple[int, bool]:
+    """Index of the first (fastest) estimate that fits ``available * (1 - margin)`` bytes, and whether one fits.
+
+    ``estimates`` are predicted peaks in bytes, fastest setting first. When none fits, the smallest one is chosen
+    (the run may still fit: the estimate is an upper bound of what autograd keeps) and ``False`` says so.
+    """
+    if not estimates:
+        raise ValueError("choose_setting: no estimates")
+    if not 0 <= margin < 1:
+        raise ConfigError(f"memory margin must be in [0, 1), got {margin}")
+    budget = available * (1 - margin)
+    for i, peak in enumerate(estimates):
+        if peak <= budget:
+            return i, True
+    return min(range(len(estimates)), key=estimates.__getitem__), False
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes a run on ``device`` may use, and where the figure comes from.
+
+    CUDA: the device's free memory (``torch.cuda.mem_get_info``). CPU: the machine's ``MemAvailable``
+    (``/proc/meminfo``), divided among the processes ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``).
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError) as e:
+        raise ConfigError("dinov2.split_backward: auto needs the available memory, and /proc/meminfo has no "
+                          f"MemAvailable ({e}); set dinov2.split_backward to none, crop_size or view") from e
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return kib * 1024 // local, "MemAvailable" + (f" / {local} local processes" if local > 1 else "")
+
+
+def auto_choice(cfg: Any, available: int, *, precision: str, source: str = "given",
+                margin: float = AUTO_MARGIN) -> dict[str, Any]:
+    """The setting ``dinov2.split_backward: auto`` picks for ``cfg`` with ``available`` bytes, with its estimates.
+
+    Every setting of :data:`AUTO_SETTINGS` is estimated (a user's ``model.grad_checkpointing: true`` is kept:
+    then only the settings with checkpointing are candidates); :func:`choose_setting` picks. The record (also
+    written to the run's ``run_metadata.json``) holds the choice, every estimate and the budget.
+    """
+    settings = [s for s in AUTO_SETTINGS if s[1] or not cfg.model.grad_checkpointing]
+    estimates = []
+    for mode, ckpt in settings:
+        mode_cfg = replace(cfg, dinov2={**cfg.dinov2, "split_backward": mode})
+        estimates.append(estimate_pretrain_memory(mode_cfg, precision=precision, grad_checkpointing=ckpt).peak)
+    i, fits = choose_setting(estimates, available, margin)
+    return {
+        "split_backward": settings[i][0],
+        "grad_checkpointing": settings[i][1],
+        "fits": fits,
+        "predicted_peak_mib": round(estimates[i] / MIB, 1),
+        "available_mib": round(available / MIB, 1),
+        "available_source": source,
+        "margin": margin,
+        "precision": precision,
+        "estimates_mib": {f"{m}{' + checkpointing' if c else ''}": round(e / MIB, 1)
+                          for (m, c), e in zip(settings, estimates)},
+    }
+
+
+def resolve_auto_memory(cfg: Any, device: torch.device) -> tuple[Any, dict[str, Any] | None]:
+    """``cfg`` with ``dinov2.split_backward: auto`` replaced by the choice for ``device`` (and gradient
+    checkpointing switched on when the choice needs it), plus the choice's record; ``(cfg, None)`` when there is
+    nothing to resolve (MAE, or an explicit split mode)."""
+    if cfg.objective != "dinov2" or cfg.dinov2.get("split_backward", "auto") != "auto":
+        return cfg, None
+    available, source = available_memory(device)
+    precision = resolve_precision(cfg.train.precision, device)
+    record = auto_choice(cfg, available, precision=precision, source=source)
+    resolved = replace(cfg, dinov2={**cfg.dinov2, "split_backward": record["split_backward"]},
+                       model=replace(cfg.model, grad_checkpointing=record["grad_checkpointing"]))
+    return resolved, record

@@ -9,6 +9,7 @@ dataclass, so a misspelled key is an error with a suggestion, and the effective 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from timm.layers import DropPath
 
 from explora.core.config import compose, from_dict, save_yaml, section, to_dict
 from explora.core.errors import ConfigError, DataError
+from explora.core.io import atomic_write_bytes
 from explora.data.specs import build_dataset
 from explora.engine import parallel as D
 from explora.engine.lengths import resolve_lengths
@@ -27,6 +29,8 @@ from explora.models.backbone import build_backbone
 from explora.models.export import infer_model_args
 from explora.objectives.mae.config import MAEConfig
 from explora.presets import config_path
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,7 +146,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     """Train, then export the merged backbone (teacher for DinoV2, encoder for MAE) to ``<output_dir>/export``."""
 
     out = Path(cfg.output_dir)
-    D.init_distributed()  # before anything reads the rank or the world size (torchrun: every process)
+    device = D.init_distributed()  # before anything reads the rank or the world size (torchrun: every process)
     if resume:
         check_resume_config(cfg, out / "config.yaml")
     if D.is_main():
@@ -158,6 +162,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
         )
     stats = (tuple(dataset.mean), tuple(dataset.std)) if hasattr(dataset, "mean") else None
     cfg = resolve_run_lengths(cfg, len(dataset))  # epochs and default warm-up/freeze -> steps (config.yaml keeps them)
+    cfg = resolve_memory_settings(cfg, device, out)  # dinov2.split_backward: auto (config.yaml keeps "auto")
     objective = build_objective(cfg, stats)
     result = train(objective, dataset, cfg.optim, cfg.train, out, resume=resume)
     D.gather_full_(objective)  # every rank (a collective under FSDP2; train() already did it, then a no-op)
@@ -192,6 +197,24 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def resolve_memory_settings(cfg: PretrainConfig, device: torch.device, out: Path) -> PretrainConfig:
+    """``cfg`` with ``dinov2.split_backward: auto`` resolved for ``device`` from the memory estimate; the choice
+    and every estimate are logged and saved as ``run_metadata.json`` (key ``memory_choice``) in ``out``."""
+    from explora.recipes.memory import resolve_auto_memory  # memory.py builds objectives with build_objective
+
+    cfg, choice = resolve_auto_memory(cfg, device)
+    if choice is None:
+        return cfg
+    mode = choice["split_backward"] + (" + gradient checkpointing" if choice["grad_checkpointing"] else "")
+    _log.info("dinov2.split_backward: auto -> %s (predicted peak %.0f MiB of %.0f MiB available, %s, margin %.0f%%"
+              "%s); estimates MiB: %s", mode, choice["predicted_peak_mib"], choice["available_mib"],
+              choice["available_source"], 100 * choice["margin"], "" if choice["fits"] else "; NONE FITS",
+              choice["estimates_mib"])
+    if D.is_main():
+        atomic_write_bytes(out / "run_metadata.json", json.dumps({"memory_choice": choice}, indent=2).encode())
+    return cfg
 
 
 def resolve_run_lengths(cfg: PretrainConfig, dataset_len: int) -> PretrainConfig:

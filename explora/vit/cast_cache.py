@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -23,6 +24,14 @@ class FrozenWeightCastCache(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self._cache: dict[int, tuple[weakref.ref, int, torch.dtype, torch.Tensor]] = {}
+
+    def under_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """This mode where autocast computes in a lower precision on ``device``; otherwise a no-op context, so an
+        fp32 step pays no Python call per torch function for a cache it would not use."""
+        dev = device.type
+        if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != torch.float32:
+            return self
+        return contextlib.nullcontext()
 
     def _low(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         hit = self._cache.get(id(w))

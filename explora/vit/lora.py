@@ -37,6 +37,16 @@ LINEAR_TARGETS = {"proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 _TARGET_ALIASES = {"attn.proj": "proj", "mlp.fc1": "fc1", "mlp.fc2": "fc2", "qkv": "qkv", "attn.qkv": "qkv"}
 
 
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in autocast's matmul dtype when autocast is on for its device (what ``F.linear`` would cast it to)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(dev)
+        if x.dtype != dtype and x.dtype == torch.float32:
+            return x.to(dtype)
+    return x
+
+
 class LoRALayer(nn.Linear):
     """Common base: rank/alpha/dropout bookkeeping and exact merge/unmerge of ``delta_weight()``."""
 
@@ -147,9 +157,10 @@ class LoRALinear(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fold_on_the_fly():
             return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)  # (..., out)
-        out = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.merged:
-            return out
+            return F.linear(x, self.weight, self.bias)
+        x = _autocast_input(x)  # cast once for both matmuls (autocast would cast x for each)
+        out = F.linear(x, self.weight, self.bias)  # (..., out)
         low = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
         return out + F.linear(low, self.lora_B) * self.scaling  # (..., out)
 
@@ -158,8 +169,8 @@ class LoRAQKV(LoRALayer):
     """timm's fused ``qkv`` Linear with independent LoRA pairs on a subset of its q/k/v output slices.
 
     The A and B matrices of the ``T`` targets are stacked (``lora_A``: (T, r, in), ``lora_B``: (T, dim, r)), so the
-    low-rank path is one matmul down and one batched matmul up; the result is added to the target slices of the
-    single base matmul with ``index_add`` (no loop over targets or heads in forward).
+    low-rank path is one matmul down and one batched matmul up; the result is added in place to the target slices
+    of the single base matmul (one strided slice: no loop over targets or heads in forward).
     """
 
     def __init__(
@@ -187,8 +198,11 @@ class LoRAQKV(LoRALayer):
         self._make_lora_parameters(device, dtype)
 
     def _make_lora_parameters(self, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
-        index = torch.tensor([QKV_TARGETS.index(t) for t in self.targets])
+        ids = [QKV_TARGETS.index(t) for t in self.targets]
+        index = torch.tensor(ids)
         self.register_buffer("lora_index", index.to(device or "cpu"), persistent=False)  # (T,) slice ids
+        # every sorted subset of (q, k, v) is evenly spaced: the targets are one strided slice of the 3 outputs
+        self._lora_slice = slice(ids[0], ids[-1] + 1, ids[1] - ids[0] if len(ids) > 1 else 1)
         n, r = len(self.targets), self.rank
         self.lora_A = nn.Parameter(torch.empty(n, r, self.in_features, device=device, dtype=dtype))  # (T, r, in)
         self.lora_B = nn.Parameter(torch.empty(n, self.dim, r, device=device, dtype=dtype))  # (T, dim, r)
@@ -227,15 +241,17 @@ class LoRAQKV(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fold_on_the_fly():
             return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)  # (..., 3*dim)
-        out = F.linear(x, self.weight, self.bias)  # (..., 3*dim)
         if self.merged:
-            return out
+            return F.linear(x, self.weight, self.bias)
+        x = _autocast_input(x)  # cast once for both matmuls (autocast would cast x for each)
+        out = F.linear(x, self.weight, self.bias)  # (..., 3*dim)
         n, r = self.lora_A.shape[:2]
         low = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * r, -1))  # (..., T*r)
         low = low.unflatten(-1, (n, r)) * self.scaling  # (..., T, r): scale the narrow tensor, not (..., T, dim)
         up = torch.einsum("...tr,tdr->...td", low, self.lora_B)  # (..., T, dim)
-        # in place into the fresh matmul output (addmm's backward does not need it): no (..., 3*dim) copy
-        out.unflatten(-1, (3, self.dim)).index_add_(-2, self.lora_index, up.to(out.dtype))  # (..., 3, dim)
+        # in place into the target slices of the fresh matmul output (addmm's backward does not need it): no
+        # (..., 3*dim) copy, and a strided add instead of index_add (whose backward is an index_select)
+        out.unflatten(-1, (3, self.dim))[..., self._lora_slice, :].add_(up.to(out.dtype))  # (..., T, dim)
         return out  # (..., 3*dim)
 
 

@@ -158,7 +158,9 @@ def test_predicted_peak_matches_measured_rss(tmp_path, split, base):
     assert r.details["split_backward"] == split
     present_before = ("frozen_weights", "trainable_weights", "head_weights", "teacher_ema_copies", "buffers", "batch")
     predicted = r.peak - sum(r.components[k] for k in present_before)
-    assert r.components["student_activations"] > 0.5 * predicted  # activations dominate this run
+    # activations are the largest part of this run (45 of 93 MiB with view since LoRAQKV adds its update as a slice)
+    assert r.components["student_activations"] > 0.4 * predicted
+    assert max(r.peak_components, key=r.components.get) == "student_activations"
     print(f"predicted {predicted / MIB:.1f} MiB, measured {measured / MIB:.1f} MiB")
     assert abs(measured / predicted - 1) < 0.2
 

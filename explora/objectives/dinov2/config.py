@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from explora.core.errors import ConfigError
 
+SPLIT_BACKWARD_MODES = ("auto", "none", "crop_size", "view")
 IBOT_HEAD_KEYS = ("ibot_n_prototypes", "ibot_hidden_dim", "ibot_bottleneck_dim", "ibot_head_nlayers")
 
 
@@ -62,15 +63,17 @@ class DinoV2Config:
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # augmentations.py GaussianBlur p (see docs: upstream quirk)
     # not upstream (DinoV2 back-propagates the whole loss at once): back-propagate the loss in parts so that only one
     # part's activations are alive; same gradients up to summation order. "none" | "crop_size" | "view"
-    # (DinoV2Objective.stage_plan); true/false mean "view"/"none"
-    split_backward: str = "view"
+    # (DinoV2Objective.stage_plan); true/false mean "view"/"none". "auto": `explora pretrain` picks the fastest
+    # setting whose predicted peak fits the device's memory (explora.recipes.memory.resolve_auto_memory); an
+    # objective built directly with "auto" has no estimate and splits view by view, the lowest-memory mode
+    split_backward: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.split_backward, bool):
             self.split_backward = "view" if self.split_backward else "none"
-        if self.split_backward not in ("none", "crop_size", "view"):
-            raise ConfigError(f"dinov2.split_backward must be one of none, crop_size, view (or true/false), "
-                              f"got {self.split_backward!r}")
+        if self.split_backward not in SPLIT_BACKWARD_MODES:
+            raise ConfigError(f"dinov2.split_backward must be one of {', '.join(SPLIT_BACKWARD_MODES)} "
+                              f"(or true/false), got {self.split_backward!r}")
         if self.centering not in ("centering", "sinkhorn_knopp"):
             raise ConfigError(f"dinov2.centering must be 'centering' or 'sinkhorn_knopp', got {self.centering!r}")
         lo, hi = self.mask_ratio_min_max

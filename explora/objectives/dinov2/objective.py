@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import numbers
 import warnings
 
@@ -31,6 +32,8 @@ from explora.objectives.dinov2.losses import DINOLoss, GramLoss, KoLeoLoss, iBOT
 from explora.objectives.dinov2.masking import BlockMaskSampler
 from explora.vit.cast_cache import FrozenWeightCastCache
 from explora.vit.tokens import forward_tokens
+
+_log = logging.getLogger(__name__)
 
 
 class DinoV2BatchTransform:
@@ -115,6 +118,10 @@ class DinoV2Objective(Objective):
     def __init__(self, backbone: nn.Module, cfg: DinoV2Config | None = None, *, total_steps: int) -> None:
         super().__init__()
         self.config = cfg = cfg or DinoV2Config()
+        if cfg.split_backward == "auto":  # the recipe resolves it from the memory estimate before building us
+            _log.info("dinov2.split_backward: auto without a memory estimate (objective built directly): "
+                      "back-propagating view by view, the lowest-memory mode")
+            self.config = cfg = dataclasses.replace(cfg, split_backward="view")
         pretrained = [p for p in backbone.parameters() if not p.requires_grad]  # frozen by apply_explora
         self.total_steps = _checked_total_steps(total_steps, cfg)
         dim = backbone.embed_dim
@@ -264,7 +271,7 @@ class DinoV2Objective(Objective):
                 stage: int | None = None) -> ObjectiveOutput:
         if stage is not None and not 0 <= stage < self.backward_stages():
             raise ValueError(f"stage must be None or in [0, {self.backward_stages()}), got {stage}")
-        with self._cast_cache:
+        with self._cast_cache.under_autocast(batch["global"].device):
             return self._forward(batch, step, stage)
 
     @torch.no_grad()

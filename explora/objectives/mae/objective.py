@@ -229,7 +229,7 @@ class MAEObjective(Objective):
         return pred, mask
 
     def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> ObjectiveOutput:  # type: ignore[override]
-        with self._cast_cache:
+        with self._cast_cache.under_autocast(batch["images"].device):
             pred, mask = self.predict(batch)
         target = self.targets(batch["images"])
         loss = self.loss_from(pred, target, mask)
