@@ -12,6 +12,7 @@ The public API, by stage::
     objective = DinoV2Objective(backbone, DinoV2Config(), total_steps=...)       # or MAEObjective
     train(objective, build_dataset("fmow:/data/train.csv", image_size=256), OptimConfig(), TrainConfig(), "runs/x")
     export_backbone(objective.export_backbone(), "runs/x/export", timm_name="vit_large_patch14_dinov2")
+    write_model_card("runs/x/export", "runs/x")      # README.md; timm.create_model("local-dir:runs/x/export", ...)
 
 Most users run the same through the CLI: ``explora pretrain --config dinov2_vitl14_fmow_D-L-r64``.
 """
@@ -30,8 +31,9 @@ from explora.models.adapt import PRESETS, ExploraSpec, apply_explora, apply_pres
 from explora.models.backbone import build_backbone
 from explora.models.checkpoints import convert_checkpoint, load_checkpoint_file
 from explora.models.encoder import Encoder, as_encoder
-from explora.models.export import export_backbone
+from explora.models.export import export_backbone, export_classifier, load_encoder, write_timm_config
 from explora.models.group_channel import GroupChannelViT
+from explora.models.model_card import write_model_card
 from explora.models.params import ParamReport, parameter_report
 from explora.models.record import ExploraRecord, record_of
 from explora.models.temporal import TemporalViT
@@ -83,12 +85,14 @@ __all__ = [
     "compute_stats",
     "convert_checkpoint",
     "export_backbone",
+    "export_classifier",
     "extract_features",
     "forward_backward",
     "inject_lora",
     "knn_classify",
     "load_checkpoint_file",
     "load_config",
+    "load_encoder",
     "merge_lora",
     "merged_state_dict",
     "parameter_report",
@@ -99,5 +103,7 @@ __all__ = [
     "train",
     "train_linear_probe",
     "unmerge_lora",
+    "write_model_card",
+    "write_timm_config",
     "__version__",
 ]

@@ -9,6 +9,7 @@ dataclass, so a misspelled key is an error with a suggestion, and the effective 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -18,13 +19,16 @@ from timm.layers import DropPath
 
 from explora.core.config import compose, from_dict, save_yaml, section, to_dict
 from explora.core.errors import ConfigError, DataError
+from explora.core.io import atomic_write_bytes
+from explora.core.precision import hardware_name, resolve_precision
 from explora.data.specs import build_dataset
 from explora.engine import parallel as D
-from explora.engine.lengths import resolve_lengths
+from explora.engine.lengths import accumulation_steps, resolve_lengths
 from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, train
 from explora.models.adapt import ExploraSpec, apply_explora, preset_spec
 from explora.models.backbone import build_backbone
 from explora.models.export import infer_model_args
+from explora.models.model_card import write_model_card
 from explora.objectives.mae.config import MAEConfig
 from explora.presets import config_path
 
@@ -159,7 +163,9 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     stats = (tuple(dataset.mean), tuple(dataset.std)) if hasattr(dataset, "mean") else None
     cfg = resolve_run_lengths(cfg, len(dataset))  # epochs and default warm-up/freeze -> steps (config.yaml keeps them)
     objective = build_objective(cfg, stats)
+    started = time.perf_counter()
     result = train(objective, dataset, cfg.optim, cfg.train, out, resume=resume)
+    wall = time.perf_counter() - started
     D.gather_full_(objective)  # every rank (a collective under FSDP2; train() already did it, then a no-op)
     if D.is_main():
         from explora.models.export import export_backbone, export_wrapped_encoder, is_wrapped
@@ -175,12 +181,14 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
                 encoder, out / "export", spec.timm_name, base_model_args(cfg, spec.timm_name), metadata
             )
         else:
+            norm = objective.config  # the normalisation the run trained with (dataset statistics unless configured)
             paths = export_backbone(
                 encoder,
                 out / "export",
                 timm_name=spec.timm_name,
                 formats=tuple(cfg.export_formats),
                 metadata=metadata,
+                data_config={"mean": getattr(norm, "mean", None), "std": getattr(norm, "std", None)},
             )
         summary = {
             "steps": result.steps_done,
@@ -189,9 +197,36 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
             "loader_restarts": result.loader_restarts,
             "last_terms": result.last_terms,
             "exports": {k: str(v) for k, v in paths.items()},
+            **run_facts(cfg, objective, len(dataset), wall),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+        if "timm_config" in paths or "sidecar" in paths:
+            write_model_card(out / "export", out)
     return result
+
+
+def run_facts(cfg: PretrainConfig, objective: torch.nn.Module, images: int, wall_s: float) -> dict[str, Any]:
+    """What produced a run, for ``summary.json`` and the model card: model, preset, data spec and image count,
+    effective batch, resolved precision, processes, hardware, wall time of the training loop (this process;
+    a resumed run counts its last part), and the trainable parameters per ExPLoRA group."""
+    device = next(objective.parameters()).device
+    world = D.world_size()
+    accum = accumulation_steps(cfg.train.batch_size, world, cfg.train.accum_steps, cfg.train.effective_batch)
+    return {
+        "model": cfg.model.name,
+        "objective": cfg.objective,
+        "preset": cfg.adapt.preset,
+        "data": cfg.data.spec,
+        "images": int(images),
+        "image_size": cfg.data.image_size,
+        "batch_size": cfg.train.batch_size,
+        "effective_batch": cfg.train.batch_size * world * accum,
+        "precision": resolve_precision(cfg.train.precision, device),
+        "processes": world,
+        "hardware": hardware_name(device),
+        "wall_time_s": round(float(wall_s), 1),
+        "parameters": objective.parameter_report().to_dict(),
+    }
 
 
 def resolve_run_lengths(cfg: PretrainConfig, dataset_len: int) -> PretrainConfig:
