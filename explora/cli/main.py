@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "explora.cli.pretrain",
     "explora.cli.evaluate",
     "explora.cli.export",
+    "explora.cli.push",
     "explora.cli.data",
     "explora.cli.analyze",
 )
