@@ -247,7 +247,7 @@ def base_model_args(cfg: PretrainConfig, timm_name: str) -> dict[str, Any]:
 # Keys that change how a run is fed, logged or checkpointed, not what it computes: they may differ on --resume.
 RESUME_FREE_KEYS = frozenset({
     "output_dir", "export_formats", "train.num_workers", "train.log_every", "train.ckpt_every", "train.keep_last",
-    "train.tensorboard", "train.max_loader_restarts", "train.max_nonfinite_steps", "train.eval_every",
+    "train.tensorboard", "train.loggers", "train.max_loader_restarts", "train.max_nonfinite_steps", "train.eval_every",
 })
 
 
