@@ -12,7 +12,8 @@ from explora.recipes.push import find_export, push_export
 def push_command(args: argparse.Namespace) -> int:
     """Upload the export (weights, config.json, model.json, model card) and print the commit URL."""
     cfg: PushConfig = config_from_args(args)
-    url = push_export(cfg.path, cfg.repo, private=cfg.private, revision=cfg.revision, commit_message=cfg.message)
+    url = push_export(cfg.path, cfg.repo, private=cfg.private, revision=cfg.revision, commit_message=cfg.message,
+                      eval_dirs=list(cfg.evals))
     print(f"[explora] pushed {find_export(cfg.path)} to {cfg.repo} ({'private' if cfg.private else 'public'}): {url}")
     return 0
 

@@ -8,7 +8,7 @@ ExploraSpec YAML file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from explora.core.config import section
@@ -73,6 +73,7 @@ class PushConfig:
     private: bool = True  # create the repository private (an existing one keeps its visibility)
     revision: str | None = None  # branch to push to (default: main)
     message: str = "Upload ExPLoRA export"  # commit message
+    evals: list[str] = field(default_factory=list)  # evaluation run dirs (linprobe/knn/finetune): card rewritten
 
     def validate(self) -> None:
         for key in ("path", "repo"):

@@ -69,15 +69,17 @@ def push_export(
     private: bool = True,
     revision: str | None = None,
     commit_message: str = "Upload ExPLoRA export",
+    eval_dirs: list[str] | tuple[str, ...] = (),
     api: Any | None = None,
 ) -> str:
     """Upload the export at ``path`` (or a run's) to the Hub repository ``repo`` (``user/name``), created private
-    unless ``private=False``; returns the commit URL. ``api`` defaults to :func:`hub_api`."""
+    unless ``private=False``; returns the commit URL. With ``eval_dirs`` (evaluation runs' directories) the model
+    card is rewritten with their numbers first. ``api`` defaults to :func:`hub_api`."""
     if not _REPO.match(repo or ""):
         raise ConfigError(f"explora push --repo {repo!r}: expected a Hub repository id 'user/name'")
     export = find_export(path)
-    if not (export / CARD).is_file():
-        write_model_card(export)
+    if eval_dirs or not (export / CARD).is_file():
+        write_model_card(export, eval_dirs=eval_dirs)
     client = api if api is not None else hub_api()
     try:
         client.whoami()

@@ -55,8 +55,13 @@ def test_push_uploads_the_export_private_by_default(run, tmp_path, monkeypatch, 
     uploaded = sorted(p.name for p in (tmp_path / "hub" / "me" / "explora-test").iterdir())
     assert uploaded == ["README.md", "config.json", "model.json", "model.safetensors"]  # card written first, no .tmp
     assert "https://hub.local/me/explora-test/commit/1" in capsys.readouterr().out
-    assert main(["push", str(run / "export"), "--repo", "me/public", "--no-private", "--message", "v2"]) == 0
+    probe = tmp_path / "linprobe"
+    probe.mkdir()
+    (probe / "metrics.json").write_text('{"protocol": "linear_probe", "top1": 64.5, "top5": 90.0}')
+    assert main(["push", str(run / "export"), "--repo", "me/public", "--no-private", "--message", "v2",
+                 "--evals", str(probe)]) == 0
     assert hub.repos["me/public"] == {"private": False, "message": "v2", "revision": None}
+    assert "| linear_probe | 64.50 | 90.00 |" in (tmp_path / "hub" / "me" / "public" / "README.md").read_text()
 
 
 def test_push_errors_name_the_fix(run, tmp_path, monkeypatch, capsys) -> None:
