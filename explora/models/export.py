@@ -168,12 +168,12 @@ def _version() -> str:
         return "unknown"
 
 
-
 def export_license(model: nn.Module, timm_name: str, family: str | None = None) -> str | None:
     """The licence an export of ``model`` carries: the one :func:`~explora.models.backbone.build_backbone` (or timm)
     recorded in ``pretrained_cfg["license"]``, else :func:`~explora.models.registry.base_license` of ``timm_name``."""
     recorded = (getattr(model, "pretrained_cfg", None) or {}).get("license")
     return str(recorded) if recorded else base_license(timm_name, family, record_of(model).source)
+
 
 def write_timm_config(
     export_dir: str | os.PathLike[str],
