@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test lint demo bench
+.PHONY: install test lint demo bench wheel-check
 
 install:
 	$(PIP) install -q torch torchvision
@@ -18,3 +18,7 @@ demo: install
 
 bench: install
 	$(PYTHON) benchmarks/run_all.py --out bench-out
+
+# The wheel alone: build it, install it into a clean venv (not this checkout), run the CLI and a tiny pre-training.
+wheel-check:
+	PYTHON=$(PYTHON) bash .ci/wheel-check

@@ -14,6 +14,7 @@ The public API, by stage::
     export_backbone(objective.export_backbone(), "runs/x/export", timm_name="vit_large_patch14_dinov2")
     run_segment(backbone, build_dataset("seg_folder:/data/water:classes=2", image_size=224), val, "runs/seg",
                 image_size=224, mode="lora", head="upernet")                       # mIoU, report, best/
+    write_model_card("runs/x/export", "runs/x")      # README.md; timm.create_model("local-dir:runs/x/export", ...)
 
 Most users run the same through the CLI: ``explora pretrain --config dinov2_vitl14_fmow_D-L-r64``.
 """
@@ -34,11 +35,17 @@ from explora.models.adapt import PRESETS, ExploraSpec, apply_explora, apply_pres
 from explora.models.backbone import build_backbone
 from explora.models.checkpoints import convert_checkpoint, load_checkpoint_file
 from explora.models.encoder import Encoder, as_encoder
-from explora.models.export import export_backbone
+from explora.models.export import (
+    export_backbone,
+    export_classifier,
+    load_encoder,
+    weights_license,
+    write_timm_config,
+)
 from explora.models.group_channel import GroupChannelViT
+from explora.models.model_card import write_model_card
 from explora.models.params import ParamReport, parameter_report
 from explora.models.record import ExploraRecord, record_of
-from explora.models.registry import weights_license
 from explora.models.seg_heads import SegmentationModel
 from explora.models.temporal import TemporalViT
 from explora.objectives.base import Objective, ObjectiveOutput
@@ -92,12 +99,14 @@ __all__ = [
     "compute_stats",
     "convert_checkpoint",
     "export_backbone",
+    "export_classifier",
     "extract_features",
     "forward_backward",
     "inject_lora",
     "knn_classify",
     "load_checkpoint_file",
     "load_config",
+    "load_encoder",
     "load_segmenter",
     "merge_lora",
     "merged_state_dict",
@@ -115,5 +124,7 @@ __all__ = [
     "train_linear_probe",
     "unmerge_lora",
     "weights_license",
+    "write_model_card",
+    "write_timm_config",
     "__version__",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from explora.core.errors import ConfigError
 from explora.models.adapt import ExploraSpec, apply_explora
 from explora.models.backbone import build_backbone
 from explora.models.export import export_backbone, load_adapted
+from explora.models.model_card import write_model_card
 from explora.models.params import memory_estimate, parameter_report
 from explora.models.registry import get_backbone_spec
 from explora.recipes.export_config import ExportConfig, ParamsConfig
@@ -127,6 +129,13 @@ def params_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_dir(weights: str, out: str) -> Path:
+    """The run a checkpoint belongs to (``<run>/checkpoints/ckpt.pth`` or ``<run>/x.pth``: the folder with its
+    ``summary.json``), whose facts the model card reads; else the export folder itself (no run facts)."""
+    here = Path(weights).resolve().parent
+    return next((d for d in (here, here.parent) if (d / "summary.json").is_file()), Path(out))
+
+
 def export_command(args: argparse.Namespace) -> int:
     """Load adapted weights, merge LoRA and write the export formats."""
 
@@ -136,6 +145,7 @@ def export_command(args: argparse.Namespace) -> int:
     paths = export_backbone(
         model, cfg.out, timm_name, formats=tuple(cfg.formats), metadata={"weights": str(cfg.weights)}
     )
+    paths["model_card"] = write_model_card(cfg.out, run_dir=_run_dir(cfg.weights, cfg.out))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

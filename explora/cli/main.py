@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "explora.cli.evaluate",
     "explora.cli.segment",
     "explora.cli.export",
+    "explora.cli.push",
     "explora.cli.data",
     "explora.cli.analyze",
 )

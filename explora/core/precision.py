@@ -24,6 +24,24 @@ def cpu_has_fast_bf16() -> bool:
     return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
 
 
+def hardware_name(device: torch.device) -> str:
+    """What a run computed on, for run summaries and model cards: the GPU's name, or the CPU's model name from
+    ``/proc/cpuinfo`` (``platform.processor()`` elsewhere) with the number of torch threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    if not name:
+        import platform
+
+        name = platform.processor() or platform.machine() or "unknown CPU"
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` where it is fast on ``device``, else ``fp32``; other values pass through."""
     if precision != "auto":

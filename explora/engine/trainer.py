@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ from explora.engine import parallel as D
 from explora.engine.guard import DivergenceGuard
 from explora.engine.lengths import DEFAULT_STEPS, resolve_lengths
 from explora.engine.loader import make_loader, resilient_batches
-from explora.engine.logs import MetricLogger, SkippedSamples, StepLog
+from explora.engine.logs import LOGGERS, TRACKERS, MetricLogger, SkippedSamples, StepLog
 from explora.engine.optim import apply_schedules, build_optimizer, build_param_groups
 from explora.engine.state import RunCheckpoints, training_state
 from explora.engine.step import StepBatches, optimizer_step
@@ -106,7 +106,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     deterministic: bool = False
     eval_every: int = 0  # steps; 0 = only at the end (when an eval function is given)
-    tensorboard: bool = True
+    tensorboard: bool = True  # false: no TensorBoard even when train.loggers names it (kept for existing configs)
+    # Trackers fed every logged row: tensorboard, wandb, mlflow (the optional extras); metrics.csv is always written
+    # ("csv" may be listed) and is what reports and model cards read.
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
     max_loader_restarts: int = 3  # a crashed data-loader worker is replaced this many times before the run stops
 
     def __post_init__(self) -> None:
@@ -127,6 +130,16 @@ class TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise ConfigError(f"train.steps ({self.steps}) and train.epochs ({self.epochs}) are both set; set one "
                               "of them (add train.steps=null to train for a number of epochs).")
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            raise ConfigError(f"train.loggers: unknown logger(s) {unknown}; expected some of {list(LOGGERS)}.")
+
+    def trackers(self) -> list[str]:
+        """The optional trackers of ``loggers`` (W&B, MLflow), in order, each once."""
+        return list(dict.fromkeys(name for name in self.loggers if name in TRACKERS))
+
+    def use_tensorboard(self) -> bool:
+        return self.tensorboard and "tensorboard" in self.loggers
 
 
 @dataclass
@@ -181,8 +194,11 @@ def train(
         ckpts.restore_optimizer(objective, optimizer, resumed)
     peak_lr = scaled_lr(optim.base_lr, cfg.batch_size * world * cfg.accum_steps, optim.reference_batch,
                         optim.lr_scaling)  # MAE main_pretrain.py: eff_batch_size
-    log = StepLog(MetricLogger(out_dir, start, cfg.steps, enabled=D.is_main(), tensorboard=cfg.tensorboard),
-                  log_every=cfg.log_every, total_steps=cfg.steps, world_size=world, samples=samples)
+    run_settings = {**{f"train.{k}": v for k, v in asdict(cfg).items()},
+                    **{f"optim.{k}": v for k, v in asdict(optim).items()}}
+    metric_log = MetricLogger(out_dir, start, cfg.steps, enabled=D.is_main(), tensorboard=cfg.use_tensorboard(),
+                              trackers=cfg.trackers(), config=run_settings)
+    log = StepLog(metric_log, log_every=cfg.log_every, total_steps=cfg.steps, world_size=world, samples=samples)
     eval_metrics: dict[str, Any] = {}
     try:
         batches = resilient_batches(loaders.at, start, cfg.steps, max_restarts=cfg.max_loader_restarts,

@@ -36,7 +36,7 @@ from explora.models.checkpoints import (
     load_checkpoint_file,
 )
 from explora.models.record import ExploraRecord, attach_record
-from explora.models.registry import BACKBONES, BackboneSpec, get_backbone_spec
+from explora.models.registry import BACKBONES, BackboneSpec, base_license, get_backbone_spec
 
 ONLINE_PREFIXES = ("hf-hub:", "timm:")
 _WEIGHTS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # a weights name, as opposed to a path, URL or hub spec
@@ -88,7 +88,7 @@ def build_backbone(
     if weights is None:
         model = _create(spec, _stored_img_size(target.grid_size, probe, native), in_chans, kwargs)
         attach_record(model, ExploraRecord(source="random init"))
-        return record_input_size(model, use_size)
+        return _record_license(record_input_size(model, use_size), spec, None)
 
     raw, where, sidecar_grid = _read_weights(spec, weights)
     parts = convert_checkpoint(
@@ -105,7 +105,17 @@ def build_backbone(
     model.load_state_dict(parts.encoder, strict=True)
     targets = decoder_targets(where) if parts.decoder is not None else None
     attach_record(model, ExploraRecord(_describe(where, parts), parts.mask_token, parts.decoder, targets))
-    return record_input_size(model, use_size)
+    return _record_license(record_input_size(model, use_size), spec, where)
+
+
+def _record_license(model: nn.Module, spec: BackboneSpec, source: Any) -> nn.Module:
+    """Record the weights' licence as ``pretrained_cfg["license"]`` (:func:`~explora.models.registry.base_license`
+    of the registry's family, so an MAE backbone on an untagged timm name is not given timm's default tag's), where
+    exports and model cards read it."""
+    found = base_license(spec.timm_name, spec.family, None if source is None else str(source))
+    if found:
+        model.pretrained_cfg = model.default_cfg = {**(model.pretrained_cfg or {}), "license": found}
+    return model
 
 
 def backbone_patch_size(name: str, **timm_kwargs: Any) -> int:

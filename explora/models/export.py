@@ -3,9 +3,11 @@
 The paper's output is ``W_T* = W_S + Delta_T`` with LoRA folded in, so the architecture is unchanged (ExPLoRA README:
 "All checkpoints have LoRA adapters already merged into the weights"). We write:
 
-- ``safetensors``: ``model.safetensors``, a plain timm state dict, plus ``model.json`` (timm name, ``model_args``,
-  input size, stored position-embedding grid, channels, the weights' ``license``, provenance, sha256 of each
-  file). It loads with
+- ``safetensors``: ``model.safetensors``, a plain timm state dict, with ``config.json`` in timm's Hugging Face layout
+  (:func:`write_timm_config`), so ``timm.create_model("local-dir:<export>", pretrained=True)`` rebuilds and loads it
+  with no other argument (checked with timm 1.0.31), plus ``model.json`` (timm name, ``model_args``, input size,
+  stored position-embedding grid, channels, the weights' ``license``, provenance, sha256 of each file). It also
+  loads with
   ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), **model_args)``; the position
   embedding is stored on the backbone's own grid (the checkpoint's, e.g. DinoV2's 37x37) and ``dynamic_img_size``
   makes timm interpolate it per forward exactly as the adapted model did, at any input size. No extra keys are
@@ -43,10 +45,20 @@ from explora.models.backbone import build_backbone, input_size
 from explora.models.checkpoints import adapted_backbone_state, load_checkpoint_file
 from explora.models.encoder import as_encoder, rebuild_encoder
 from explora.models.record import ExploraRecord, attach_record, record_of
-from explora.models.registry import weights_license
+from explora.models.registry import SATMAE_LICENSE, base_license
 from explora.vit.lora import merged_state_dict
 
 FORMATS = ("safetensors", "encoder", "teacher")
+TIMM_CONFIG = "config.json"
+# Classifier pools with a timm equivalent: the ``model_args`` that make timm's ViT head pool the same way.
+# ``cls``: final-norm CLS token (timm ``global_pool='token'``); ``avg``: mean of the final-norm patch tokens
+# (``global_pool='avg', fc_norm=False``); ``avg_fc_norm``: mean of the last block's patch tokens, then ``fc_norm``
+# (``global_pool='avg'``, timm's final ``norm`` an Identity). ``cls+avg`` has none.
+TIMM_POOLS: dict[str, dict[str, Any]] = {
+    "cls": {"global_pool": "token"},
+    "avg": {"global_pool": "avg", "fc_norm": False},
+    "avg_fc_norm": {"global_pool": "avg", "fc_norm": True},
+}
 FILE_NAMES = {"safetensors": "model.safetensors", "encoder": "encoder_only.pth", "teacher": "teacher.pth"}
 SIDECAR = "model.json"
 _QKV = re.compile(r"^(blocks\.\d+\.attn\.)qkv\.(weight|bias)$")
@@ -159,6 +171,94 @@ def _version() -> str:
         return "unknown"
 
 
+def weights_license(model: nn.Module, timm_name: str | None = None, family: str | None = None) -> str | None:
+    """The licence of a backbone's weights, which its exports carry (a DINOv3 derivative: ``dinov3-license``): the
+    one :func:`~explora.models.backbone.build_backbone` (or timm) recorded in ``pretrained_cfg["license"]``, else
+    :func:`~explora.models.registry.base_license` of ``timm_name`` when given; None when neither knows."""
+    recorded = (getattr(model, "pretrained_cfg", None) or {}).get("license")
+    if recorded:
+        return str(recorded)
+    return base_license(timm_name, family, record_of(model).source) if timm_name else None
+
+
+def write_timm_config(
+    export_dir: str | os.PathLike[str],
+    model: nn.Module,
+    timm_name: str,
+    model_args: Mapping[str, Any],
+    *,
+    num_classes: int = 0,
+    global_pool: str | None = None,
+    label_names: list[str] | None = None,
+    mean: Iterable[float] | None = None,
+    std: Iterable[float] | None = None,
+    crop_pct: float = 224 / 256,
+    interpolation: str = "bicubic",
+    license: str | None = None,
+) -> Path:
+    """Write ``config.json`` in timm's Hugging Face layout next to an export's ``model.safetensors``; every export
+    calls this one writer. Returns its path.
+
+    Fields as timm's ``save_config_for_hf`` writes and ``load_model_config_from_path`` reads them (timm 1.0.31
+    ``_hub.py``): ``architecture``, ``num_classes``, ``num_features``, ``global_pool``, ``model_args`` (the
+    ``create_model`` kwargs; timm applies them when it builds from a ``local-dir:``/``hf-hub:`` name) and
+    ``pretrained_cfg`` (``input_size`` the model is used at, ``mean``/``std`` the training normalisation, one per
+    band, ``interpolation``, ``crop_pct``, ``license``, ``first_conv``/``classifier`` and ``fixed_input_size=False``
+    for a ``dynamic_img_size`` model). ``label_names`` (a classifier's class names, index order) go to the top level
+    as timm writes them. ``mean``/``std`` default to no normalisation (0 / 1 per band).
+    """
+    args = dict(model_args)
+    if int(args.get("num_classes", num_classes)) != num_classes:
+        raise ConfigError(f"config.json: model_args num_classes {args['num_classes']} != num_classes {num_classes}")
+    args["num_classes"] = num_classes
+    chans = int(args.get("in_chans", model.patch_embed.proj.in_channels))
+    mean_t = tuple(float(v) for v in mean) if mean is not None else (0.0,) * chans
+    std_t = tuple(float(v) for v in std) if std is not None else (1.0,) * chans
+    if len(mean_t) != chans or len(std_t) != chans:
+        raise ConfigError(f"config.json: mean/std have {len(mean_t)}/{len(std_t)} values; the model has {chans} bands")
+    if label_names is not None and len(label_names) != num_classes:
+        raise ConfigError(f"config.json: {len(label_names)} label_names for a {num_classes}-class head")
+    pretrained_cfg: dict[str, Any] = {
+        "input_size": [chans, *input_size(model)],
+        "fixed_input_size": not bool(args.get("dynamic_img_size", False)),
+        "interpolation": interpolation,
+        "crop_pct": float(crop_pct),
+        "crop_mode": "center",
+        "mean": list(mean_t),
+        "std": list(std_t),
+        "num_classes": num_classes,
+        "pool_size": None,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "custom_load": False,
+    }
+    if license:
+        pretrained_cfg["license"] = license
+    config: dict[str, Any] = {
+        "architecture": timm_name,
+        "num_classes": num_classes,
+        "num_features": int(model.num_features),
+        "global_pool": global_pool or args.get("global_pool") or str(getattr(model, "global_pool", "token")),
+        "model_args": args,
+        "pretrained_cfg": pretrained_cfg,
+    }
+    if label_names is not None:
+        config["label_names"] = [str(n) for n in label_names]
+    path = Path(export_dir) / TIMM_CONFIG
+    text = json.dumps(config, indent=2)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return path
+
+
+def _normalisation(data_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``write_timm_config`` keywords of an export's ``data_config`` (mean, std, crop_pct, interpolation)."""
+    allowed = ("mean", "std", "crop_pct", "interpolation")
+    unknown = sorted(set(data_config or {}) - set(allowed))
+    if unknown:
+        raise ConfigError(f"export data_config: unknown key(s) {unknown}; expected some of {list(allowed)}")
+    return {k: v for k, v in (data_config or {}).items() if v is not None}
+
+
 def export_backbone(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -166,11 +266,14 @@ def export_backbone(
     formats: Iterable[str] = FORMATS,
     metadata: Mapping[str, Any] | None = None,
     heads: Mapping[str, nn.Module] | None = None,
+    data_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Merge LoRA (into a copy; ``model`` is untouched) and write the requested formats; returns name -> path.
 
     ``metadata`` (JSON-serialisable; ``model_args``/``family`` override the inferred ones) goes into the sidecar's
     provenance. ``heads`` (e.g. ``{'dino_head': ..., 'ibot_head': ...}``) are added to the ``teacher`` file.
+    With ``safetensors``, ``config.json`` (:func:`write_timm_config`) is written next to it; ``data_config``
+    (``mean``, ``std``, ``crop_pct``, ``interpolation``) is the input normalisation it records (the training one).
     """
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
@@ -186,11 +289,13 @@ def export_backbone(
     paths: dict[str, Path] = {}
 
     if "safetensors" in formats:
-        from safetensors.torch import save as st_save
-
         blob = st_save(sd, metadata={"format": "pt", "timm_name": timm_name})
         paths["safetensors"] = out / FILE_NAMES["safetensors"]
         atomic_write(paths["safetensors"], lambda f: f.write(blob))
+        paths["timm_config"] = write_timm_config(
+            out, model, timm_name, model_args,
+            license=weights_license(model, timm_name, family), **_normalisation(data_config),
+        )
     upstream = to_upstream_layout(sd, family, record.mask_token)
     if "encoder" in formats:
         paths["encoder"] = out / FILE_NAMES["encoder"]
@@ -216,7 +321,7 @@ def export_backbone(
         "in_chans": int(model.patch_embed.proj.in_channels),
         **({"input_channels": input_channels} if input_channels else {}),
         "num_features": int(model.num_features),
-        "license": weights_license(model),  # a DINOv3 derivative carries the DINOv3 License (dinov3-license)
+        "license": weights_license(model, timm_name, family),
         "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
         "provenance": {
             "source": record.source,
@@ -227,6 +332,7 @@ def export_backbone(
             "metadata": meta,
         },
         "load_with": (
+            "timm.create_model('local-dir:<this directory>', pretrained=True), or "
             f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay=dict("
             f"file='{FILE_NAMES['safetensors']}', input_size=(in_chans, *img_size)), **model_args)"
         ),
@@ -263,6 +369,8 @@ def load_exported(path: str | os.PathLike[str]) -> nn.Module:
     overlay: dict[str, Any] = {"file": str(weights)}
     if info.get("img_size"):
         overlay["input_size"] = (int(info.get("in_chans", args.get("in_chans", 3))), *map(int, info["img_size"]))
+    if info.get("license"):  # the base weights' licence travels on to later exports of this model
+        overlay["license"] = info["license"]
     return timm.create_model(info["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **args)
 
 
@@ -311,6 +419,7 @@ def export_wrapped_encoder(
         "pos_embed_grid": list(encoder.pos_embed_grid),
         "pos_embed_trained_grid": list(encoder.pos_embed_grid) if encoder.own_pos_embed.requires_grad else None,
         "num_features": int(encoder.embed_dim),
+        "license": weights_license(encoder, timm_name, "mae") or SATMAE_LICENSE,
         "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
         "provenance": {
             "explora_spec": spec.to_dict() if spec is not None else None,
@@ -320,6 +429,93 @@ def export_wrapped_encoder(
             "metadata": meta,
         },
         "load_with": "explora.models.export.load_encoder(<this directory>)",
+    }
+    paths["sidecar"] = out / SIDECAR
+    text = json.dumps(sidecar, indent=2, default=str)
+    atomic_write(paths["sidecar"], lambda f: f.write(text.encode()))
+    return paths
+
+
+def export_classifier(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    timm_name: str | None = None,
+    label_names: list[str] | None = None,
+    data_config: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write a fine-tuned :class:`~explora.models.classifier.ClassifierModel` on a plain timm ViT as one timm
+    classifier: ``model.safetensors`` (LoRA merged, the backbone's timm keys plus ``head.*`` and, for
+    ``avg_fc_norm``, ``fc_norm.*``), ``config.json`` (:func:`write_timm_config` with the head's ``num_classes``,
+    the pool's :data:`TIMM_POOLS` ``model_args`` and ``label_names``) and the ``model.json`` sidecar. timm's
+    ``create_model("local-dir:<dir>", pretrained=True)`` then gives the same logits as ``model``.
+
+    ``timm_name`` defaults to the backbone's ``pretrained_cfg["architecture"]``. Refused (ConfigError) for a
+    group-channel / temporal backbone (timm cannot build it) and for the ``cls+avg`` pool (timm has no such head).
+    """
+    from explora.models.classifier import ClassifierModel
+
+    if not isinstance(model, ClassifierModel) or not model.is_encoder:
+        raise ConfigError(f"export_classifier: expected a ClassifierModel on an encoder, got {type(model).__name__}")
+    backbone = model.backbone
+    if is_wrapped(backbone):
+        raise ConfigError(f"export_classifier: a {as_encoder(backbone).kind} backbone is not a timm model; "
+                          "its fine-tuned weights stay in best/model.safetensors")
+    if model.pool not in TIMM_POOLS:
+        raise ConfigError(f"export_classifier: pool {model.pool!r} has no timm equivalent; expected one of "
+                          f"{list(TIMM_POOLS)}")
+    timm_name = timm_name or (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture")
+    if not timm_name:
+        raise ConfigError("export_classifier: the backbone has no pretrained_cfg['architecture']; pass timm_name")
+    out = Path(out_dir)
+    num_classes = int(model.head.out_features)
+    merged = merged_state_dict(model)
+    state = {k[len("backbone."):]: v for k, v in merged.items() if k.startswith("backbone.")}
+    if model.pool == "avg_fc_norm":  # timm's final norm is an Identity there; fc_norm takes its place
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    state.update({k: v for k, v in merged.items() if k.startswith(("head.", "fc_norm."))})
+    sd = _plain(state)
+    args = dict(infer_model_args(backbone, timm_name)) | {"num_classes": num_classes} | TIMM_POOLS[model.pool]
+    with torch.device("meta"):
+        ref = timm.create_model(timm_name, pretrained=False, **args)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    if want != {k: tuple(v.shape) for k, v in sd.items()}:
+        diff = sorted(set(want.items()) ^ {(k, tuple(v.shape)) for k, v in sd.items()})[:5]
+        raise ConfigError(f"export_classifier: the classifier does not fit timm {timm_name!r} with {args} ({diff})")
+    if label_names is not None and len(label_names) != num_classes:
+        raise ConfigError(f"export_classifier: {len(label_names)} label names for {num_classes} classes")
+    paths = {"safetensors": out / FILE_NAMES["safetensors"]}
+    blob = st_save(sd, metadata={"format": "pt", "timm_name": timm_name})
+    atomic_write(paths["safetensors"], lambda f: f.write(blob))
+    record = record_of(backbone)
+    family = _family(backbone, timm_name, None)
+    license_ = weights_license(backbone, timm_name, family)
+    paths["timm_config"] = write_timm_config(
+        out, backbone, timm_name, args, num_classes=num_classes, global_pool=args["global_pool"],
+        label_names=label_names, license=license_, **_normalisation(data_config),
+    )
+    spec = record.spec
+    sidecar = {
+        "architecture": timm_name,
+        "family": family,
+        "model_args": args,
+        "img_size": list(input_size(backbone)),
+        "in_chans": int(backbone.patch_embed.proj.in_channels),
+        "num_features": int(backbone.num_features),
+        "head": {"pool": model.pool, "num_classes": num_classes},
+        "label_names": list(label_names) if label_names is not None else None,
+        "license": license_,
+        "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
+        "provenance": {
+            "source": record.source,
+            "explora_spec": spec.to_dict() if spec is not None else None,
+            "lora_merged": True,
+            "explora_version": _version(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "metadata": dict(metadata or {}),
+        },
+        "load_with": "timm.create_model('local-dir:<this directory>', pretrained=True)",
     }
     paths["sidecar"] = out / SIDECAR
     text = json.dumps(sidecar, indent=2, default=str)

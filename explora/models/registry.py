@@ -29,9 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from timm.models import get_pretrained_cfg
+
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{stem}_pretrain.pth"
 MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{size}.pth"
 MAE_FULL_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{size}_full.pth"
+SATMAE_LICENSE = "cc-by-nc-4.0"  # SatMAE code and weights (ecosystem-notes: SatMAE, "License: CC-BY-NC 4.0")
 MAE_VIS_URL = "https://dl.fbaipublicfiles.com/mae/visualize/mae_visualize_vit_{size}.pth"
 
 
@@ -141,9 +144,21 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     return BackboneSpec(name=name, timm_name=name, family=family)
 
 
-def weights_license(model: Any) -> str | None:
-    """The licence of a backbone's weights: what its timm ``pretrained_cfg`` says (``dinov3-license`` for every
-    DINOv3 model, which :func:`~explora.models.backbone.build_backbone` records), None when it says nothing."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    value = cfg.get("license")
+def base_license(timm_name: str, family: str | None = None, source: str | None = None) -> str | None:
+    """The licence of the weights an export derives from: timm's ``pretrained_cfg["license"]`` of the base model
+    (``apache-2.0`` for DinoV2, ``dinov3-license`` for DINOv3, ``cc-by-nc-4.0`` for the MAE weights, as the MAE
+    repository's LICENSE says), CC-BY-NC-4.0 when the weights came from a SatMAE file; None when unknown.
+
+    An untagged MAE name (the registry's ``vit_large_patch16_224``) is looked up with timm's ``.mae`` tag, whose
+    weights it loads; any other untagged name resolves to timm's default tag.
+    """
+    if source and "satmae" in str(source).lower():
+        return SATMAE_LICENSE
+    name = timm_name if "." in timm_name or family != "mae" else f"{timm_name}.mae"
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - timm raises different errors across versions for unknown names
+        cfg = None
+    value = getattr(cfg, "license", None) if cfg is not None else None
     return str(value) if value else None
+

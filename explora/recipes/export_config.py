@@ -1,12 +1,14 @@
-"""Configs of ``explora export`` (merge LoRA, write files) and ``explora params`` (trainable-parameter report).
+"""Configs of ``explora export`` (merge LoRA, write files), ``explora params`` (trainable-parameter report) and
+``explora push`` (upload an export to the Hugging Face Hub).
 
-Both take the ExPLoRA parameterisation as an :class:`~explora.models.adapt.ExploraSpec` section (``adapt``), whose
-fields are also their flags (``--preset``, ``--lora-rank``, ``--unfrozen-blocks`` ...), or an ExploraSpec YAML file.
+``export`` and ``params`` take the ExPLoRA parameterisation as an :class:`~explora.models.adapt.ExploraSpec` section
+(``adapt``), whose fields are also their flags (``--preset``, ``--lora-rank``, ``--unfrozen-blocks`` ...), or an
+ExploraSpec YAML file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from explora.core.config import section
@@ -65,4 +67,21 @@ class ParamsConfig:
         return _spec_file(self.spec) if self.spec else self.adapt
 
 
-__all__ = ["ExportConfig", "ParamsConfig"]
+@dataclass
+class PushConfig:
+    """Upload an export (or a run's export) to the Hugging Face Hub."""
+
+    path: str = ""  # an export folder (with model.json) or a run directory holding export/ or best/
+    repo: str = ""  # Hub repository id, user/name
+    private: bool = True  # create the repository private (an existing one keeps its visibility)
+    revision: str | None = None  # branch to push to (default: main)
+    message: str = "Upload ExPLoRA export"  # commit message
+    evals: list[str] = field(default_factory=list)  # evaluation run dirs (linprobe/knn/finetune): card rewritten
+
+    def validate(self) -> None:
+        for key in ("path", "repo"):
+            if not getattr(self, key):
+                raise ConfigError(f"explora push: {key} is required (explora push RUN_OR_EXPORT --repo user/name)")
+
+
+__all__ = ["ExportConfig", "ParamsConfig", "PushConfig"]

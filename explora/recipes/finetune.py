@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,8 +44,9 @@ from torch import nn
 
 from explora.core.errors import ConfigError, DataError
 from explora.core.io import atomic_write_bytes
+from explora.core.precision import hardware_name, resolve_precision
 from explora.engine import parallel as D
-from explora.engine.lengths import resolve_lengths, run_length
+from explora.engine.lengths import accumulation_steps, resolve_lengths, run_length
 from explora.engine.trainer import OptimConfig, TrainConfig, train
 from explora.eval.features import EvalTransform, eval_transform_for
 from explora.eval.metrics import classification_metrics, save_metrics
@@ -59,6 +61,8 @@ from explora.models.classifier import (
     trainable_counts,
 )
 from explora.models.encoder import as_encoder, encoder_kind
+from explora.models.export import TIMM_POOLS, export_classifier, is_wrapped
+from explora.models.model_card import write_model_card
 from explora.objectives.base import Objective
 from explora.objectives.classification import (
     AugConfig,
@@ -317,12 +321,27 @@ def finetune_optim_defaults():
     return FINETUNE_RECIPES["explora"].optim_config()
 
 
-def save_best_model(model: nn.Module, out_dir: Path, metrics: dict[str, Any], step: int,
-                    keys: tuple[str, ...] = ("top1", "top5")) -> None:
-    """The best model so far (LoRA merged, plain keys) as ``<out>/best/model.safetensors``, written atomically,
-    plus ``best/metrics.json`` with the ``keys`` of ``metrics`` and the step."""
-    state = {k: v.detach().cpu().contiguous() for k, v in merged_state_dict(model).items()}
-    atomic_write_bytes(out_dir / "best" / "model.safetensors", save_safetensors(state))
+def timm_exportable(model: ClassifierModel) -> bool:
+    """True when timm can rebuild the classifier alone: a plain timm ViT backbone and a pool in ``TIMM_POOLS``."""
+    return (isinstance(model, ClassifierModel) and model.is_encoder and not is_wrapped(model.backbone)
+            and model.pool in TIMM_POOLS)
+
+
+def save_best_model(
+    model: nn.Module, out_dir: Path, metrics: dict[str, Any], step: int, keys: tuple[str, ...] = ("top1", "top5"),
+    label_names: list[str] | None = None, transform: EvalTransform | None = None,
+) -> None:
+    """The best model so far (LoRA merged) in ``<out>/best/``, written atomically, plus ``best/metrics.json`` with the
+    ``keys`` of ``metrics`` and the step. A classifier timm can
+    rebuild (:func:`timm_exportable`) is written as a timm export (``config.json`` with the head and ``label_names``,
+    ``model.json``; :func:`~explora.models.export.export_classifier`); any other keeps the classifier's own keys."""
+    if timm_exportable(model):
+        data = {"mean": transform.mean, "std": transform.std, "crop_pct": transform.crop_pct} if transform else None
+        export_classifier(model, out_dir / "best", label_names=label_names, data_config=data,
+                          metadata={"step": step})
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in merged_state_dict(model).items()}
+        atomic_write_bytes(out_dir / "best" / "model.safetensors", save_safetensors(state))
     summary = {k: v for k, v in metrics.items() if k in keys} | {"step": step}
     buf = io.StringIO()
     json.dump(summary, buf, indent=2)
@@ -346,6 +365,7 @@ def run_finetune(
     train_cfg=None,
     eval_batch_size: int = 256,
     resume: bool = False,
+    data_spec: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune with the engine's loop, evaluating on ``val_set`` every epoch.
 
@@ -356,8 +376,11 @@ def run_finetune(
     ``backbone`` may be a timm ViT or a group-channel / temporal wrapper (e.g. ``explora.models.export.load_encoder`` of
     a wrapped MAE export); temporal datasets' timestamps reach the model in training and evaluation.
     ``train_cfg.eval_every`` defaults to one pass over ``train_set``. The best model by validation top-1 is kept in
-    ``<out>/best/``; ``metrics.json`` and the confusion matrix describe the final model, ``eval_history.json`` every
-    evaluation. ``resume`` continues a killed run from its newest intact checkpoint.
+    ``<out>/best/`` (a timm export with ``config.json`` and the train set's class names where timm can rebuild it,
+    :func:`timm_exportable`); ``metrics.json`` and the confusion matrix describe the final model,
+    ``eval_history.json`` every evaluation. ``resume`` continues a killed run from its newest intact checkpoint.
+    ``metrics.json`` also holds the run's facts (images, effective batch, precision, hardware, wall time, the
+    ``data_spec`` given), which the model card ``<out>/best/README.md`` reads.
     """
     out_dir = Path(out_dir)
     num_classes = int(getattr(train_set, "num_classes", 0) or 0)
@@ -382,6 +405,8 @@ def run_finetune(
     if not cfg.eval_every:  # one epoch of optimiser steps, at the effective batch (accumulation included)
         epoch = run_length(cfg, optim, len(train_set), D.world_size()).epoch_steps
         cfg = replace(cfg, eval_every=max(1, int(epoch)))
+    names = list(getattr(train_set, "classes", None) or [])
+    class_names = names if len(names) == num_classes else None
     history_path = out_dir / "eval_history.json"
     history: list[dict[str, Any]] = []
     if resume and history_path.is_file():
@@ -403,10 +428,12 @@ def run_finetune(
             out_dir.mkdir(parents=True, exist_ok=True)
             history_path.write_text(json.dumps(history, indent=2))
             if m["top1"] > best:
-                save_best_model(obj.model, out_dir, m, step)
+                save_best_model(obj.model, out_dir, m, step, label_names=class_names, transform=transform)
         return m
 
+    started = time.perf_counter()
     result = train(objective, train_set, optim, cfg, out_dir, eval_fn=eval_fn, resume=resume)
+    wall = time.perf_counter() - started
     metrics = dict(result.eval_metrics or eval_fn(objective, result.steps_done))
     best = max(history, key=lambda h: h["top1"]) if history else None
     metrics.update(
@@ -420,8 +447,18 @@ def run_finetune(
         device=str(device),
         best_top1=best["top1"] if best else metrics["top1"],
         best_step=best["step"] if best else result.steps_done,
+        images=len(train_set),
+        effective_batch=cfg.batch_size * D.world_size() * accumulation_steps(
+            cfg.batch_size, D.world_size(), cfg.accum_steps, cfg.effective_batch),
+        precision=resolve_precision(cfg.precision, device),
+        processes=D.world_size(),
+        hardware=hardware_name(device),
+        wall_time_s=round(wall, 1),
+        **({"data": data_spec} if data_spec else {}),
     )
     save_metrics(metrics, out_dir)
+    if D.is_main() and (out_dir / "best" / "model.json").is_file():
+        write_model_card(out_dir / "best", out_dir)
     return metrics
 
 
@@ -450,5 +487,6 @@ __all__ = [  # the job, and the model / objective names that have lived here (re
     "run_finetune",
     "save_best_model",
     "set_linear_drop_path",
+    "timm_exportable",
     "trainable_counts",
 ]

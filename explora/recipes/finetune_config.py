@@ -99,6 +99,7 @@ def run_finetune_config(cfg: FinetuneConfig) -> dict[str, Any]:
         optim=optim,
         train_cfg=train_cfg,
         resume=cfg.resume,
+        data_spec=cfg.data,
     )
     return {**metrics, "recipe": recipe.name, "best_dir": str(Path(cfg.out) / "best")}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -20,13 +21,15 @@ from timm.layers import DropPath
 from explora.core.config import compose, from_dict, save_yaml, section, to_dict
 from explora.core.errors import ConfigError, DataError
 from explora.core.io import atomic_write_bytes
+from explora.core.precision import hardware_name, resolve_precision
 from explora.data.specs import build_dataset
 from explora.engine import parallel as D
-from explora.engine.lengths import resolve_lengths
+from explora.engine.lengths import accumulation_steps, resolve_lengths
 from explora.engine.trainer import OptimConfig, TrainConfig, TrainResult, train
 from explora.models.adapt import ExploraSpec, apply_explora, preset_spec
 from explora.models.backbone import build_backbone
 from explora.models.export import infer_model_args
+from explora.models.model_card import write_model_card
 from explora.objectives.mae.config import MAEConfig
 from explora.presets import config_path
 
@@ -164,7 +167,9 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
     cfg = resolve_run_lengths(cfg, len(dataset))  # epochs and default warm-up/freeze -> steps (config.yaml keeps them)
     cfg = resolve_memory_settings(cfg, device, out)  # dinov2.split_backward: auto (config.yaml keeps "auto")
     objective = build_objective(cfg, stats)
+    started = time.perf_counter()
     result = train(objective, dataset, cfg.optim, cfg.train, out, resume=resume)
+    wall = time.perf_counter() - started
     D.gather_full_(objective)  # every rank (a collective under FSDP2; train() already did it, then a no-op)
     if D.is_main():
         from explora.models.export import export_backbone, export_wrapped_encoder, is_wrapped
@@ -180,12 +185,14 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
                 encoder, out / "export", spec.timm_name, base_model_args(cfg, spec.timm_name), metadata
             )
         else:
+            norm = objective.config  # the normalisation the run trained with (dataset statistics unless configured)
             paths = export_backbone(
                 encoder,
                 out / "export",
                 timm_name=spec.timm_name,
                 formats=tuple(cfg.export_formats),
                 metadata=metadata,
+                data_config={"mean": getattr(norm, "mean", None), "std": getattr(norm, "std", None)},
             )
         summary = {
             "steps": result.steps_done,
@@ -194,8 +201,11 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> TrainResult:
             "loader_restarts": result.loader_restarts,
             "last_terms": result.last_terms,
             "exports": {k: str(v) for k, v in paths.items()},
+            **run_facts(cfg, objective, len(dataset), wall),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+        if "timm_config" in paths or "sidecar" in paths:
+            write_model_card(out / "export", out)
     return result
 
 
@@ -217,6 +227,30 @@ def resolve_memory_settings(cfg: PretrainConfig, device: torch.device, out: Path
     return cfg
 
 
+def run_facts(cfg: PretrainConfig, objective: torch.nn.Module, images: int, wall_s: float) -> dict[str, Any]:
+    """What produced a run, for ``summary.json`` and the model card: model, preset, data spec and image count,
+    effective batch, resolved precision, processes, hardware, wall time of the training loop (this process;
+    a resumed run counts its last part), and the trainable parameters per ExPLoRA group."""
+    device = next(objective.parameters()).device
+    world = D.world_size()
+    accum = accumulation_steps(cfg.train.batch_size, world, cfg.train.accum_steps, cfg.train.effective_batch)
+    return {
+        "model": cfg.model.name,
+        "objective": cfg.objective,
+        "preset": cfg.adapt.preset,
+        "data": cfg.data.spec,
+        "images": int(images),
+        "image_size": cfg.data.image_size,
+        "batch_size": cfg.train.batch_size,
+        "effective_batch": cfg.train.batch_size * world * accum,
+        "precision": resolve_precision(cfg.train.precision, device),
+        "processes": world,
+        "hardware": hardware_name(device),
+        "wall_time_s": round(float(wall_s), 1),
+        "parameters": objective.parameter_report().to_dict(),
+    }
+
+
 def resolve_run_lengths(cfg: PretrainConfig, dataset_len: int) -> PretrainConfig:
     """``cfg`` with ``train``/``optim`` lengths in optimiser steps for this dataset and world size, so that what
     reads ``cfg.train.steps`` (the DinoV2 teacher schedules) sees the run's real length."""
@@ -235,7 +269,7 @@ def base_model_args(cfg: PretrainConfig, timm_name: str) -> dict[str, Any]:
 # Keys that change how a run is fed, logged or checkpointed, not what it computes: they may differ on --resume.
 RESUME_FREE_KEYS = frozenset({
     "output_dir", "export_formats", "train.num_workers", "train.log_every", "train.ckpt_every", "train.keep_last",
-    "train.tensorboard", "train.max_loader_restarts", "train.max_nonfinite_steps", "train.eval_every",
+    "train.tensorboard", "train.loggers", "train.max_loader_restarts", "train.max_nonfinite_steps", "train.eval_every",
 })
 
 

@@ -148,7 +148,8 @@ def _copy(done: Path, tmp_path: Path) -> Path:
 
 
 def test_no_space_left_while_saving_keeps_the_previous_checkpoint(m, tmp_path, monkeypatch, capsys):
-    simulate_disk_full(monkeypatch, writes_that_fit=4)  # config.yaml, run_metadata.json, the first checkpoint (.pt + manifest)
+    # config.yaml, run_metadata.json and the first checkpoint (.pt + manifest) fit
+    simulate_disk_full(monkeypatch, writes_that_fit=4)
     run = tmp_path / "run"
     assert main(_pre(m, f"output_dir={run}", "train.ckpt_every=1", "train.keep_last=1")) == 2
     err = " ".join(capsys.readouterr().err.split())

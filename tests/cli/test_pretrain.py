@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from conftest import REPO
 from safetensors.torch import load_file
@@ -60,6 +61,12 @@ def test_pretrain_trains_exports_and_resumes_exactly(idx_dir, tmp_path):
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["steps"] == 6 and set(summary["exports"]) >= {"safetensors", "encoder", "teacher"}
     assert (ref / "config.yaml").is_file() and (ref / "metrics.csv").is_file()
+    assert summary["images"] == 64 and summary["effective_batch"] == 8 and summary["precision"] == "fp32"
+    assert summary["preset"] == "D-[L]-r64" and summary["wall_time_s"] > 0 and summary["hardware"]
+    card = (ref / "export" / "README.md").read_text()  # the model card, from the run's own files
+    assert card.startswith("---\nlibrary_name: timm\nlicense: apache-2.0\n") and "| optimiser steps | 6 |" in card
+    exported = timm.create_model(f"local-dir:{ref / 'export'}", pretrained=True)  # config.json: nothing else given
+    assert exported.num_features == 64 and len(exported.pretrained_cfg["mean"]) == 3
 
     # Same run, cut at step 3 (as if killed right after its checkpoint), then resumed to step 6.
     run = tmp_path / "run"

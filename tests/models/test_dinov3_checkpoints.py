@@ -11,8 +11,9 @@ from timm.models.eva import Eva
 
 from explora.core.errors import CheckpointError
 from explora.models.backbone import build_backbone
+from explora.models.export import weights_license
 from explora.models.record import record_of
-from explora.models.registry import BACKBONES, DINOV3_LICENSE, DINOV3_SAT_MEAN, weights_license
+from explora.models.registry import BACKBONES, DINOV3_LICENSE, DINOV3_SAT_MEAN
 
 SHORT_NAMES = ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16", "dinov3_vitl16", "dinov3_vitl16_sat",
                "dinov3_vith16plus", "dinov3_vit7b16", "dinov3_vit7b16_sat")

@@ -48,7 +48,7 @@ def test_exports_load_and_match(tmp_path, name, kw) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     timm_name = get_backbone_spec(name).timm_name
     paths = export_backbone(model, tmp_path, timm_name, metadata={"run": "unit-test"})
-    assert set(paths) == {"safetensors", "encoder", "teacher", "sidecar"}
+    assert set(paths) == {"safetensors", "timm_config", "encoder", "teacher", "sidecar"}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # exported from a copy
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())  # no temp files
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
+from pathlib import Path
 
 import pytest
 from data_fixtures import idx_files
@@ -84,3 +86,18 @@ def test_step_plan_fits_the_budget():
     assert steps == 25 and used <= 20 * 60
     assert plan_steps(cfg, elapsed_s=1190, eval_s=90, step_s=10) == cfg.min_steps
     assert plan_steps(cfg, elapsed_s=0, eval_s=0, step_s=0.01) == cfg.max_steps
+    from explora.recipes.demo.run import planned_seconds
+
+    steps = plan_steps(cfg, elapsed_s=100, eval_s=60, step_s=2.0, setup_s=5)  # (1200-100-195-60) / 6 = 140.8
+    assert steps == 140 and 1190 < planned_seconds(cfg, steps, 100, 60, 2.0, 5) <= 1200
+
+
+def test_plan_and_actual_time_are_recorded(demo_run):
+    cfg, report = demo_run
+    plan = json.loads((Path(cfg.out) / "plan.json").read_text())
+    assert len(plan["step_samples"]) == 4  # timed warm steps, the median planned with
+    assert 1 <= len(plan["warmup_samples"]) <= 8  # untimed: until steps stop getting faster
+    assert plan["step_seconds"] == pytest.approx(statistics.median(plan["step_samples"]), abs=2e-3)
+    assert plan["planned_seconds"] > 0 and plan["actual_seconds"] > 0
+    assert f"Planned {plan['planned_seconds'] / 60:.1f} min, took {plan['actual_seconds'] / 60:.1f} min" in \
+        report.read_text()

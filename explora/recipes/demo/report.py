@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,8 @@ def plot_before_after(raw: torch.Tensor, models: dict[str, torch.nn.Module], nor
     return out_png
 
 
-def write_report(cfg, out: Path, results, params, timings, frozen, test_set, stats_source) -> Path:
+def write_report(cfg, out: Path, results, params, timings, frozen, test_set, stats_source,
+                 started: float | None = None) -> Path:
 
     frozen_label = "DINOv3 (frozen)" if get_backbone_spec(cfg.model).family == "dinov3" else "DinoV2 (frozen)"
     labels = {"frozen": frozen_label, **{k: v.label for k, v in VARIANTS.items()}}
@@ -128,14 +130,24 @@ def write_report(cfg, out: Path, results, params, timings, frozen, test_set, sta
 
     base = results["frozen"]
     precision = resolve_precision(cfg.precision, torch.device("cpu"))
+    if started is not None:  # the figures are made: what is left is writing this text
+        timings["total_s"] = time.perf_counter() - started
     plan_path = out / "plan.json"
     plan_line = ""
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         plan_line = (
-            f" The step count was chosen to fit the {plan['budget_minutes']:g}-minute budget on this machine: one "
-            f"step took {plan['step_seconds']} s and one evaluation {plan['eval_seconds']} s (`plan.json`)."
+            f" The step count was chosen to fit the {plan['budget_minutes']:g}-minute budget on this machine: a warm "
+            f"step took {plan['step_seconds']} s (median) and one evaluation {plan['eval_seconds']} s (`plan.json`)."
         )
+        if plan.get("planned_seconds") is not None and "total_s" in timings:
+            actual = timings["total_s"]
+            plan_line += (
+                f" Planned {plan['planned_seconds'] / 60:.1f} min, took {actual / 60:.1f} min "
+                f"({100 * actual / (60 * plan['budget_minutes']):.0f} % of the budget)."
+            )
+            plan["actual_seconds"] = round(actual, 1)
+            plan_path.write_text(json.dumps(plan, indent=2))
     lines = [
         "# ExPLoRA demo report",
         "",
