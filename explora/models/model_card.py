@@ -129,10 +129,11 @@ def model_card(
     timm_cfg = _read_json(export / "config.json")
     run = Path(run_dir) if run_dir is not None else export.parent
     summary = _read_json(run / "summary.json") or {}
-    own_metrics = _read_json(run / "metrics.json")  # a fine-tuning run's evaluation
+    own_metrics = _read_json(run / "metrics.json")  # a fine-tuning or segmentation run's evaluation
     facts = {**summary, **(own_metrics or {})}
     loss = _last_loss(run / "metrics.csv")
-    evals = _evaluations(eval_dirs, own_metrics if own_metrics and "top1" in own_metrics else None)
+    own_eval = own_metrics if own_metrics and ("top1" in own_metrics or "miou" in own_metrics) else None
+    evals = _evaluations(eval_dirs, own_eval)
 
     arch = str(side.get("architecture", "?"))
     family = side.get("family")

@@ -38,6 +38,8 @@ from explora.eval.metrics import save_metrics
 from explora.eval.seg_metrics import mean_and_se, pixel_confusion, plot_per_class_iou, segmentation_metrics
 from explora.models.classifier import trainable_counts
 from explora.models.encoder import as_encoder, encoder_kind
+from explora.models.export import export_backbone, is_wrapped
+from explora.models.model_card import write_model_card
 from explora.models.seg_heads import SegmentationModel
 from explora.objectives.base import Objective
 from explora.objectives.segmentation import SegLossConfig, SegmentationObjective, SegmentationSettings, normalise
@@ -54,6 +56,7 @@ REPORT_MD = "report.md"
 IOU_PNG = "per_class_iou.png"
 OVERLAY_PNG = "overlays.png"
 SEGMENTER_FILE = "segmenter.json"  # what `explora predict` needs besides the weights
+ENCODER_DIR = "encoder"  # best/encoder/: the adapted encoder alone, a timm local-dir export
 
 
 def prepare_segmenter(backbone: nn.Module, num_classes: int, mode: SegMode = "lora", head: str = "linear",
@@ -238,6 +241,7 @@ def run_segment(
             atomic_write_bytes(history_path, json.dumps(history, indent=2).encode())
             if m["miou"] > best:
                 save_best_model(obj.model, out_dir, m, step, keys=("miou", "pixel_accuracy", "mean_f1"))
+                export_encoder(obj.model.backbone, out_dir / "best" / ENCODER_DIR, step)
         return m
 
     result = train(objective, train_set, optim, cfg, out_dir, eval_fn=eval_fn, resume=resume)
@@ -258,8 +262,23 @@ def run_segment(
     if D.is_main():
         save_metrics(metrics, out_dir, class_names=names)
         write_segment_report(metrics, out_dir, objective.model, val_set, mean, std, device)
+        if (out_dir / "best" / ENCODER_DIR / "model.json").is_file():
+            write_model_card(out_dir / "best" / ENCODER_DIR, out_dir)
     return metrics
 
 
-__all__ = ["SEGMENTER_FILE", "SEGMENT_OPTIM", "SEG_MODES", "SegMode", "evaluate_segmentation", "plot_overlays",
-           "predict_batches", "prepare_segmenter", "run_segment", "segment_optim", "write_segment_report"]
+def export_encoder(backbone: nn.Module, export_dir: Path, step: int) -> None:
+    """The best model's encoder (LoRA merged) as a timm export (``config.json``, ``model.safetensors``,
+    ``model.json``), which timm, TerraTorch and torchgeo load by ``local-dir:`` name as a backbone for their own
+    decoders; a group-channel / temporal encoder (not a timm model) stays in ``best/model.safetensors`` only."""
+    arch = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture")
+    if is_wrapped(backbone) or not arch:
+        return
+    export_backbone(backbone, export_dir, timm_name=arch, formats=("safetensors",),
+                    metadata={"task": "segmentation", "step": step})
+
+
+__all__ = [
+    "ENCODER_DIR", "SEGMENTER_FILE", "SEGMENT_OPTIM", "SEG_MODES", "SegMode", "evaluate_segmentation", "export_encoder",
+    "plot_overlays", "predict_batches", "prepare_segmenter", "run_segment", "segment_optim", "write_segment_report",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
 import torch
 from data_fixtures import seg_folder
 from safetensors.torch import load_file
@@ -46,6 +47,10 @@ def test_segment_writes_metrics_report_and_best(tmp_path):
     assert best["miou"] == max(h["miou"] for h in history)
     state = load_file(run / "best" / "model.safetensors")
     assert "head.classifier.weight" in state and not any("lora_" in k for k in state)
+    encoder = timm.create_model(f"local-dir:{run / 'best' / 'encoder'}", pretrained=True)  # the encoder alone
+    torch.testing.assert_close(encoder.state_dict()["norm.weight"], state["backbone.norm.weight"])
+    card = (run / "best" / "encoder" / "README.md").read_text()
+    assert "library_name: timm" in card and f"{m['miou']:.2f}" in card
     rows = markdown_table(load_runs([run])).splitlines()
     assert "mIoU" in rows[0] and f"| {m['miou']:.2f} |" in rows[2]
 
