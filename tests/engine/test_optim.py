@@ -19,6 +19,7 @@ def _dinov2(tiny_dinov2, **cfg):
     from explora.objectives.dinov2.objective import DinoV2Objective
 
     apply_preset(tiny_dinov2, "D-[L]-r64", train_tokens=True, train_patch_embed=True, train_pos_embed=True)
+    cfg = {"global_size": 32, "local_size": 16, **cfg}  # multiples of the tiny model's 8-px patch
     return DinoV2Objective(tiny_dinov2, DinoV2Config(n_prototypes=64, hidden_dim=32, bottleneck_dim=16, **cfg),
                            total_steps=10)
 
