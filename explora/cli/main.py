@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -74,7 +75,9 @@ def _cli_logging(verbosity: int) -> Iterator[None]:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a pipe closed by its reader shows here, in the handler below, not at interpreter exit
+        return code
     except ExploraError as e:
         msg = textwrap.fill(str(e), width=100, break_long_words=False, break_on_hyphens=False)
         print(f"explora {args.command}: error: {msg}", file=sys.stderr)
@@ -82,6 +85,10 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"explora {args.command}: interrupted; resume with --resume.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader closed the pipe (`explora presets | head`): it has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again
+        return 0
 
 
 if __name__ == "__main__":

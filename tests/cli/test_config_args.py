@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
+from conftest import REPO
 
 from explora.cli.config_args import build
 from explora.cli.main import build_parser, main
@@ -69,3 +74,13 @@ def test_quiet_and_verbose_set_the_level(monkeypatch):
     monkeypatch.setattr("explora.cli.pretrain._presets", lambda args: seen.append(logging.getLogger("explora").level))
     assert main(["-q", "presets"]) == 0 and main(["--verbose", "presets"]) == 0
     assert seen == [logging.WARNING, logging.DEBUG]
+
+
+def test_a_closed_pipe_ends_the_listing_quietly():
+    """``explora presets | head -1``: the reader stops early; explora exits 0 without a BrokenPipeError trace."""
+    proc = subprocess.Popen([sys.executable, "-m", "explora", "presets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
