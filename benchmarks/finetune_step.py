@@ -2,11 +2,14 @@
 
 OURS: ``build_backbone`` + ``prepare_classifier(mode="lora")`` (preset LoRA-r8: rank 8 on the q/v slices of every
 block's fused qkv, norms frozen) + ``FinetuneObjective`` (soft-target cross-entropy) + the engine's fused AdamW
-parameter groups. BASELINE: timm ViT + peft LoRA r8 on the fused ``qkv`` of every block + a linear head on the CLS
-token + ``F.cross_entropy`` + plain ``torch.optim.AdamW``. Inputs are a pre-made normalised batch with labels.
+parameter groups, run by the engine's ``forward_backward`` as ``explora finetune`` runs it (autocast, and in bf16
+on a CPU the matmul attention backward of ``explora.vit.attention``). BASELINE: timm ViT + peft LoRA r8 on the
+fused ``qkv`` of every block + a linear head on the CLS token + ``F.cross_entropy`` + plain ``torch.optim.AdamW``.
+Inputs are a pre-made normalised batch with labels.
 
 Same protocol as ``pretrain_step.py``: one subprocess per variant and round (own peak RSS), interleaved rounds,
-medians, FLOPs of one step and the fraction of the measured matmul peak.
+medians, FLOPs of one step and the fractions of the measured matmul peak (large square, and at the step's own
+linear shapes), both measured at the workers' thread count.
 Run: ``python benchmarks/finetune_step.py --model test_dinov2 --img-size 32`` -> JSON on stdout.
 """
 
@@ -27,10 +30,11 @@ from pretrain_step import (  # noqa: E402
     compare,
     count_flops,
     import_runtime,
+    linear_shapes,
     machine,
-    matmul_peak,
     n_trainable,
     peak_rss_mib,
+    peaks,
     plain_timm_vit,
     run_worker,
     summarise,
@@ -61,10 +65,12 @@ def ours(args):
     batch = _batch(args)
     obj.train()
 
+    from explora.engine.step import forward_backward
+
+    device = torch.device("cpu")
+
     def step(i: int) -> None:
-        with autocast(args.precision):
-            out = obj(batch, i)
-        out.loss.backward()
+        forward_backward(obj, obj, batch, i, args.precision, device)  # the engine's step: autocast, attention
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -105,7 +111,7 @@ def worker(args) -> dict:
     peak = peak_rss_mib()
     flops = count_flops(lambda: step(10_000))
     return {"times": times, "flops": flops, "peak_rss_mib": peak, "runtime_rss_mib": runtime,
-            "trainable_params": n_trainable(module)}
+            "trainable_params": n_trainable(module), "linear_shapes": linear_shapes(lambda: step(10_001))}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,12 +143,11 @@ def main(argv=None) -> dict:
     for _ in range(args.rounds):
         for v in runs:
             runs[v].append(run_worker(__file__, v, fwd))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    peak = None if args.no_peak else matmul_peak(args.precision, args.peak_size)
-    results = {v: summarise(r, args.batch_size, peak) for v, r in runs.items()}
+    peak, shaped, peak_record = peaks(args, runs)  # the rooflines at the workers' thread count
+    results = {v: summarise(r, args.batch_size, peak, shaped.get(v)) for v, r in runs.items()}
     report = {"benchmark": "finetune_step.py", "args": {k: v for k, v in vars(args).items() if k != "worker"},
-              "machine": machine(), "matmul_peak_gflops": None if peak is None else round(peak, 2), **results,
+              "machine": machine(), "matmul_peak_gflops": None if peak is None else round(peak, 2),
+              "matmul_peak": peak_record, **results,
               "comparison": compare(results)}
     report["targets"] = step_targets(FINETUNE_TARGETS, results, report["comparison"], args.precision)
     print(json.dumps(report, indent=2))

@@ -2,7 +2,9 @@
 
 Times ``torch.matmul`` of two random (size, size) matrices: warm-up, then the median over repeats of one matmul
 (2 * size**3 FLOPs), synchronising the device around each timed call. Other scripts in benchmarks/ import
-``measure_matmul_peak`` (``from matmul_peak import measure_matmul_peak`` when run as ``python benchmarks/x.py``).
+``measure_matmul_peak`` (``from matmul_peak import measure_matmul_peak`` when run as ``python benchmarks/x.py``) and
+``measure_linear_shapes_peak``, the same roofline at the matmul shapes of a step's linear layers (at ViT-S widths
+and ~1,000 rows they run well below the large-square figure).
 
 Run: ``python benchmarks/matmul_peak.py [--device cuda] [--size N] [--repeats R]`` -> JSON on stdout.
 Defaults keep a CPU run under ~20 s: size 1024 on CPU (8192 on CUDA), 10 repeats, and each dtype stops early
@@ -12,6 +14,7 @@ once it has spent ``budget_s`` seconds.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -68,6 +71,49 @@ def measure_matmul_peak(
         if budget_s is not None and time.perf_counter() - start > budget_s:
             break
     return 2.0 * size**3 / statistics.median(times) / 1e9
+
+
+def measure_linear_shapes_peak(
+    shapes: list[list[int]],
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    budget_s: float = 6.0,
+) -> dict:
+    """GFLOP/s of the matmuls a step's ``nn.Linear`` layers actually run: for each ``(rows, in, out, count)`` (the
+    shapes :func:`pretrain_step.linear_shapes` records), the forward ``F.linear`` of a (rows, in) input with an
+    (out, in) weight and the backward's input-gradient matmul (rows, out) @ (out, in), each timed on its own
+    (median over ``repeats``); the result is their FLOP-weighted throughput, ``sum(count * flops) / sum(count *
+    time)``, i.e. the best the step's linear layers could do at these shapes and this thread count. Weight
+    gradients (only the trainable layers compute them) and attention are not in it."""
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    per_shape, total_flops, total_time = [], 0.0, 0.0
+    budget = budget_s / max(1, len(shapes))
+    for rows, n_in, n_out, count in shapes:
+        x = torch.randn(rows, n_in, device=dev, generator=g).to(dtype)
+        w = torch.randn(n_out, n_in, device=dev, generator=g).to(dtype)
+        gy = torch.randn(rows, n_out, device=dev, generator=g).to(dtype)
+        flops = 2.0 * rows * n_in * n_out
+        t_shape = 0.0
+        for fn in (functools.partial(torch.nn.functional.linear, x, w), functools.partial(torch.matmul, gy, w)):
+            fn()
+            _sync(dev)
+            times, start = [], time.perf_counter()
+            for _ in range(max(1, repeats)):
+                t0 = time.perf_counter()
+                fn()
+                _sync(dev)
+                times.append(time.perf_counter() - t0)
+                if time.perf_counter() - start > budget / 2:
+                    break
+            t_shape += statistics.median(times)
+        per_shape.append({"rows": rows, "in": n_in, "out": n_out, "count": count,
+                          "gflops": round(2 * flops / t_shape / 1e9, 1)})
+        total_flops += count * 2 * flops
+        total_time += count * t_shape
+    return {"gflops": round(total_flops / total_time / 1e9, 2) if total_time else None, "shapes": per_shape,
+            "threads": torch.get_num_threads() if dev.type == "cpu" else None}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -76,6 +76,24 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def linear_shapes(fn: Callable[[], object]) -> list[list[int]]:
+    """``[rows, in, out, calls]`` of every ``nn.Linear`` module called during one call of ``fn`` (rows: the
+    input's leading dimensions flattened), for the matmul peak at the step's own shapes."""
+    seen: dict[tuple[int, int, int], int] = {}
+
+    def hook(module, inputs):  # noqa: ANN001, ANN202
+        if isinstance(module, torch.nn.Linear) and inputs and torch.is_tensor(inputs[0]):
+            key = (inputs[0].numel() // module.in_features, module.in_features, module.out_features)
+            seen[key] = seen.get(key, 0) + 1
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return [[*k, n] for k, n in sorted(seen.items())]
+
+
 def time_steps(step: Callable[[int], object], steps: int, warmup: int) -> list[float]:
     """Wall time of each of ``steps`` calls after ``warmup`` untimed ones."""
     for i in range(warmup):
@@ -97,8 +115,11 @@ def run_worker(script: str, variant: str, argv: list[str], timeout: float | None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def summarise(runs: list[dict], items_per_step: int, peak_gflops: float | None) -> dict:
-    """Medians over all timed steps of all rounds of one variant."""
+def summarise(runs: list[dict], items_per_step: int, peak_gflops: float | None,
+              shape_peak: dict | None = None) -> dict:
+    """Medians over all timed steps of all rounds of one variant. ``peak_gflops``: the large-square matmul peak;
+    ``shape_peak``: :func:`matmul_peak.measure_linear_shapes_peak` at this variant's own linear shapes (both at the
+    workers' thread count)."""
     times = [t for r in runs for t in r["times"]]
     s = statistics.median(times)
     flops = runs[0]["flops"]
@@ -114,6 +135,9 @@ def summarise(runs: list[dict], items_per_step: int, peak_gflops: float | None) 
     }
     if peak_gflops:
         out["fraction_of_matmul_peak"] = round(flops / s / 1e9 / peak_gflops, 3)
+    if shape_peak and shape_peak.get("gflops"):
+        out["step_shape_peak_gflops"] = shape_peak["gflops"]
+        out["fraction_of_step_shape_peak"] = round(flops / s / 1e9 / shape_peak["gflops"], 3)
     if "trainable_params" in runs[0]:
         out["trainable_params"] = runs[0]["trainable_params"]
     if "memory_choice" in runs[0]:
@@ -138,6 +162,25 @@ def matmul_peak(precision: str, size: int = 1024, budget_s: float = 6.0) -> floa
     from matmul_peak import measure_matmul_peak
 
     return measure_matmul_peak(PRECISIONS[precision], size=size, repeats=10, budget_s=budget_s)
+
+
+def peaks(args, runs: dict[str, list[dict]]) -> tuple[float | None, dict[str, dict], dict]:
+    """Both rooflines, measured by the parent after the workers at the workers' thread count (``--threads``; 0:
+    torch's default, as in the workers): the ``--peak-size`` square matmul peak, and per variant the peak at the
+    linear shapes its worker recorded. Returns (square GFLOP/s, per-variant shape peaks, the JSON record)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.no_peak:
+        return None, {}, {"threads": torch.get_num_threads(), "square": None, "step_shapes": None}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from matmul_peak import measure_linear_shapes_peak
+
+    square = matmul_peak(args.precision, args.peak_size)
+    shaped = {v: measure_linear_shapes_peak(r[0]["linear_shapes"], PRECISIONS[args.precision], budget_s=4.0)
+              for v, r in runs.items() if r and r[0].get("linear_shapes")}
+    record = {"threads": torch.get_num_threads(), "square": {"size": args.peak_size, "gflops": round(square, 2)},
+              "step_shapes": shaped}
+    return square, shaped, record
 
 
 def autocast(precision: str):
@@ -467,7 +510,7 @@ def worker(args) -> dict:
     peak = peak_rss_mib()  # before the FLOP count, whose dispatch mode keeps its own bookkeeping
     flops = count_flops(lambda: step(10_000))  # counted after timing: FlopCounterMode slows the step it watches
     out = {"times": times, "flops": flops, "peak_rss_mib": peak, "runtime_rss_mib": runtime,
-           "trainable_params": n_trainable(module)}
+           "trainable_params": n_trainable(module), "linear_shapes": linear_shapes(lambda: step(10_001))}
     if MEMORY_CHOICE:
         out["memory_choice"] = dict(MEMORY_CHOICE)
     return out
@@ -531,13 +574,12 @@ def main(argv: list[str] | None = None, script: str = __file__, worker_fn=None, 
     for _ in range(args.rounds):
         for v in args.variants:
             runs[v].append(run_worker(script, v, forward_argv(args)))
-    if args.threads:  # the roofline at the workers' thread count
-        torch.set_num_threads(args.threads)
-    peak = None if args.no_peak else matmul_peak(args.precision, args.peak_size)
+    peak, shaped, peak_record = peaks(args, runs)  # the rooflines at the workers' thread count
     n_items = (items or items_per_step)(args)
-    results = {v: summarise(r, n_items, peak) for v, r in runs.items()}
+    results = {v: summarise(r, n_items, peak, shaped.get(v)) for v, r in runs.items()}
     report = {"benchmark": os.path.basename(script), "args": {k: v for k, v in vars(args).items() if k != "worker"},
-              "machine": machine(), "matmul_peak_gflops": None if peak is None else round(peak, 2), **results}
+              "machine": machine(), "matmul_peak_gflops": None if peak is None else round(peak, 2),
+              "matmul_peak": peak_record, **results}
     if {"ours", "baseline"} <= set(results):
         report["comparison"] = compare(results)
         report["targets"] = step_targets(PRETRAIN_TARGETS[args.objective][args.precision], results,

@@ -1,12 +1,13 @@
 """Where one of our pre-training steps spends its time: ``torch.profiler`` over a few steps, top ops to a file.
 
-Builds the same step as ``pretrain_step.py`` (``ours`` for ``--objective dinov2`` / ``mae``, or ``baseline``), runs
+Builds the same step as ``pretrain_step.py`` (``ours`` for ``--objective dinov2`` / ``mae``, or ``baseline``; with
+``--objective finetune`` the LoRA-r8 fine-tuning step of ``finetune_step.py``), runs
 ``--warmup`` untimed steps, profiles ``--steps`` more on the CPU and writes
 ``<out>/<objective>_<variant>_<precision>.txt`` (the op table sorted by self CPU time) and ``.json`` (the top ops,
 the share of the step spent in matmul-like ops vs ops that compute nothing new: dtype casts, copies, concatenation,
 layout changes, and the machine record). This is what guided the changes in docs/performance.md.
 
-Run: ``python benchmarks/profile_step.py --precision bf16 [--objective mae] [--out benchmarks/profiles]``.
+Run: ``python benchmarks/profile_step.py --precision bf16 [--objective mae|finetune] [--out benchmarks/profiles]``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import finetune_step  # noqa: E402
 import pretrain_step  # noqa: E402
 from machine import machine  # noqa: E402
 
@@ -45,10 +47,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "profiles"))
     ap.add_argument("--variant", default="ours", choices=["ours", "baseline", "ours_joint", "ours_view"])
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--objective", default="dinov2", choices=["dinov2", "mae", "finetune"],
+                    help="finetune: the LoRA-r8 fine-tuning step of finetune_step.py (variants ours / baseline)")
     args, rest = ap.parse_known_args(argv)
-    bench = pretrain_step.parse_args(rest)
-    torch.set_num_threads(bench.threads or torch.get_num_threads())
-    _, step, _ = pretrain_step.VARIANTS[(bench.objective, args.variant)](bench)
+    if args.objective == "finetune":
+        bench = finetune_step.parse_args(rest)
+        if args.variant not in ("ours", "baseline"):
+            ap.error("--objective finetune has the variants ours and baseline")
+        torch.set_num_threads(bench.threads or torch.get_num_threads())
+        _, step = {"ours": finetune_step.ours, "baseline": finetune_step.baseline}[args.variant](bench)
+    else:
+        bench = pretrain_step.parse_args(["--objective", args.objective, *rest])
+        torch.set_num_threads(bench.threads or torch.get_num_threads())
+        _, step, _ = pretrain_step.VARIANTS[(bench.objective, args.variant)](bench)
     for i in range(bench.warmup + 1):
         step(i)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
@@ -60,12 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
     shares: dict[str, float] = {}
     for e in events:
         shares[classify(e.key)] = shares.get(classify(e.key), 0.0) + e.self_cpu_time_total
-    name = f"{bench.objective}_{args.variant}_{bench.precision}"
+    name = f"{args.objective}_{args.variant}_{bench.precision}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=args.top))
     report = {
-        "benchmark": "profile_step.py", "variant": args.variant,
+        "benchmark": "profile_step.py", "objective": args.objective, "variant": args.variant,
         "args": {k: v for k, v in vars(bench).items() if k != "worker"},
         "machine": machine(),
         "s_per_step_profiled": round(total / 1e6 / bench.steps, 4),

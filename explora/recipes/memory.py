@@ -10,8 +10,9 @@ checkpointing?" must be answerable on a laptop. The model of memory (docs/memory
   ``Linear`` saves, what SDPA keeps, what autocast copies), each block and the head are *traced* under
   ``FakeTensorMode`` (shapes and dtypes only, no memory, no compute) with ``saved_tensors_hooks``, at 1 and 2 images.
   The difference is the per-image cost; the rest is the per-call cost (bf16 weight copies autocast saves for the
-  backward of frozen matmuls, the weight-normalised prototype matrix). Blocks whose input needs no gradient (frozen
-  blocks below the first trainable tensor) trace to zero by themselves.
+  backward of frozen matmuls, LoRAQKV's (T*r, 3*dim) up-projection matrix, the weight-normalised prototype
+  matrix). Blocks whose input needs no gradient (frozen blocks below the first trainable tensor) trace to zero by
+  themselves.
 
 Then the peak is static + kept activations of the student on all crops + what lives alongside them (teacher outputs
 and targets, the batch) + the largest transient (the loss over K prototypes, one block's backward; with gradient

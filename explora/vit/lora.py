@@ -169,8 +169,11 @@ class LoRAQKV(LoRALayer):
     """timm's fused ``qkv`` Linear with independent LoRA pairs on a subset of its q/k/v output slices.
 
     The A and B matrices of the ``T`` targets are stacked (``lora_A``: (T, r, in), ``lora_B``: (T, dim, r)), so the
-    low-rank path is one matmul down and one batched matmul up; the result is added in place to the target slices
-    of the single base matmul (one strided slice: no loop over targets or heads in forward).
+    low-rank path is one matmul down and one ``addmm_`` up: the scaled B blocks are laid out in a (T*r, 3*dim)
+    matrix at their targets' output slices (zeros elsewhere, :meth:`up_weight`), and ``low @ up`` is added in place
+    to the base matmul's fresh (N, 3*dim) output. No loop over targets or heads, no in-place update of a slice view
+    (whose backward copies the whole (N, 3*dim) gradient twice and zero-fills a third) and no batched matmul of
+    tiny blocks.
     """
 
     def __init__(
@@ -201,8 +204,8 @@ class LoRAQKV(LoRALayer):
         ids = [QKV_TARGETS.index(t) for t in self.targets]
         index = torch.tensor(ids)
         self.register_buffer("lora_index", index.to(device or "cpu"), persistent=False)  # (T,) slice ids
-        # every sorted subset of (q, k, v) is evenly spaced: the targets are one strided slice of the 3 outputs
-        self._lora_slice = slice(ids[0], ids[-1] + 1, ids[1] - ids[0] if len(ids) > 1 else 1)
+        select = F.one_hot(index, len(QKV_TARGETS)).to(dtype or torch.get_default_dtype())  # (T, 3)
+        self.register_buffer("lora_select", select.to(device or "cpu"), persistent=False)  # target t -> slice ids[t]
         n, r = len(self.targets), self.rank
         self.lora_A = nn.Parameter(torch.empty(n, r, self.in_features, device=device, dtype=dtype))  # (T, r, in)
         self.lora_B = nn.Parameter(torch.empty(n, self.dim, r, device=device, dtype=dtype))  # (T, dim, r)
@@ -238,21 +241,27 @@ class LoRAQKV(LoRALayer):
         delta = delta.index_add(0, self.lora_index, per_target)
         return delta.reshape(self.out_features, self.in_features)  # (3*dim, in), rows laid out [q | k | v]
 
+    def up_weight(self) -> torch.Tensor:
+        """(T*r, 3*dim): ``scaling * B_t^T`` in the output columns of target ``t``'s slice, zeros elsewhere, so
+        ``low @ up_weight()`` is the low-rank update of every output (k's columns stay 0 with the q/v default)."""
+        n, dim, r = self.lora_B.shape
+        up = self.lora_B.transpose(1, 2) * self.scaling  # (T, r, dim), scaling on the small tensor
+        placed = up.unsqueeze(2) * self.lora_select.to(up.dtype)[:, None, :, None]  # (T, r, 3, dim)
+        return placed.reshape(n * r, 3 * dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fold_on_the_fly():
             return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)  # (..., 3*dim)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         x = _autocast_input(x)  # cast once for both matmuls (autocast would cast x for each)
-        out = F.linear(x, self.weight, self.bias)  # (..., 3*dim)
+        flat = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = F.linear(flat, self.weight, self.bias)  # (N, 3*dim), a fresh tensor that no backward needs
         n, r = self.lora_A.shape[:2]
-        low = F.linear(self.lora_dropout(x), self.lora_A.reshape(n * r, -1))  # (..., T*r)
-        low = low.unflatten(-1, (n, r)) * self.scaling  # (..., T, r): scale the narrow tensor, not (..., T, dim)
-        up = torch.einsum("...tr,tdr->...td", low, self.lora_B)  # (..., T, dim)
-        # in place into the target slices of the fresh matmul output (addmm's backward does not need it): no
-        # (..., 3*dim) copy, and a strided add instead of index_add (whose backward is an index_select)
-        out.unflatten(-1, (3, self.dim))[..., self._lora_slice, :].add_(up.to(out.dtype))  # (..., T, dim)
-        return out  # (..., 3*dim)
+        low = F.linear(self.lora_dropout(flat), self.lora_A.reshape(n * r, -1))  # (N, T*r)
+        # out += low @ up in place (not a view, so no slice bookkeeping in backward; no (N, 3*dim) copy either)
+        out.addmm_(low, self.up_weight().to(low.dtype))  # (N, 3*dim)
+        return out.view(*x.shape[:-1], out.shape[-1])  # (..., 3*dim)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALayer]:

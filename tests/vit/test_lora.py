@@ -61,6 +61,36 @@ def test_lora_qkv_touches_only_target_slices() -> None:
     torch.testing.assert_close(out, x @ layer.delta_weight().T, **FP32_ONE_OP)
 
 
+@pytest.mark.parametrize("targets", [("q", "v"), ("k",), ("q", "k", "v"), ("v",)])
+def test_lora_qkv_forward_and_gradients_match_the_merged_weight(targets) -> None:
+    """The training path (base matmul + one in-place addmm of ``low @ up_weight()``) gives the outputs and the
+    gradients of ``F.linear(x, W + delta_weight())`` for every target subset, with a scaling other than 1."""
+    dim = 8
+    torch.manual_seed(0)
+    layer = LoRAQKV.from_linear(nn.Linear(dim, 3 * dim), rank=2, alpha=6, targets=targets)  # scaling 3
+    _randomise_b(layer)
+    up = layer.up_weight()  # (T*r, 3*dim): zeros outside the targets' columns
+    assert up.shape == (len(targets) * 2, 3 * dim)
+    for i, name in enumerate(("q", "k", "v")):
+        assert (torch.count_nonzero(up[:, i * dim:(i + 1) * dim]) > 0) == (name in targets)
+    x = torch.randn(3, 5, dim, requires_grad=True)
+    out = layer(x)  # (3, 5, 3*dim)
+    ref_layer = copy.deepcopy(layer)
+    xr = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(xr, ref_layer.weight + ref_layer.delta_weight(), ref_layer.bias)
+    torch.testing.assert_close(out, ref, **FP32_ONE_OP)
+    g = torch.randn_like(out)  # gradients: several ops summed in other orders, so the network tolerance
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, **FP32_NETWORK)
+    torch.testing.assert_close(layer.lora_A.grad, ref_layer.lora_A.grad, **FP32_NETWORK)
+    torch.testing.assert_close(layer.lora_B.grad, ref_layer.lora_B.grad, **FP32_NETWORK)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_precision = layer(x)
+    assert low_precision.dtype == torch.bfloat16
+    torch.testing.assert_close(low_precision.float(), ref.detach(), atol=0.1, rtol=0.05)
+
+
 def test_zero_init_leaves_outputs_unchanged(tiny_mae) -> None:
     model = tiny_mae.eval()
     x = torch.randn(2, 3, 32, 32)
