@@ -138,7 +138,8 @@ def write_report(cfg, out: Path, results, params, timings, frozen, test_set, sta
         plan = json.loads(plan_path.read_text())
         plan_line = (
             f" The step count was chosen to fit the {plan['budget_minutes']:g}-minute budget on this machine: a warm "
-            f"step took {plan['step_seconds']} s (median) and one evaluation {plan['eval_seconds']} s (`plan.json`)."
+            f"step took {plan['step_seconds']} s (the fastest of the timed warm steps) and one evaluation "
+            f"{plan['eval_seconds']} s (`plan.json`)."
         )
         if plan.get("planned_seconds") is not None and "total_s" in timings:
             actual = timings["total_s"]
