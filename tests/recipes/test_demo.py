@@ -77,18 +77,20 @@ def test_rerun_reuses_finished_stages(demo_run):
 
 
 def test_step_plan_fits_the_budget():
-    from explora.recipes.demo.run import plan_steps
+    from explora.recipes.demo.run import FIGURES_RESERVE_S, plan_steps
+
+    assert FIGURES_RESERVE_S == 15.0
 
     cfg = DemoConfig(budget_minutes=20)
     steps = plan_steps(cfg, elapsed_s=120, eval_s=90, step_s=10)
-    used = 120 + 3 * 90 + 60 + 3 * steps * 10
-    assert steps == 25 and used <= 20 * 60
+    used = 120 + 3 * 90 + FIGURES_RESERVE_S + 3 * steps * 10
+    assert steps == 26 and used <= 20 * 60  # (1200 - 120 - 270 - 15) / 30 = 26.5
     assert plan_steps(cfg, elapsed_s=1190, eval_s=90, step_s=10) == cfg.min_steps
     assert plan_steps(cfg, elapsed_s=0, eval_s=0, step_s=0.01) == cfg.max_steps
     from explora.recipes.demo.run import planned_seconds
 
-    steps = plan_steps(cfg, elapsed_s=100, eval_s=60, step_s=2.0, setup_s=5)  # (1200-100-195-60) / 6 = 140.8
-    assert steps == 140 and 1190 < planned_seconds(cfg, steps, 100, 60, 2.0, 5) <= 1200
+    steps = plan_steps(cfg, elapsed_s=100, eval_s=60, step_s=2.0, setup_s=5)  # (1200-100-195-15) / 6 = 148.3
+    assert steps == 148 and 1190 < planned_seconds(cfg, steps, 100, 60, 2.0, 5) <= 1200
 
 
 def test_a_step_overlaps_its_transform_with_data_loader_workers():
