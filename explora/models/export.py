@@ -162,6 +162,18 @@ def split_qkv(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _provenance(record: ExploraRecord, spec: Any, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The sidecar's ``provenance``: the source weights, the ExPLoRA spec applied, explora's version and the time."""
+    return {
+        "source": record.source,
+        "explora_spec": spec.to_dict() if spec is not None else None,
+        "lora_merged": True,
+        "explora_version": _version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "metadata": metadata,
+    }
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -323,14 +335,7 @@ def export_backbone(
         "num_features": int(model.num_features),
         "license": weights_license(model, timm_name, family),
         "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
-        "provenance": {
-            "source": record.source,
-            "explora_spec": spec.to_dict() if spec is not None else None,
-            "lora_merged": True,
-            "explora_version": _version(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "metadata": meta,
-        },
+        "provenance": _provenance(record, spec, meta),
         "load_with": (
             "timm.create_model('local-dir:<this directory>', pretrained=True), or "
             f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay=dict("
@@ -507,14 +512,7 @@ def export_classifier(
         "label_names": list(label_names) if label_names is not None else None,
         "license": license_,
         "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in paths.items()},
-        "provenance": {
-            "source": record.source,
-            "explora_spec": spec.to_dict() if spec is not None else None,
-            "lora_merged": True,
-            "explora_version": _version(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "metadata": dict(metadata or {}),
-        },
+        "provenance": _provenance(record, spec, dict(metadata or {})),
         "load_with": "timm.create_model('local-dir:<this directory>', pretrained=True)",
     }
     paths["sidecar"] = out / SIDECAR
