@@ -5,8 +5,8 @@ an encoder (its width, patch grid, normed tokens, intermediate blocks, a pooled 
 it). Asking the module for them by name (``hasattr``, ``inspect.signature``) silently took another branch when a
 name was missing; :func:`as_encoder` instead dispatches on the module's type and raises for anything unknown.
 
-- timm's ``VisionTransformer`` is not ours, so :class:`TimmViTEncoder` adapts it; timm's ``Eva`` (DINOv3) gets
-  :class:`~explora.models.eva.EvaEncoder` (:mod:`explora.models.eva`). Both are plain objects holding the
+- timm's ``VisionTransformer`` is not ours, so :class:`~explora.models.timm_vit.TimmViTEncoder` adapts it; timm's
+  ``Eva`` (DINOv3) gets its subclass :class:`~explora.models.eva.EvaEncoder`. Both are plain objects holding the
   module, not a parent ``nn.Module``, so state-dict keys stay timm's.
 - The group-channel and temporal encoders (:mod:`explora.models.group_channel`, :mod:`explora.models.temporal`)
   are our modules and implement the protocol directly; :func:`as_encoder` returns them as they are.
@@ -18,7 +18,7 @@ export must rebuild it, to :data:`REBUILDABLE`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from timm.models.eva import Eva
@@ -27,11 +27,9 @@ from torch import nn
 
 from explora.core.errors import CheckpointError, ConfigError
 from explora.models.eva import EvaEncoder
-from explora.models.group_channel import GroupChannelViT, pool_tokens
+from explora.models.group_channel import GroupChannelViT
 from explora.models.temporal import TemporalViT
-from explora.vit.tokens import forward_tokens, image_hw
-
-POOLS = ("cls", "avg", "cls+avg", "avg_fc_norm")
+from explora.models.timm_vit import POOLS, TimmViTEncoder
 
 
 @runtime_checkable
@@ -85,73 +83,6 @@ class Encoder(Protocol):
         ViT, which timm rebuilds from ``architecture`` + ``model_args`` alone."""
 
 
-class TimmViTEncoder:
-    """:class:`Encoder` over a timm ``VisionTransformer`` (held as ``vit``; no parameters of its own)."""
-
-    kind: ClassVar[str] = "vit"
-    pools: ClassVar[tuple[str, ...]] = POOLS
-    default_pool: ClassVar[str] = "cls"
-    needs_timestamps: ClassVar[bool] = False
-
-    def __init__(self, vit: VisionTransformer) -> None:
-        self.vit = vit
-
-    def __repr__(self) -> str:
-        return f"TimmViTEncoder({type(self.vit).__name__}, embed_dim={self.embed_dim})"
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.vit.embed_dim)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.vit.num_prefix_tokens)
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        return tuple(self.vit.patch_embed.patch_size)
-
-    def grid(self, x: torch.Tensor | tuple[int, int]) -> tuple[int, int]:
-        """timm's own grid rule (``dynamic_feat_size``: padding / strict size as the patch embedding applies it)."""
-        return tuple(int(v) for v in self.vit.patch_embed.dynamic_feat_size(image_hw(x)))
-
-    def forward_features(self, x: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
-        return self.vit.forward_features(x)  # (B, P + N, D)
-
-    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None,
-                       mask_token: torch.Tensor | None = None,
-                       timestamps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward_tokens(self.vit, x, masks, mask_token)
-
-    def get_intermediate_layers(self, x: torch.Tensor, n: int | None = 1, norm: bool = True,
-                                timestamps: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """timm ``forward_intermediates`` (DinoV2's ``get_intermediate_layers(..., return_class_token=True)``)."""
-        return self.vit.forward_intermediates(
-            x, indices=n, norm=norm, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
-        )
-
-    def pool(self, tokens: torch.Tensor, mode: str) -> torch.Tensor:
-        return pool_tokens(tokens, mode, self.num_prefix_tokens, self.pools, self.kind)
-
-    def pooled(self, x: torch.Tensor, mode: str, timestamps: torch.Tensor | None = None) -> torch.Tensor:
-        """``avg_fc_norm``: mean of the last block's patch tokens *before* the final norm (timm
-        ``global_pool='avg'``, whose ``fc_norm`` the classifier head owns); other modes as :meth:`pool`."""
-        if mode == "avg_fc_norm":
-            (patch, _), = self.get_intermediate_layers(x, 1, norm=False)  # (B, N, D), final norm not applied
-            return patch.mean(dim=1)  # (B, D)
-        return self.pool(self.forward_features(x), mode)
-
-    def probe_features(self, x: torch.Tensor, n_blocks: int,
-                       timestamps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLS of the last ``n_blocks`` blocks (B, n, D) and the last block's patch mean (B, D), all normed."""
-        out = self.get_intermediate_layers(x, n_blocks, norm=True)
-        cls = torch.stack([prefix[:, 0] for _, prefix in out], dim=1)  # (B, n, D); prefix (B, 1 + regs, D)
-        return cls, out[-1][0].mean(dim=1)  # (B, N, D) -> (B, D)
-
-    def export_config(self) -> None:
-        return None
-
-
 # The one registration point: module type -> how to see it as an Encoder. Our own encoders are returned as they are.
 ENCODERS: dict[type[nn.Module], Callable[[nn.Module], Encoder]] = {
     VisionTransformer: TimmViTEncoder,
@@ -176,12 +107,12 @@ def _adapter_for(module: object) -> Callable[[nn.Module], Encoder] | None:
 
 def is_encoder(module: object) -> bool:
     """True for a module :func:`as_encoder` accepts (or an adapter it returned)."""
-    return isinstance(module, TimmViTEncoder | EvaEncoder) or _adapter_for(module) is not None
+    return isinstance(module, TimmViTEncoder) or _adapter_for(module) is not None
 
 
 def as_encoder(module: nn.Module | Encoder) -> Encoder:
     """``module`` seen through the :class:`Encoder` interface; raises ConfigError for unregistered types."""
-    if isinstance(module, TimmViTEncoder | EvaEncoder):
+    if isinstance(module, TimmViTEncoder):
         return module
     adapt = _adapter_for(module)
     if adapt is None:
