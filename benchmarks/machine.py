@@ -40,7 +40,9 @@ def _build() -> dict:
     blas = re.search(r"BLAS_INFO=(\w+)", config)
     return {"version": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "blas": blas.group(1) if blas else None, "onednn": onednn.group(1) if onednn else None,
-            "mkldnn_available": torch.backends.mkldnn.is_available(), "cuda": torch.version.cuda}
+            "mkldnn_available": torch.backends.mkldnn.is_available(), "cuda": torch.version.cuda,
+            # a cap on oneDNN's instruction set (e.g. AVX512_CORE_BF16: native bf16 without AMX) changes the peak
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")}
 
 
 def machine() -> dict:

@@ -4,7 +4,7 @@ Times ``torch.matmul`` of two random (size, size) matrices: warm-up, then the me
 (2 * size**3 FLOPs), synchronising the device around each timed call. Other scripts in benchmarks/ import
 ``measure_matmul_peak`` (``from matmul_peak import measure_matmul_peak`` when run as ``python benchmarks/x.py``) and
 ``measure_linear_shapes_peak``, the same roofline at the matmul shapes of a step's linear layers (at ViT-S widths
-and ~1,000 rows they run well below the large-square figure).
+and ~1,000 rows they run well below the large-square figure), and ``measure_copy_bandwidth``, the memory roofline.
 
 Run: ``python benchmarks/matmul_peak.py [--device cuda] [--size N] [--repeats R]`` -> JSON on stdout.
 Defaults keep a CPU run under ~20 s: size 1024 on CPU (8192 on CUDA), 10 repeats, and each dtype stops early
@@ -116,6 +116,22 @@ def measure_linear_shapes_peak(
             "threads": torch.get_num_threads() if dev.type == "cpu" else None}
 
 
+def measure_copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Median GB/s (bytes read + written) of copying a ``megabytes`` fp32 CPU tensor into another, at the current
+    thread count: the memory roofline. Element-wise work (casts, norms, activations, residual adds) runs at about
+    this speed once its tensors outgrow the caches; the ratio matmul peak / bandwidth (FLOP per byte) says how much
+    arithmetic a byte must carry for a step to be compute-bound."""
+    a = torch.ones(megabytes * 2**20 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / statistics.median(times) / 1e9
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -139,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["gflops"][name] = round(
             measure_matmul_peak(DTYPES[name], size, args.repeats, dev, budget_s=args.budget_s), 1
         )
+    if dev.type == "cpu":
+        result["copy_bandwidth_gbs"] = round(measure_copy_bandwidth(), 1)
     print(json.dumps(result, indent=2))
     return result
 

@@ -167,19 +167,22 @@ def matmul_peak(precision: str, size: int = 1024, budget_s: float = 6.0) -> floa
 def peaks(args, runs: dict[str, list[dict]]) -> tuple[float | None, dict[str, dict], dict]:
     """Both rooflines, measured by the parent after the workers at the workers' thread count (``--threads``; 0:
     torch's default, as in the workers): the ``--peak-size`` square matmul peak, and per variant the peak at the
-    linear shapes its worker recorded. Returns (square GFLOP/s, per-variant shape peaks, the JSON record)."""
+    linear shapes its worker recorded; and the copy bandwidth (the memory roofline). Returns (square GFLOP/s,
+    per-variant shape peaks, the JSON record)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_peak:
         return None, {}, {"threads": torch.get_num_threads(), "square": None, "step_shapes": None}
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from matmul_peak import measure_linear_shapes_peak
+    from matmul_peak import measure_copy_bandwidth, measure_linear_shapes_peak
 
     square = matmul_peak(args.precision, args.peak_size)
+    bandwidth = measure_copy_bandwidth()
     shaped = {v: measure_linear_shapes_peak(r[0]["linear_shapes"], PRECISIONS[args.precision], budget_s=4.0)
               for v, r in runs.items() if r and r[0].get("linear_shapes")}
     record = {"threads": torch.get_num_threads(), "square": {"size": args.peak_size, "gflops": round(square, 2)},
-              "step_shapes": shaped}
+              "step_shapes": shaped, "copy_bandwidth_gbs": round(bandwidth, 1),
+              "ridge_flop_per_byte": round(square / bandwidth, 1)}  # below this intensity work is memory-bound
     return square, shaped, record
 
 
@@ -241,9 +244,9 @@ def _backbone(args, img_size: int) -> nn.Module:
 
 def _engine_step(obj: nn.Module, batch: dict, precision: str, *, depth: int, layer_decay: float,
                  patch_embed_lr_mult: float, betas: tuple[float, float], weight_decay: float,
-                 ema: bool) -> Callable[[int], None]:
+                 ema: bool, device: torch.device | None = None) -> Callable[[int], None]:
     """One optimisation step as the engine takes it: the objective's backward stages, DinoV2-style groups, fused
-    AdamW, clip 3.0 (+ EMA update)."""
+    AdamW, clip 3.0 (+ EMA update). ``obj`` and ``batch`` are on ``device`` (default: CUDA if present, else CPU)."""
     from explora.engine.optim import build_optimizer, build_param_groups
 
     groups = build_param_groups(obj.named_parameters(), num_layers=depth, layer_decay=layer_decay,
@@ -256,7 +259,7 @@ def _engine_step(obj: nn.Module, batch: dict, precision: str, *, depth: int, lay
 
     from explora.engine.step import forward_backward
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def step(i: int) -> None:
         forward_backward(obj, obj, batch, i, precision, device)  # the objective's stages (split backward)
