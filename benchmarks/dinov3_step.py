@@ -24,12 +24,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pretrain_step import (  # noqa: E402
     count_flops,
+    forward_argv,
     import_runtime,
+    interleaved_runs,
     machine,
     n_trainable,
     ours_dinov2,
     peak_rss_mib,
-    run_worker,
     summarise,
     time_steps,
 )
@@ -76,14 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         print(json.dumps(worker(args)))
         return {}
-    forward = []
-    for k, v in vars(args).items():
-        if k not in ("worker", "models", "rounds") and v is not None:
-            forward += [f"--{k.replace('_', '-')}", str(v)]
-    runs: dict[str, list[dict]] = {m: [] for m in args.models}
-    for _ in range(args.rounds):
-        for m in args.models:
-            runs[m].append(run_worker(__file__, m, forward))
+    runs = interleaved_runs(__file__, args.models, forward_argv(args, parent_only=("models",)), args.rounds)
     results = {m: {**summarise(r, args.batch_size, None), "tokens_per_crop": r[0]["tokens_per_crop"]}
                for m, r in runs.items()}
     report = {"benchmark": os.path.basename(__file__), "args": {k: v for k, v in vars(args).items() if k != "worker"},

@@ -29,14 +29,15 @@ from pretrain_step import (  # noqa: E402
     autocast,
     compare,
     count_flops,
+    forward_argv,
     import_runtime,
+    interleaved_runs,
     linear_shapes,
     machine,
     n_trainable,
     peak_rss_mib,
     peaks,
     plain_timm_vit,
-    run_worker,
     summarise,
     time_steps,
 )
@@ -137,12 +138,7 @@ def main(argv=None) -> dict:
     if args.worker:
         print(json.dumps(worker(args)))
         return {}
-    fwd = [a for k, v in vars(args).items() if k not in {"worker", "rounds", "peak_size", "no_peak"}
-           for a in (["--" + k.replace("_", "-"), str(v)] if v is not None else [])]
-    runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
-    for _ in range(args.rounds):
-        for v in runs:
-            runs[v].append(run_worker(__file__, v, fwd))
+    runs = interleaved_runs(__file__, ["ours", "baseline"], forward_argv(args), args.rounds)
     peak, shaped, peak_record = peaks(args, runs)  # the rooflines at the workers' thread count
     results = {v: summarise(r, args.batch_size, peak, shaped.get(v)) for v, r in runs.items()}
     report = {"benchmark": "finetune_step.py", "args": {k: v for k, v in vars(args).items() if k != "worker"},

@@ -115,6 +115,16 @@ def run_worker(script: str, variant: str, argv: list[str], timeout: float | None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def interleaved_runs(script: str, variants: list[str], argv: list[str], rounds: int) -> dict[str, list[dict]]:
+    """``rounds`` rounds of one fresh worker per variant, the variants alternating within each round, so that load
+    from other users of a shared machine hits every variant alike. Returns each variant's worker reports."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            runs[v].append(run_worker(script, v, argv))
+    return runs
+
+
 def summarise(runs: list[dict], items_per_step: int, peak_gflops: float | None,
               shape_peak: dict | None = None) -> dict:
     """Medians over all timed steps of all rounds of one variant. ``peak_gflops``: the large-square matmul peak;
@@ -556,9 +566,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def forward_argv(args) -> list[str]:
-    """The worker's command line: every option except the parent-only ones."""
-    skip = {"worker", "rounds", "variants", "peak_size", "no_peak"}
+def forward_argv(args, parent_only: tuple[str, ...] = ("variants", "peak_size", "no_peak")) -> list[str]:
+    """The worker's command line: every option except ``worker``, ``rounds`` and the other ``parent_only`` ones."""
+    skip = {"worker", "rounds", *parent_only}
     out = []
     for k, v in vars(args).items():
         if k in skip or v is None or v is False:
@@ -573,10 +583,7 @@ def main(argv: list[str] | None = None, script: str = __file__, worker_fn=None, 
     if args.worker:
         print(json.dumps((worker_fn or worker)(args)))
         return {}
-    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
-    for _ in range(args.rounds):
-        for v in args.variants:
-            runs[v].append(run_worker(script, v, forward_argv(args)))
+    runs = interleaved_runs(script, args.variants, forward_argv(args), args.rounds)
     peak, shaped, peak_record = peaks(args, runs)  # the rooflines at the workers' thread count
     n_items = (items or items_per_step)(args)
     results = {v: summarise(r, n_items, peak, shaped.get(v)) for v, r in runs.items()}

@@ -34,13 +34,14 @@ from pretrain_step import (  # noqa: E402
     autocast,
     compare,
     count_flops,
+    forward_argv,
     import_runtime,
+    interleaved_runs,
     machine,
     matmul_peak,
     n_trainable,
     peak_rss_mib,
     plain_timm_vit,
-    run_worker,
     summarise,
     time_steps,
 )
@@ -193,12 +194,7 @@ def main(argv=None) -> dict:
     if args.worker:
         print(json.dumps(worker(args)))
         return {}
-    fwd = [a for k, v in vars(args).items() if k not in {"worker", "rounds", "peak_size", "no_peak"}
-           for a in (["--" + k.replace("_", "-"), str(v)] if v is not None else [])]
-    runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
-    for _ in range(args.rounds):
-        for v in runs:
-            runs[v].append(run_worker(__file__, v, fwd))
+    runs = interleaved_runs(__file__, ["ours", "baseline"], forward_argv(args), args.rounds)
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = None if args.no_peak else matmul_peak(args.precision, args.peak_size)
