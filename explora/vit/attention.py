@@ -8,9 +8,10 @@ tiling: the (T, T) matrix of one head is small): with the ``logsumexp`` the forw
 
     P = exp(q k^T s - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = s dS K,  dK = s dS^T Q
 
-computed in fp32 from the bf16 inputs. Only ``q, k, v, out, lse`` are saved, as the flash kernel saves them, so
-memory is unchanged. :class:`CpuBf16Attention` routes eligible ``F.scaled_dot_product_attention`` calls (CPU, bf16,
-gradients needed, no mask/dropout/causal, at most :data:`MAX_TOKENS` tokens) here; everything else is untouched.
+computed in fp32 from the bf16 inputs, a chunk of (batch x head) rows at a time so that each chunk's (T, T) blocks
+stay in cache. Only ``q, k, v, out, lse`` are saved, as the flash kernel saves them, so memory is unchanged.
+:class:`CpuBf16Attention` routes eligible ``F.scaled_dot_product_attention`` calls (CPU, bf16, gradients needed, no
+mask/dropout/causal, at most :data:`MAX_TOKENS` tokens) here; everything else is untouched.
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-# up to this many tokens the matmul backward is faster (ViT-S/14 crops: 17 and 65 tokens; MAE ViT-B/16 encoder: 50);
-# at 197 tokens (MAE's 16-head decoder at 224 px) the kernel's backward was faster in the whole step (MAE step
-# 2.0 s with the decoder on the kernel's backward, 3.0 s with it on ours), so longer sequences keep it
-MAX_TOKENS = 160
+# up to this many tokens the chunked matmul backward is faster than the kernel's (whole forward + backward, bf16,
+# one thread, 2-core AMX Xeon): 17 tokens 4.9x, 65: 3.2x, 197 (MAE's 16-head decoder): 1.7x, 257 (ViT-L/14 at 224
+# px): 1.1-1.6x, 577: 1.2x; at 1,025 the kernel is faster (0.76x), as one (T, T) score block outgrows the cache
+MAX_TOKENS = 640
+
+
+# the (rows, T, T) fp32 score blocks of one chunk of (batch x head) rows stay about this size, so that the five
+# matmuls and the element-wise work between them run in cache: at T = 197 (8 x 16 rows) one unchunked pass over
+# all rows took 35 ms, chunks of 4-8 rows 26-27 ms (2-core AMX Xeon, one thread)
+CHUNK_BYTES = 1 << 20
+
+
+def _chunk_rows(tokens: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * tokens * tokens))
 
 
 class _FlashForwardMatmulBackward(torch.autograd.Function):
@@ -38,15 +49,23 @@ class _FlashForwardMatmulBackward(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN205
         q, k, v, out, lse = ctx.saved_tensors
         s = ctx.scale
-        qf, kf, vf, do = q.float(), k.float(), v.float(), grad_out.float()  # (B, H, T, d)
-        p = torch.exp(torch.matmul(qf, kf.transpose(-2, -1)) * s - lse.float().unsqueeze(-1))  # (B, H, T, T)
-        dv = torch.matmul(p.transpose(-2, -1), do)
-        dp = torch.matmul(do, vf.transpose(-2, -1))
-        delta = (do * out.float()).sum(-1, keepdim=True)  # (B, H, T, 1)
-        ds = p.mul_(dp.sub_(delta)).mul_(s)
-        dq = torch.matmul(ds, kf)
-        dk = torch.matmul(ds.transpose(-2, -1), qf)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        shape = q.shape  # (B, H, T, d)
+        rows, tokens = shape[0] * shape[1], shape[2]
+        q, k, v, out, do = (x.reshape(rows, tokens, shape[3]) for x in (q, k, v, out, grad_out))
+        neg_lse = lse.reshape(rows, tokens, 1).float().neg()
+        dq, dk, dv = (torch.empty(rows, tokens, shape[3], dtype=x.dtype) for x in (q, k, v))
+        step = _chunk_rows(tokens)
+        for i in range(0, rows, step):
+            r = slice(i, i + step)
+            qf, kf, vf, dof = q[r].float(), k[r].float(), v[r].float(), do[r].float()
+            p = torch.baddbmm(neg_lse[r], qf, kf.transpose(-2, -1), alpha=s).exp_()  # (n, T, T)
+            dv[r] = torch.bmm(p.transpose(-2, -1), dof)
+            dp = torch.bmm(dof, vf.transpose(-2, -1))
+            delta = (dof * out[r].float()).sum(-1, keepdim=True)  # (n, T, 1)
+            ds = p.mul_(dp.sub_(delta)).mul_(s)
+            dq[r] = torch.bmm(ds, kf)
+            dk[r] = torch.bmm(ds.transpose(-2, -1), qf)
+        return dq.view(shape), dk.view(shape), dv.view(shape), None
 
 
 def cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tolerances import FP32_NETWORK
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from explora.vit import attention
 from explora.vit.attention import MAX_TOKENS, CpuBf16Attention, cpu_bf16_attention
 
 SHAPES = [(2, 3, 17, 16), (2, 4, 65, 32), (1, 2, 150, 8)]
@@ -20,9 +21,13 @@ def _qkv(shape, dtype=torch.float32, scale=2.0):
     return [(torch.randn(shape, generator=g) * scale).to(dtype).requires_grad_() for _ in range(3)]
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_matmul_backward_equals_autograd_in_fp32(shape):
-    """The formula is exact: in fp32 it matches autograd through the reference attention to fp32 round-off."""
+@pytest.mark.parametrize("shape, chunk_rows", [(s, None) for s in SHAPES] + [((2, 3, 17, 16), 4)])
+def test_matmul_backward_equals_autograd_in_fp32(shape, chunk_rows, monkeypatch):
+    """The formula is exact: in fp32 it matches autograd through the reference attention to fp32 round-off, also
+    when the (batch x head) rows are back-propagated in chunks (6 rows: a chunk of 4, then the remaining 2)."""
+    if chunk_rows:
+        monkeypatch.setattr(attention, "CHUNK_BYTES", 4 * shape[2] ** 2 * chunk_rows)
+        assert attention._chunk_rows(shape[2]) == chunk_rows
     ref, ours = _qkv(shape), _qkv(shape)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     with sdpa_kernel([SDPBackend.MATH]):
