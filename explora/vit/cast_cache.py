@@ -43,6 +43,8 @@ class FrozenWeightCastCache(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # a compiled graph casts (and fuses) on its own; the cache is eager-only
+            return func(*args, **kwargs)
         if func is F.linear and len(args) >= 2:
             w = args[1]
             dev = w.device.type

@@ -157,6 +157,22 @@ def test_compiled_blocks_train_like_eager(idx_dir, tmp_path, monkeypatch):
         build_objective(load_config(None, [*TINY, "model.compile=true", "train.strategy=fsdp2"]))
 
 
+def test_compiled_blocks_train_in_bf16(idx_dir, tmp_path, monkeypatch):
+    """model.compile=true with bf16: the compiled blocks run inside the objective's frozen-weight cast cache and
+    the engine's CPU bf16 attention (both torch-function modes; the cache stands aside in compiled graphs), global
+    and local crops alike, and train as the eager blocks do up to bf16 rounding."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    isa = torch.backends.cpu.get_cpu_capability().lower()  # one inductor cache per ISA (as above)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", f"{default_cache_dir()}-{isa}")
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    common = ("train.steps=2", "train.precision=bf16", "dinov2.koleo_loss_weight=0")
+    assert main(_args(idx_dir, eager, *common)) == 0
+    assert main(_args(idx_dir, compiled, *common, "model.compile=true")) == 0
+    for a, b in zip(_curves(eager), _curves(compiled), strict=True):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=2e-2)
+
+
 CONFIGS = REPO / "explora" / "presets"
 
 
