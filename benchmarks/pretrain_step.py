@@ -593,7 +593,8 @@ def main(argv: list[str] | None = None, script: str = __file__, worker_fn=None, 
     if {"ours", "baseline"} <= set(results):
         report["comparison"] = compare(results)
         report["targets"] = step_targets(PRETRAIN_TARGETS[args.objective][args.precision], results,
-                                         report["comparison"], args.precision)
+                                         report["comparison"], args.precision,
+                                         ridge_flop_per_byte=peak_record.get("ridge_flop_per_byte"))
     for v in ("ours_joint", "ours_view"):
         if {v, "baseline"} <= set(results):
             report[f"comparison_{v}"] = compare(results, ours=v)
