@@ -509,9 +509,19 @@ def ours_view_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
     return ours_dinov2(args, split_backward="view")
 
 
-VARIANTS = {("dinov2", "ours"): ours_dinov2, ("dinov2", "baseline"): baseline_dinov2,
-            ("dinov2", "ours_joint"): ours_joint_dinov2, ("dinov2", "ours_view"): ours_view_dinov2,
-            ("mae", "ours"): ours_mae, ("mae", "baseline"): baseline_mae}
+def ours_compile_dinov2(args) -> tuple[nn.Module, Callable[[int], None], dict]:
+    """Our step (``auto``'s choice) with every block of student and teacher compiled in place (``model.compile:
+    true``, ``explora.recipes.pretrain.compile_blocks``); give ``--warmup 2``: both crop shapes compile first."""
+    from explora.recipes.pretrain import compile_blocks
+
+    obj, step, batch = ours_dinov2(args)
+    compile_blocks(obj)
+    return obj, step, batch
+
+
+VARIANTS = {("dinov2", "ours"): ours_dinov2, ("dinov2", "ours_compile"): ours_compile_dinov2,
+            ("dinov2", "baseline"): baseline_dinov2, ("dinov2", "ours_joint"): ours_joint_dinov2,
+            ("dinov2", "ours_view"): ours_view_dinov2, ("mae", "ours"): ours_mae, ("mae", "baseline"): baseline_mae}
 
 
 def worker(args) -> dict:
@@ -550,14 +560,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved ours/baseline rounds (one subprocess each)")
     ap.add_argument("--variants", nargs="+", default=["ours", "baseline"],
-                    choices=["ours", "baseline", "ours_joint", "ours_view"],
+                    choices=["ours", "baseline", "ours_joint", "ours_view", "ours_compile"],
                     help="ours: dinov2.split_backward auto (resolved for this machine); ours_joint (dinov2): "
-                    "split_backward none; ours_view: split_backward view")
+                    "split_backward none; ours_view: split_backward view; ours_compile: ours with every block "
+                    "compiled (model.compile)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch default; use 1 "
                     "on a shared machine: with 2 threads on 2 busy cores every op waits for a descheduled thread)")
     ap.add_argument("--peak-size", type=int, default=1024, help="matrix side of the matmul-peak measurement")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul-peak measurement")
-    ap.add_argument("--worker", choices=["ours", "baseline", "ours_joint", "ours_view"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "baseline", "ours_joint", "ours_view", "ours_compile"],
+                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model is None:
         args.model = "vit_small_patch14_dinov2" if args.objective == "dinov2" else "vit_base_patch16_224"
@@ -595,7 +607,7 @@ def main(argv: list[str] | None = None, script: str = __file__, worker_fn=None, 
         report["targets"] = step_targets(PRETRAIN_TARGETS[args.objective][args.precision], results,
                                          report["comparison"], args.precision,
                                          ridge_flop_per_byte=peak_record.get("ridge_flop_per_byte"))
-    for v in ("ours_joint", "ours_view"):
+    for v in ("ours_joint", "ours_view", "ours_compile"):
         if {v, "baseline"} <= set(results):
             report[f"comparison_{v}"] = compare(results, ours=v)
     print(json.dumps(report, indent=2))
