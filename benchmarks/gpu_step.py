@@ -36,27 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine  # noqa: E402
-from pretrain_step import _dinov2_batch, _dinov2_cfg, _engine_step  # noqa: E402
+from pretrain_step import _dinov2_batch, _dinov2_cfg, _engine_step, auto_memory_choice  # noqa: E402
 
 VARIANTS = ("auto", "joint", "view", "ckpt", "compile")
 H200_BF16_TFLOPS = 989.0  # dense bf16 peak of the H200 SXM (NVIDIA's data sheet, without sparsity)
-
-
-def memory_choice(args, device: torch.device, available: int | None = None) -> dict:
-    """What ``dinov2.split_backward: auto`` picks for this setting (``available`` bytes, default: free memory)."""
-    from explora.recipes.memory import auto_choice, available_memory
-    from explora.recipes.pretrain import load_config
-
-    cfg = load_config(None, [
-        f"model.name={args.model}", "model.weights=null", f"train.batch_size={args.batch_size}",
-        "train.precision=bf16", "adapt.preset=D-[L]-r64", f"dinov2.global_size={args.global_size}",
-        f"dinov2.local_size={args.local_size}", f"dinov2.n_local={args.n_local}",
-        f"dinov2.n_prototypes={args.prototypes}"])
-    if available is None:
-        available, source = available_memory(device)
-    else:
-        source = f"{available / 2**30:.1f} GiB given"
-    return auto_choice(cfg, available, precision="bf16", source=source)
 
 
 def build(args, split_backward: str, checkpointing: bool, compile_blocks: bool,
@@ -69,7 +52,7 @@ def build(args, split_backward: str, checkpointing: bool, compile_blocks: bool,
 
     torch.manual_seed(0)
     backbone = build_backbone(args.model, img_size=args.global_size)
-    apply_explora(backbone, **preset_options("D-[L]-r64"))
+    apply_explora(backbone, **preset_options("D-[L]-r64", lora_rank=args.rank))
     backbone.set_grad_checkpointing(checkpointing)
     cfg = _dinov2_cfg(args)
     cfg.split_backward = split_backward
@@ -89,7 +72,7 @@ def synchronize(device: torch.device) -> None:
 
 def measure(args, device: torch.device) -> dict:
     """Images/s (median step after warm-up), peak memory, FLOPs and MFU of ``args.variant``."""
-    choice = memory_choice(args, device)
+    choice = auto_memory_choice(args)  # this GPU's free memory (CPU dry run: MemAvailable)
     split = {"joint": "none", "view": "view"}.get(args.variant, choice["split_backward"])
     ckpt = args.variant == "ckpt" or (args.variant in ("auto", "compile") and choice["grad_checkpointing"])
     step, images = build(args, split, ckpt, args.variant == "compile", device)
@@ -161,7 +144,7 @@ def max_batch(args, device: torch.device) -> dict:
                                                                           args.max_batch_limit)
              for split, ckpt in (("none", False), ("view", False), ("none", True))}
     return {"max_batch_gib": args.max_batch_gib, "largest_batch": found,
-            "auto_at_this_batch": memory_choice(args, device, available=cap)}
+            "auto_at_this_batch": auto_memory_choice(args, available=cap)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-local", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--prototypes", type=int, default=65_536)
+    ap.add_argument("--rank", type=int, default=64, help="LoRA rank of the D-[L]-r64 preset")
+    ap.add_argument("--precision", default="bf16", choices=["bf16"], help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=float(os.environ.get("PEAK_TFLOPS", H200_BF16_TFLOPS)))

@@ -285,9 +285,9 @@ def _engine_step(obj: nn.Module, batch: dict, precision: str, *, depth: int, lay
 MEMORY_CHOICE: dict = {}  # the auto choice of the variant this worker built (reported in its JSON)
 
 
-def auto_memory_choice(args) -> dict:
+def auto_memory_choice(args, available: int | None = None) -> dict:
     """What ``dinov2.split_backward: auto`` picks for this setting on this machine, by ``explora pretrain``'s rule
-    (``explora.recipes.memory.auto_choice`` on the available memory)."""
+    (``explora.recipes.memory.auto_choice``) on the available memory, or on ``available`` bytes when given."""
     from explora.recipes.memory import auto_choice, available_memory
     from explora.recipes.pretrain import load_config
 
@@ -296,8 +296,10 @@ def auto_memory_choice(args) -> dict:
         f"train.precision={args.precision}", "adapt.preset=D-[L]-r64", f"adapt.lora_rank={args.rank}",
         f"dinov2.global_size={args.global_size}", f"dinov2.local_size={args.local_size}",
         f"dinov2.n_local={args.n_local}", f"dinov2.n_prototypes={args.prototypes}"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    available, source = available_memory(device)
+    if available is None:
+        available, source = available_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        source = f"{available / 2**30:.1f} GiB given"
     return auto_choice(cfg, available, precision=args.precision, source=source)
 
 
