@@ -18,19 +18,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from timm.models.eva import Eva
 
 from explora.models.timm_vit import TimmViTEncoder
 
 
 class EvaEncoder(TimmViTEncoder):
-    """:class:`~explora.models.encoder.Encoder` over a timm ``Eva`` (held as ``vit``; no parameters of its own)."""
+    """:class:`~explora.models.encoder.Encoder` over a timm ``Eva`` (held as ``vit``: ``EvaEncoder(eva)``; no
+    parameters of its own)."""
 
     kind: ClassVar[str] = "eva"
     pools: ClassVar[tuple[str, ...]] = ("cls", "avg", "cls+avg")  # no fc_norm: no avg_fc_norm
-
-    def __init__(self, vit: Eva) -> None:
-        super().__init__(vit)
 
     def __repr__(self) -> str:
         return f"EvaEncoder(embed_dim={self.embed_dim}, prefix_tokens={self.num_prefix_tokens})"

@@ -53,7 +53,7 @@ class _FlashForwardMatmulBackward(torch.autograd.Function):
         rows, tokens = shape[0] * shape[1], shape[2]
         q, k, v, out, do = (x.reshape(rows, tokens, shape[3]) for x in (q, k, v, out, grad_out))
         neg_lse = lse.reshape(rows, tokens, 1).float().neg()
-        dq, dk, dv = (torch.empty(rows, tokens, shape[3], dtype=x.dtype) for x in (q, k, v))
+        dq, dk, dv = (torch.empty(rows, tokens, shape[3], dtype=x.dtype, device=x.device) for x in (q, k, v))
         step = _chunk_rows(tokens)
         for i in range(0, rows, step):
             r = slice(i, i + step)
